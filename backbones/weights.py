@@ -1,0 +1,161 @@
+"""Weights I/O: safetensors with metadata out; safetensors, suite checkpoints, timm and torchvision in.
+
+Pickled files (``.pth``) are read with ``torch.load(weights_only=True)``: tensors and plain
+containers only. A file that needs arbitrary unpickling must be opted into with ``allow_pickle=True``
+because unpickling runs code from the file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+# Keys under which trainers store the model inside a checkpoint (ours: "model").
+_CHECKPOINT_KEYS = ("model", "state_dict", "model_state_dict", "model_ema")
+# Prefixes added by DistributedDataParallel and torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same directory and rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_weights(model: nn.Module, path: PathLike, *, metadata: Optional[Mapping[str, Any]] = None) -> Path:
+    """Save ``model``'s state dict as safetensors with metadata.
+
+    Metadata records the architecture (registry name), its variant arguments, input size, mean/std
+    and ``num_classes``, plus whatever ``metadata`` adds (provenance, top-1, ...). Values that are not
+    strings are stored as JSON.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    meta: dict[str, Any] = {
+        "format": "bag-of-tricks/1",
+        "architecture": getattr(model, "arch", type(model).__name__),
+        "variant": getattr(model, "variant", {}),
+        "num_classes": getattr(model, "num_classes", None),
+    }
+    cfg = getattr(model, "default_cfg", None)
+    if cfg:
+        meta.update(input_size=list(cfg["input_size"]), mean=list(cfg["mean"]), std=list(cfg["std"]))
+    meta.update(metadata or {})
+    meta_str = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta_str))
+    return path
+
+
+def read_metadata(path: PathLike) -> dict[str, Any]:
+    """Metadata of a safetensors file, JSON values decoded."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata() or {}
+    out = {}
+    for k, v in raw.items():
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def load_state_dict(path: PathLike, *, allow_pickle: bool = False) -> dict[str, Tensor]:
+    """Read a state dict from safetensors, a suite checkpoint, or a timm/torchvision ``.pth``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state: Any = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        except Exception as e:  # torch raises UnpicklingError subclasses and RuntimeErrors here
+            if allow_pickle:
+                raise
+            raise RuntimeError(
+                f"{path} cannot be loaded with weights_only=True ({type(e).__name__}: {e}). If you trust "
+                "the file, pass allow_pickle=True (it runs code from the file), or convert it to safetensors."
+            ) from e
+    if isinstance(state, Mapping):
+        for key in _CHECKPOINT_KEYS:
+            if key in state and isinstance(state[key], Mapping):
+                state = state[key]
+                break
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    out = {}
+    for k, v in state.items():
+        for prefix in _WRAPPER_PREFIXES:
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def _classifier_keys(model: nn.Module, state: Mapping[str, Tensor]) -> list[str]:
+    """Classifier keys of ``state`` that cannot go into ``model``: it has none, or another class count."""
+    fc = getattr(model, "fc", None)
+    keys = [k for k in state if k.startswith("fc.")]
+    if not keys:
+        return []
+    if not isinstance(fc, nn.Linear):
+        return keys
+    own = {f"fc.{n}": p.shape for n, p in fc.named_parameters()}
+    return keys if any(k in own and state[k].shape != own[k] for k in keys) else []
+
+
+def load_weights(model: nn.Module, weights: Union[PathLike, Mapping[str, Tensor]], *, allow_pickle: bool = False) -> None:
+    """Load weights into ``model`` strictly, except a classifier of another size (fine-tuning).
+
+    ``weights`` is a path (see ``load_state_dict``) or a state dict. A classifier (``fc.*``) whose
+    shape differs from the model's, or that the model does not have (``num_classes=0``), is skipped
+    and the model keeps its freshly initialised head. Any other missing, unexpected or mis-shaped key
+    is an error that lists them.
+    """
+    source = str(weights) if not isinstance(weights, Mapping) else "state dict"
+    state = dict(weights) if isinstance(weights, Mapping) else load_state_dict(weights, allow_pickle=allow_pickle)
+    skipped = _classifier_keys(model, state)
+    for k in skipped:
+        del state[k]
+    if skipped:
+        log.info("%s: classifier %s not loaded (model has another head); it keeps its initialisation", source, skipped)
+
+    own = model.state_dict()
+    if skipped:  # the head keeps its init: not "missing"
+        own = {k: v for k, v in own.items() if not k.startswith("fc.")}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                        for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    if missing or unexpected or mismatched:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
+        parts = [f"{name} ({len(keys)}): {show(keys)}" for name, keys in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if keys]
+        arch = getattr(model, "arch", type(model).__name__)
+        raise ValueError(f"weights {source} do not fit {arch}:\n  " + "\n  ".join(parts)
+                         + "\nCheck that the file was saved from the same architecture and variant.")
+    model.load_state_dict(state, strict=not skipped)

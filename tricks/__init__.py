@@ -1,0 +1,1 @@
+"""Shared training utilities: typed configs and the pieces every task reuses."""

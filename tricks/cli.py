@@ -1,0 +1,79 @@
+"""The ``tricks`` command: one entry point, one subcommand per job.
+
+Each subcommand imports what it needs when it runs, so ``tricks backbones`` never imports the
+trainer, and detectron2/mmseg are imported only by the commands that use them.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Optional, Sequence
+
+# Table 5 of the paper (ImageNet, ResNet-50 variants), printed beside our measured counts.
+PAPER_TABLE5 = {
+    "resnet50": ("25M", "3.86G", "76.21", "92.97"),
+    "resnet50b": ("25M", "4.36G", "76.66", "93.28"),
+    "resnet50c": ("25M", "4.35G", "76.87", "93.48"),
+    "resnet50d": ("25M", "4.35G", "77.16", "93.52"),
+}
+
+
+def _table(rows: list[Sequence[str]], header: Sequence[str], left: Sequence[int] = (0,)) -> str:
+    """Plain-text table; columns in ``left`` are left-aligned, the others (numbers) right-aligned."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(r: Sequence[str]) -> str:
+        return "  ".join(str(c).ljust(w) if i in left else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from backbones import get_builder, list_backbones, profile_backbone
+
+    if args.table5:
+        rows = []
+        for name, paper in PAPER_TABLE5.items():
+            prof = profile_backbone(name)
+            rows.append((name, f"{prof['params'] / 1e6:.2f}M", f"{prof['macs'] / 1e9:.2f}G", *paper))
+        print("Table 5 (ResNet-50 tweaks): parameters and multiply-adds measured by torch.utils.flop_counter "
+              "at 3x224x224,\nbeside the paper's reported numbers (its FLOPs are multiply-adds).\n")
+        print(_table(rows, ("model", "params", "GMACs", "paper params", "paper FLOPs", "paper top-1", "paper top-5")))
+        return 0
+    names = [n for n in list_backbones() if not args.filter or args.filter in n]
+    rows = []
+    for name in names:
+        prof = profile_backbone(name)
+        doc = (get_builder(name).__doc__ or "").strip().splitlines()[0]
+        size = "x".join(map(str, prof["input_size"][1:]))
+        rows.append((name, f"{prof['params'] / 1e6:.2f}M", f"{prof['macs'] / 1e9:.2f}G", size, doc))
+    print(_table(rows, ("name", "params", "GMACs", "input", "description"), left=(0, 4)))
+    return 0
+
+
+def _add_backbones(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("backbones", help="list the backbone registry with parameters and multiply-adds")
+    p.add_argument("--table5", action="store_true", help="print the paper's Table 5 layout (ResNet-50 variants)")
+    p.add_argument("--filter", default="", help="only names containing this string")
+    p.set_defaults(func=cmd_backbones)
+
+
+# Each entry adds its subcommand; later jobs (train, eval, ...) append theirs here.
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_backbones]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tricks", description="Bag of Tricks for image classification and transfer.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
