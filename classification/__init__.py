@@ -1,0 +1,1 @@
+"""Image classification with the Bag of Tricks training recipe."""

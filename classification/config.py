@@ -1,0 +1,95 @@
+"""Typed configuration of a classification run.
+
+One dataclass per section; units are in the comments. YAML files in ``configs/classification`` fill
+these in (``tricks.config.load_config``), dotted ``key=value`` overrides on the command line come last,
+and every run writes the resolved config to ``<output_dir>/config.yaml``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet50d"                 # registry name (backbones.list_backbones())
+    in_chans: int = 3                       # input channels; 1 for grayscale
+    weights: Optional[str] = None           # initial weights: .safetensors / .pth (suite, timm, torchvision)
+    init: Literal["xavier", "kaiming"] = "xavier"  # conv/fc init (paper: Xavier)
+    zero_init_last: bool = False            # zero-gamma: last BN of each residual block starts at 0
+    sync_bn: bool = False                   # convert BN to SyncBatchNorm under DDP
+    channels_last: bool = True              # NHWC memory format for model and inputs
+
+
+@dataclass
+class DataConfig:
+    name: Literal["imagenet", "fashion_mnist", "synthetic"] = "imagenet"
+    root: str = "data/imagenet"             # imagenet: <root>/{train,val}/<class>/<img>; fashion_mnist: dir with the idx(.gz) files
+    train_split: str = "train"
+    val_split: str = "val"
+    img_size: int = 224                     # train crop (px)
+    val_resize: int = 256                   # val: resize short side to this (px) ...
+    val_crop: int = 224                     # ... then center crop (px)
+    min_area: float = 0.08                  # RandomResizedCrop smallest area fraction
+    max_area: float = 1.0
+    hflip: float = 0.5                      # horizontal flip probability
+    brightness: float = 0.4                 # factor ~ U[1-b, 1+b]
+    contrast: float = 0.4                   # factor ~ U[1-c, 1+c]
+    saturation: float = 0.4                 # factor ~ U[1-s, 1+s]
+    hue: float = 0.0                        # hue shift ~ U[-h, h] (fraction of the colour circle)
+    lighting: float = 0.1                   # PCA lighting noise std (AlexNet eigen-decomposition); 0 = off
+    mean: Optional[list[float]] = None      # None = the backbone's default (0-1 scale)
+    std: Optional[list[float]] = None
+    workers: int = 4                        # DataLoader worker processes per device
+    skip_corrupt: bool = False              # True: skip unreadable images and report the count; False: error naming the file
+    download: bool = False                  # fashion_mnist only: download if files are missing (needs internet)
+    synthetic_size: int = 512               # synthetic only: number of train images (val = 1/4)
+    num_classes: int = 0                    # 0 = from the dataset
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1                         # learning rate per 256 images; scaled linearly by the global batch
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    no_bias_decay: bool = False             # biases and BN gamma/beta without weight decay
+    schedule: Literal["step", "cosine"] = "step"
+    milestones: list[int] = field(default_factory=lambda: [30, 60, 90])  # epochs (step schedule)
+    gamma: float = 0.1                      # step decay factor
+    warmup_epochs: float = 0.0              # linear warmup from 0, per iteration
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 120
+    batch_size: int = 256                   # per device (images)
+    accum_steps: int = 1                    # gradient accumulation; global batch = batch_size * world * accum
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    label_smoothing: float = 0.0            # epsilon of the paper (q_y = 1 - eps, others eps / (K - 1))
+    mixup_alpha: float = 0.0                # lambda ~ Beta(alpha, alpha); 0 = off
+    mixup_off_epochs: int = 0               # no mixup for the last N epochs
+    seed: int = 0
+    resume: Optional[str] = None            # None | "auto" (last checkpoint in output_dir) | path
+    eval_every: int = 1                     # epochs between validations
+    log_every: int = 20                     # iterations between log lines / JSONL records
+    max_nonfinite: int = 20                 # stop after this many non-finite losses in a row
+    max_steps: int = 0                      # >0: stop after this many optimizer steps (smoke tests, benchmarks)
+    compile: bool = False                   # torch.compile the model
+
+
+@dataclass
+class DistillConfig:
+    teacher: Optional[str] = None           # registry name of the teacher; None = no distillation
+    teacher_weights: Optional[str] = None   # required when teacher is set
+    temperature: float = 20.0               # T of the paper
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    output_dir: str = "runs/classification"

@@ -1,0 +1,243 @@
+"""Classification datasets (ImageNet folders, Fashion-MNIST, synthetic) and their DataLoader.
+
+Public API:
+- ``build_datasets(cfg, mean, std) -> (train_ds, val_ds, num_classes, class_names)``
+- ``build_loader(dataset, batch_size=..., ...) -> DataLoader`` whose batches are always
+  ``(images, labels, n_skipped)``: ``n_skipped`` is the number of unreadable images dropped from
+  this batch (always 0 unless ``data.skip_corrupt=true``). It is computed in the worker that built
+  the batch, so summing it over batches (and ranks) counts every skipped file exactly once. If a
+  whole batch was skipped, ``images`` and ``labels`` are empty (``labels.numel() == 0``): skip the step.
+"""
+from __future__ import annotations
+
+import colorsys
+import gzip
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import datasets
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from .config import DataConfig
+from .transforms import train_transform, val_transform
+
+log = logging.getLogger(__name__)
+
+Sample = tuple[Tensor, int]
+Transform = Callable[..., Tensor]
+
+IMAGENET_LAYOUT = ("expected the standard ImageNet layout: <root>/<train_split>/<wnid>/<image>.JPEG and "
+                   "<root>/<val_split>/<wnid>/<image>.JPEG, e.g. val/n01440764/ILSVRC2012_val_00000293.JPEG")
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                       "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+class CorruptImageError(RuntimeError):
+    """An image file that PIL cannot decode; the message names the file and the way out."""
+
+
+def read_rgb(path: str) -> Image.Image:
+    """Decode ``path`` as an RGB PIL image, raising ``CorruptImageError`` naming the file if it fails."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # convert() forces the (lazy) decode inside the try
+    except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for unidentified/truncated data
+        raise CorruptImageError(f"cannot read image {path}: {e}. Fix or delete the file, or set "
+                                "data.skip_corrupt=true to skip and count such files") from e
+
+
+class ImageFolderDataset(datasets.ImageFolder):
+    """``ImageFolder`` whose samples are ``None`` for unreadable files when ``skip_corrupt`` is set.
+
+    Returning ``None`` (dropped and counted by ``collate_skip_none``) instead of substituting another
+    image keeps the dataset stateless, so it behaves the same in any number of DataLoader workers.
+    """
+
+    def __init__(self, root: str, transform: Optional[Transform] = None, skip_corrupt: bool = False) -> None:
+        super().__init__(root, transform=transform, loader=read_rgb)
+        self.skip_corrupt = skip_corrupt
+
+    def __getitem__(self, index: int) -> Optional[Sample]:
+        path, target = self.samples[index]
+        try:
+            image = self.loader(path)
+        except CorruptImageError as e:
+            if not self.skip_corrupt:
+                raise
+            log.warning("skipping unreadable image %s (%s)", path, e.__cause__)
+            return None
+        return (self.transform(image) if self.transform is not None else image), target
+
+
+class SyntheticImages(Dataset):
+    """Deterministic random RGB images with a learnable class signal.
+
+    Sample ``i`` has label ``i % num_classes`` and is the class colour (hues evenly spaced on the
+    colour circle, which colour jitter without hue shift preserves) plus Gaussian noise, drawn from a
+    generator seeded by ``(split, i)``: identical across constructions, workers and processes.
+    """
+
+    def __init__(self, size: int, num_classes: int, img_size: int, split: int = 0,  # 0 = train, 1 = val
+                 transform: Optional[Transform] = None, noise_std: float = 40.0) -> None:
+        self.size, self.num_classes, self.img_size, self.split = size, num_classes, img_size, split
+        self.transform, self.noise_std = transform, noise_std
+        self.classes = [f"class_{k}" for k in range(num_classes)]
+        self.colours = torch.tensor([colorsys.hsv_to_rgb(k / num_classes, 0.8, 0.8) for k in range(num_classes)]) * 255
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> Sample:
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self.size} synthetic images")
+        label = index % self.num_classes
+        generator = torch.Generator().manual_seed(2 * index + self.split)  # distinct streams per split
+        noise = torch.randn(3, self.img_size, self.img_size, generator=generator) * self.noise_std
+        image = (self.colours[label][:, None, None] + noise).round().clamp(0, 255).to(torch.uint8)
+        return (self.transform(image) if self.transform is not None else image), label
+
+
+def collate_skip_none(batch: Sequence[Optional[Sample]]) -> tuple[Tensor, Tensor, int]:
+    """Stack ``(image, label)`` samples into ``(images, labels, n_skipped)``, dropping ``None`` samples."""
+    kept = [sample for sample in batch if sample is not None]
+    n_skipped = len(batch) - len(kept)
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), n_skipped
+    images, labels = zip(*kept)
+    return torch.stack(images), torch.as_tensor(labels, dtype=torch.long), n_skipped
+
+
+def build_loader(dataset: Dataset, *, batch_size: int, shuffle: bool = False, workers: int = 0,
+                 sampler: Optional[Sampler] = None, drop_last: bool = False,
+                 collate_fn: Callable = collate_skip_none) -> DataLoader:
+    """DataLoader over ``dataset`` yielding ``(images, labels, n_skipped)`` (see the module docstring).
+
+    Pass a ``DistributedSampler`` as ``sampler`` under DDP (then ``shuffle`` must be False).
+    """
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers,
+                      collate_fn=collate_fn, drop_last=drop_last, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=workers > 0)  # keeps worker start-up out of every epoch
+
+
+def _imagenet_split(root: Path, split: str, transform: Transform, skip_corrupt: bool) -> ImageFolderDataset:
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"ImageNet split directory {split_dir} does not exist (data.root={root}, "
+                                f"split={split!r}); {IMAGENET_LAYOUT}")
+    loose = sorted(p.name for p in split_dir.iterdir() if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS))
+    if loose:
+        raise ValueError(f"{split_dir} holds {len(loose)} images directly (e.g. {loose[0]}) instead of one "
+                         f"folder per class; {IMAGENET_LAYOUT}. The validation set as distributed is a flat "
+                         "folder: sort it into class folders first with the standard valprep.sh script "
+                         "(it moves each ILSVRC2012_val_*.JPEG into its wnid folder)")
+    return ImageFolderDataset(str(split_dir), transform=transform, skip_corrupt=skip_corrupt)
+
+
+def _imagenet(cfg: DataConfig, train_tf: Transform, val_tf: Transform) -> tuple[Dataset, Dataset, list[str]]:
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"ImageNet root {root} does not exist (data.root); {IMAGENET_LAYOUT}")
+    train = _imagenet_split(root, cfg.train_split, train_tf, cfg.skip_corrupt)
+    val = _imagenet_split(root, cfg.val_split, val_tf, cfg.skip_corrupt)
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise ValueError(f"class folders of {root / cfg.train_split} and {root / cfg.val_split} differ "
+                         f"(only in train: {only_train[:5]}, only in val: {only_val[:5]}, "
+                         f"{len(only_train)}/{len(only_val)} in all); both splits need the same wnid folders")
+    return train, val, train.classes
+
+
+def fashion_mnist_cache_dir() -> Path:
+    """Base cache directory: ``$BAG_OF_TRICKS_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/bag-of-tricks``."""
+    if os.environ.get("BAG_OF_TRICKS_CACHE"):
+        return Path(os.environ["BAG_OF_TRICKS_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bag-of-tricks"
+
+
+def _copy_decompressed(source: Path, target: Path) -> None:
+    """Write ``source`` (gunzipped if ``.gz``) to ``target`` unless an up-to-date copy is there."""
+    if target.is_file() and target.stat().st_mtime >= source.stat().st_mtime:
+        return
+    opener = gzip.open if source.suffix == ".gz" else open
+    # temp + rename: concurrent ranks or an interrupted run never leave a partial file behind.
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with opener(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fashion_mnist_root(cfg: DataConfig) -> tuple[str, bool]:
+    """Return a torchvision-layout root (``<root>/FashionMNIST/raw/<files>``) and whether to download."""
+    root = Path(cfg.root)
+    if all((root / "FashionMNIST" / "raw" / name).is_file() for name in FASHION_MNIST_FILES):
+        return str(root), False
+    sources = [next((p for p in (root / name, root / f"{name}.gz") if p.is_file()), None)
+               for name in FASHION_MNIST_FILES]
+    if None not in sources:
+        # torchvision reads only the uncompressed files (a symlink to the .gz fails), and the source
+        # (e.g. /usr/share/datasets) may be read-only: decompress into a cache directory per source.
+        source_key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+        cache = fashion_mnist_cache_dir() / "fashion-mnist" / source_key
+        raw = cache / "FashionMNIST" / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        for name, source in zip(FASHION_MNIST_FILES, sources):
+            _copy_decompressed(source, raw / name)
+        return str(cache), False
+    if cfg.download:
+        return str(root), True
+    missing = [name for name, source in zip(FASHION_MNIST_FILES, sources) if source is None]
+    raise FileNotFoundError(f"Fashion-MNIST files {missing} (or their .gz) not found in {root} (data.root), nor "
+                            f"the torchvision layout {root}/FashionMNIST/raw/. Install them with `apt-get install "
+                            "dataset-fashion-mnist` and set data.root=/usr/share/datasets/fashion-mnist, "
+                            "or set data.download=true (needs internet)")
+
+
+def _fashion_mnist(cfg: DataConfig, train_tf: Transform, val_tf: Transform) -> tuple[Dataset, Dataset, list[str]]:
+    root, download = _fashion_mnist_root(cfg)
+    train = datasets.FashionMNIST(root, train=True, transform=train_tf, download=download)
+    val = datasets.FashionMNIST(root, train=False, transform=val_tf, download=download)
+    return train, val, list(train.classes)
+
+
+def _synthetic(cfg: DataConfig, train_tf: Transform, val_tf: Transform) -> tuple[Dataset, Dataset, list[str]]:
+    num_classes = cfg.num_classes or 10
+    train = SyntheticImages(cfg.synthetic_size, num_classes, cfg.img_size, split=0, transform=train_tf)
+    val = SyntheticImages(max(1, cfg.synthetic_size // 4), num_classes, cfg.img_size, split=1, transform=val_tf)
+    return train, val, train.classes
+
+
+DATASETS: dict[str, Callable[[DataConfig, Transform, Transform], tuple[Dataset, Dataset, list[str]]]] = {
+    "imagenet": _imagenet,
+    "fashion_mnist": _fashion_mnist,
+    "synthetic": _synthetic,
+}
+
+
+def build_datasets(cfg: DataConfig, mean: Sequence[float], std: Sequence[float]
+                   ) -> tuple[Dataset, Dataset, int, list[str]]:
+    """Build ``(train_ds, val_ds, num_classes, class_names)`` for ``cfg.name`` with the §2.1 transforms.
+
+    ``mean``/``std`` are per-channel on the 0-1 scale. Samples are ``(float image (3, H, W), label)``,
+    or ``None`` for an unreadable ImageNet file when ``cfg.skip_corrupt`` (see ``collate_skip_none``).
+    """
+    if cfg.name not in DATASETS:
+        raise ValueError(f"unknown data.name {cfg.name!r}; choose one of {sorted(DATASETS)}")
+    train, val, class_names = DATASETS[cfg.name](cfg, train_transform(cfg, mean, std), val_transform(cfg, mean, std))
+    if cfg.num_classes and cfg.num_classes != len(class_names):
+        raise ValueError(f"data.num_classes={cfg.num_classes} but the {cfg.name} data at {cfg.root} has "
+                         f"{len(class_names)} classes; set data.num_classes=0 to take it from the data")
+    return train, val, len(class_names), class_names

@@ -1,0 +1,90 @@
+"""Learning-rate schedules as pure functions of the optimizer step (He et al. 2019, §3.1 and §5.1).
+
+Steps count optimizer updates from 0. ``lr_at`` is the single definition; ``build_scheduler`` wraps it in
+a ``LambdaLR`` so the position in the schedule is saved and restored with ``state_dict``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["SCHEDULES", "scale_lr", "lr_at", "build_scheduler"]
+
+SCHEDULES = ("step", "cosine")
+
+
+def scale_lr(lr_per_256: float, global_batch: int) -> float:
+    """Linear scaling rule: ``lr_per_256 * global_batch / 256`` (0.1 at batch 1024 -> 0.4)."""
+    if global_batch <= 0:
+        raise ValueError(f"scale_lr: global_batch must be > 0 images, got {global_batch}")
+    return lr_per_256 * global_batch / 256
+
+
+def _validate(base_lr: float, total_steps: int, warmup_steps: int, schedule: str,
+              milestones: Sequence[int], gamma: float) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r} (optim.schedule); valid: "
+                         + ", ".join(repr(s) for s in SCHEDULES))
+    if base_lr < 0:
+        raise ValueError(f"base_lr must be >= 0, got {base_lr}")
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be > 0, got {total_steps}")
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps} "
+                         "(optim.warmup_epochs longer than the run?)")
+    if any(m < 0 for m in milestones) or list(milestones) != sorted(milestones):
+        raise ValueError(f"milestones must be non-negative and increasing (in steps), got {list(milestones)}")
+    if gamma <= 0:
+        raise ValueError(f"gamma must be > 0, got {gamma} (optim.gamma)")
+
+
+def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int = 0, schedule: str = "step",
+          milestones: Sequence[int] = (), gamma: float = 0.1) -> float:
+    """Learning rate for optimizer step ``step`` (0-based).
+
+    Warmup (``step < warmup_steps``): ``base_lr * step / warmup_steps``, linear from 0 as in the paper
+    and in GluonCV's implementation (its batch index starts at 0), so step 0 has lr 0 and the ramp meets
+    ``base_lr`` exactly where the main schedule begins. The paper's text writes ``i * lr / m`` for batch
+    ``1 <= i <= m``; that is the same line shifted by one step.
+
+    After warmup:
+      * ``"step"``: ``base_lr * gamma ** (number of milestones <= step)``; milestones are in steps,
+        counted from 0 like ``step`` (warmup included).
+      * ``"cosine"``: ``0.5 * (1 + cos(pi * t / T)) * base_lr`` with ``t = step - warmup_steps``,
+        ``T = total_steps - warmup_steps``; it reaches 0 at ``total_steps`` and stays there.
+        ``milestones`` and ``gamma`` are ignored.
+    """
+    _validate(base_lr, total_steps, warmup_steps, schedule, milestones, gamma)
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    if schedule == "step":
+        return base_lr * gamma ** sum(1 for m in milestones if m <= step)
+    decay_steps = total_steps - warmup_steps
+    # Clamped: past the end the cosine would rise again; with no decay steps the run is already over.
+    progress = min((step - warmup_steps) / decay_steps, 1.0) if decay_steps > 0 else 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) * base_lr
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, *, base_lr: float, total_steps: int, warmup_steps: int = 0,
+                    schedule: str = "step", milestones: Sequence[int] = (),
+                    gamma: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` following ``lr_at``; call ``scheduler.step()`` after every ``optimizer.step()``.
+
+    ``LambdaLR`` multiplies each group's initial lr by the lambda, so build the optimizer with
+    ``lr=base_lr``. The lambda is a closure, not a callable object, so ``state_dict`` stores only the
+    step count: a resumed run rebuilds the schedule from its config and continues at the saved step.
+    """
+    if base_lr <= 0:
+        raise ValueError(f"build_scheduler: base_lr must be > 0 (the lambda returns lr / base_lr), got {base_lr}")
+    milestones = tuple(milestones)
+    _validate(base_lr, total_steps, warmup_steps, schedule, milestones, gamma)  # fail now, not at step()
+
+    def factor(step: int) -> float:
+        return lr_at(step, base_lr=base_lr, total_steps=total_steps, warmup_steps=warmup_steps,
+                     schedule=schedule, milestones=milestones, gamma=gamma) / base_lr
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,116 @@
+"""Image transforms of the paper's baseline (§2.1), built from ``torchvision.transforms.v2``.
+
+Only the AlexNet PCA lighting noise is written here: torchvision has no such transform.
+All pipelines take PIL images (any mode, e.g. Fashion-MNIST's ``'L'``) or uint8 ``(C, H, W)``
+tensors and return float32 ``(3, H, W)`` tensors normalized with the given mean/std (0-1 scale).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from .config import DataConfig
+
+# Eigen-decomposition of the ImageNet RGB pixel covariance (0-1 scale), as used by AlexNet,
+# fb.resnet.torch and GluonCV (which store the eigenvalues on the 0-255 scale: 55.46, 4.794, 1.148).
+IMAGENET_EIGVAL: tuple[float, float, float] = (0.2175, 0.0188, 0.0045)
+IMAGENET_EIGVEC: tuple[tuple[float, float, float], ...] = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
+
+
+class Lighting(nn.Module):
+    """AlexNet-style PCA lighting noise on float RGB images in [0, 1].
+
+    For each image, ``alpha ~ N(0, std^2)`` is drawn per principal component and the same RGB
+    offset ``eigvec @ (alpha * eigval)`` is added to every pixel. Accepts ``(3, H, W)`` or batched
+    ``(..., 3, H, W)`` tensors (one alpha per image) and keeps the ``tv_tensors.Image`` type, so it
+    composes with ``v2.Compose``. The result is not clamped, as in GluonCV and fb.resnet.torch.
+    """
+
+    def __init__(
+        self,
+        std: float = 0.1,
+        eigval: Sequence[float] = IMAGENET_EIGVAL,
+        eigvec: Sequence[Sequence[float]] = IMAGENET_EIGVEC,
+    ) -> None:
+        super().__init__()
+        if std < 0:
+            raise ValueError(f"Lighting std must be >= 0, got {std}")
+        self.std = float(std)
+        # Buffers, not parameters: fixed statistics that follow .to(device).
+        self.register_buffer("eigval", torch.as_tensor(eigval, dtype=torch.float32), persistent=False)
+        self.register_buffer("eigvec", torch.as_tensor(eigvec, dtype=torch.float32), persistent=False)
+        if self.eigval.shape != (3,) or self.eigvec.shape != (3, 3):
+            raise ValueError(f"Lighting needs eigval (3,) and eigvec (3, 3), got {tuple(self.eigval.shape)} "
+                             f"and {tuple(self.eigvec.shape)}")
+
+    def forward(self, image: Tensor) -> Tensor:
+        if self.std == 0:
+            return image
+        if image.ndim < 3 or image.shape[-3] != 3:
+            raise ValueError(f"Lighting needs RGB images of shape (..., 3, H, W), got {tuple(image.shape)}; "
+                             "convert grayscale with v2.RGB() first or set data.lighting=0")
+        if not image.is_floating_point():
+            raise TypeError(f"Lighting needs a float image in [0, 1], got {image.dtype}; "
+                            "put v2.ToDtype(torch.float32, scale=True) before it")
+        alpha = torch.randn(*image.shape[:-3], 3, device=self.eigval.device) * self.std
+        offset = (alpha * self.eigval) @ self.eigvec.T  # (..., 3): eigvec @ (alpha * eigval) per image
+        out = image.as_subclass(Tensor) + offset.to(image)[..., :, None, None]
+        return tv_tensors.wrap(out, like=image) if isinstance(image, tv_tensors.TVTensor) else out
+
+    def extra_repr(self) -> str:
+        return f"std={self.std}"
+
+
+def _to_rgb_uint8() -> list[nn.Module]:
+    # Work on tensors from the first step so PIL and tensor inputs take the same code path;
+    # grayscale (Fashion-MNIST) becomes 3 identical channels for 3-channel backbones and Lighting.
+    return [v2.ToImage(), v2.RGB()]
+
+
+def _to_normalized_float(mean: Sequence[float], std: Sequence[float]) -> list[nn.Module]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+
+
+def train_transform(cfg: DataConfig, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """Training augmentation of §2.1: random resized crop, flip, colour jitter, PCA lighting, normalize.
+
+    ``mean``/``std`` are per-channel on the 0-1 scale. Ops whose strength is 0 are left out.
+    """
+    ops: list[nn.Module] = [
+        *_to_rgb_uint8(),
+        v2.RandomResizedCrop(cfg.img_size, scale=(cfg.min_area, cfg.max_area), ratio=(3 / 4, 4 / 3),
+                             antialias=True),
+    ]
+    if cfg.hflip > 0:
+        ops.append(v2.RandomHorizontalFlip(cfg.hflip))
+    # The paper scales hue, saturation and brightness by U[0.6, 1.4]; GluonCV's reference recipe
+    # (the one its ImageNet numbers come from) jitters brightness, contrast and saturation by 0.4 and
+    # leaves hue alone, hence the config defaults. torchvision's hue is an additive shift in
+    # [-h, h] of the colour circle, not a factor, so "hue x U[0.6, 1.4]" has no exact equivalent.
+    # Like fb.resnet.torch, ColorJitter applies the enabled ops in random order.
+    if any((cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)):
+        ops.append(v2.ColorJitter(brightness=cfg.brightness or None, contrast=cfg.contrast or None,
+                                  saturation=cfg.saturation or None, hue=cfg.hue or None))
+    ops.append(v2.ToDtype(torch.float32, scale=True))  # Lighting works on the 0-1 float scale
+    if cfg.lighting > 0:
+        ops.append(Lighting(cfg.lighting))
+    ops.append(v2.Normalize(mean=list(mean), std=list(std)))
+    return v2.Compose(ops)
+
+
+def val_transform(cfg: DataConfig, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """Validation pipeline: resize the short side to ``val_resize``, center crop ``val_crop``, normalize."""
+    return v2.Compose([
+        *_to_rgb_uint8(),
+        v2.Resize(cfg.val_resize, antialias=True),
+        v2.CenterCrop(cfg.val_crop),
+        *_to_normalized_float(mean, std),
+    ])

@@ -1,0 +1,209 @@
+"""tricks.config: YAML -> typed dataclasses, `_base_` includes, dotted overrides, errors that say where."""
+from __future__ import annotations  # the schema below must still resolve (get_type_hints)
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import pytest
+
+from classification.config import Config
+from tricks.config import ConfigError, dump_config, format_config, load_config, to_dict
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "classification"
+
+
+@dataclass
+class Inner:
+    lr: float = 0.1
+    milestones: list[int] = field(default_factory=lambda: [30, 60])
+    schedule: Literal["step", "cosine"] = "step"
+    nesterov: bool = True
+
+
+@dataclass
+class Schema:
+    optim: Inner = field(default_factory=Inner)
+    epochs: int = 10
+    name: str = "run"
+    resume: Optional[str] = None
+    mean: Optional[list[float]] = None
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_file():
+    assert load_config(None, Schema) == Schema()
+
+
+def test_round_trip(tmp_path):
+    cfg = Schema(optim=Inner(lr=1e-4, milestones=[5], schedule="cosine", nesterov=False), epochs=3,
+                 name="1e-4", resume="null", mean=[0.5, 2.5e-7])  # strings that look like a float / null
+    dump_config(cfg, tmp_path / "out" / "config.yaml")
+    assert load_config(tmp_path / "out" / "config.yaml", Schema) == cfg
+    assert "milestones: [5]" in format_config(cfg)
+
+
+def test_round_trip_classification_config(tmp_path):
+    cfg = load_config(CONFIGS / "resnet50d_8xb128_efficient-cosine-ls-distill_imagenet.yaml", Config)
+    dump_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml", Config) == cfg
+    assert to_dict(cfg)["optim"]["weight_decay"] == 1e-4
+
+
+def test_base_merge_order_and_relative_paths(tmp_path):
+    write(tmp_path / "_base_" / "a.yaml", "optim: {lr: 0.2, milestones: [1, 2]}\nepochs: 5\nname: a\n")
+    write(tmp_path / "_base_" / "b.yaml", "_base_: a.yaml\noptim: {lr: 0.3}\nname: b\n")  # relative to b.yaml
+    write(tmp_path / "_base_" / "c.yaml", "name: c\nepochs: 7\n")
+    child = write(tmp_path / "exp" / "child.yaml", "_base_: [../_base_/b.yaml, ../_base_/c.yaml]\nname: child\n")
+    cfg = load_config(child, Schema)
+    # b over a, section merged key by key; c after b; the file's own keys last.
+    assert cfg.optim == Inner(lr=0.3, milestones=[1, 2])
+    assert (cfg.epochs, cfg.name) == (7, "child")
+
+
+def test_base_cycle_is_an_error(tmp_path):
+    write(tmp_path / "a.yaml", "_base_: b.yaml\n")
+    write(tmp_path / "b.yaml", "_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"cyclic _base_ include: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_config(tmp_path / "a.yaml", Schema)
+
+
+def test_missing_base_names_the_including_file(tmp_path):
+    write(tmp_path / "a.yaml", "epochs: 1\n_base_: nope.yaml\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml, line 2: _base_ 'nope.yaml' not found"):
+        load_config(tmp_path / "a.yaml", Schema)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim.lr=1e-4", {"optim": Inner(lr=1e-4)}),              # YAML 1.1 alone would read a string
+    ("optim.lr=2", {"optim": Inner(lr=2.0)}),                  # int accepted for float
+    ("optim.milestones=[3, 6]", {"optim": Inner(milestones=[3, 6])}),
+    ("optim.schedule=cosine", {"optim": Inner(schedule="cosine")}),
+    ("optim.nesterov=false", {"optim": Inner(nesterov=False)}),
+    ("epochs=90", {"epochs": 90}),
+    ("name=resnet50d", {"name": "resnet50d"}),
+    ("resume=auto", {"resume": "auto"}),
+    ("mean=[0.5, 1]", {"mean": [0.5, 1.0]}),
+    ("mean=null", {"mean": None}),
+])
+def test_override_types(override, expected):
+    cfg = load_config(None, Schema, [override])
+    assert cfg == Schema(**expected)
+    assert type(cfg.optim.lr) is float
+
+
+def test_overrides_apply_after_file_in_order(tmp_path):
+    path = write(tmp_path / "a.yaml", "optim: {lr: 0.2}\nresume: last.pt\n")
+    cfg = load_config(path, Schema, ["optim.lr=0.3", "optim.lr=0.4", "resume=null"])
+    assert (cfg.optim.lr, cfg.resume) == (0.4, None)
+
+
+def test_unknown_key_in_file_names_file_line_and_suggestion(tmp_path):
+    path = write(tmp_path / "exp.yaml", "epochs: 3\noptim:\n  lr: 0.1\n  mlestones: [1]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, Schema)
+    message = str(err.value)
+    assert f"{path}, line 4" in message
+    assert "unknown key 'optim.mlestones'" in message and "did you mean 'optim.milestones'?" in message
+    assert "lr, milestones, schedule, nesterov" in message  # the valid keys of the section
+
+
+def test_unknown_key_in_base_names_the_base(tmp_path):
+    write(tmp_path / "base.yaml", "epoch: 3\n")
+    path = write(tmp_path / "exp.yaml", "_base_: base.yaml\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml, line 1: unknown key 'epoch'; did you mean 'epochs'\?"):
+        load_config(path, Schema)
+
+
+def test_unknown_key_in_override_points_to_the_right_section():
+    with pytest.raises(ConfigError, match=r"command line override 'train\.lr=0\.1': unknown key 'train\.lr'; "
+                                          r"did you mean 'optim\.lr'\?"):
+        load_config(None, Config, ["train.lr=0.1"])
+
+
+def test_literal_error_lists_allowed_values():
+    with pytest.raises(ConfigError, match=r"'optim\.schedule' must be one of 'step', 'cosine'; got str 'cosin'"):
+        load_config(None, Schema, ["optim.schedule=cosin"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("epochs=1.5", "'epochs' expects int, got float 1.5"),
+    ("epochs=true", "'epochs' expects int, got bool True"),
+    ("optim.nesterov=1", "'optim.nesterov' expects bool, got int 1"),
+    ("optim.lr=fast", "'optim.lr' expects float, got str 'fast'"),
+    ("optim.lr=null", "'optim.lr' expects float, got null"),
+    ("name=3", "'name' expects str, got int 3"),
+    ("optim.milestones=[30, x]", "'optim.milestones[1]' expects int, got str 'x'"),
+    ("optim.milestones=30", "'optim.milestones' expects a list of int, got int 30"),
+    ("optim=0.1", "'optim' is a section and needs a mapping of its keys (lr, milestones, schedule, nesterov)"),
+    ("epochs", "expected key=value"),
+])
+def test_type_errors_name_key_and_value(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, Schema, [override])
+    assert str(err.value).startswith(f"command line override {override!r}: ")
+    assert message in str(err.value)
+
+
+def test_type_error_in_file_names_file_and_line(tmp_path):
+    path = write(tmp_path / "exp.yaml", "name: x\nepochs: ten\n")
+    with pytest.raises(ConfigError, match=r"exp\.yaml, line 2: 'epochs' expects int, got str 'ten'"):
+        load_config(path, Schema)
+
+
+def test_duplicate_key_is_an_error(tmp_path):
+    path = write(tmp_path / "exp.yaml", "optim: {lr: 0.1}\nepochs: 1\noptim: {lr: 0.2}\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'optim' \(first on line 1\)"):
+        load_config(path, Schema)
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    assert load_config(write(tmp_path / "empty.yaml", "# nothing\n"), Schema) == Schema()
+
+
+# ---------------------------------------------------------------------------------------------- shipped configs
+ALL_YAML = sorted(CONFIGS.rglob("*.yaml"))
+EXPERIMENTS = [p for p in ALL_YAML if "_base_" not in p.parts]
+
+
+def test_configs_exist():
+    assert len(EXPERIMENTS) >= 29 and any(p.parent.name == "fashion_mnist" for p in EXPERIMENTS)
+
+
+@pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_config_loads(path):
+    assert isinstance(load_config(path, Config), Config)
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_config_name_encodes_what_it_runs(path):
+    """`<model>_<gpus>xb<batch>_<recipe>_<dataset>.yaml`: the name must agree with the resolved values."""
+    cfg = load_config(path, Config)
+    model, batch, recipe, dataset = re.fullmatch(r"(.+)_\d+xb(\d+)_([^_]+)_([^_]+)", path.stem).groups()
+    tricks = recipe.split("-")
+    assert cfg.model.name == model
+    assert cfg.train.batch_size == int(batch)
+    assert cfg.data.name == dataset.replace("-", "_")
+    assert cfg.output_dir == f"runs/classification/{path.stem}"
+    assert (cfg.optim.schedule == "cosine") == ("cosine" in tricks)
+    assert (cfg.train.label_smoothing == 0.1) == ("ls" in tricks)
+    assert (cfg.train.mixup_alpha == 0.2) == ("mixup" in tricks)
+    assert (cfg.train.epochs == 200) == ("200e" in tricks)
+    assert (cfg.distill.teacher is not None) == ("distill" in tricks)
+    if "distill" in tricks:
+        assert cfg.distill.teacher == "resnet152d" and cfg.distill.temperature == 20.0
+        assert ("mixup" in cfg.distill.teacher_weights) == ("mixup" in tricks)  # mixup students need a mixup teacher
+    if dataset == "imagenet":
+        efficient = "efficient" in tricks
+        assert cfg.optim.lr == 0.1 and cfg.optim.weight_decay == 1e-4 and cfg.optim.nesterov
+        assert cfg.train.precision == ("fp16" if efficient else "fp32")
+        assert cfg.optim.warmup_epochs == (5 if efficient else 0)
+        assert cfg.optim.no_bias_decay == efficient
+        assert cfg.model.zero_init_last == (efficient and model.startswith("resnet"))
+        assert cfg.data.img_size == (299 if model == "inception_v3" else 224)

@@ -1,0 +1,125 @@
+"""Parameter groups and the optimizer: no bias decay (He et al. 2019 §3.1) and Nesterov SGD (§2.1)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from classification.optim import build_optimizer, param_groups
+
+
+def _names(group: dict) -> set[str]:
+    return set(group["param_names"])
+
+
+def _split(groups: list[dict]) -> tuple[set[str], set[str]]:
+    decay = set().union(*(_names(g) for g in groups if g["weight_decay"] > 0))
+    no_decay = set().union(*(_names(g) for g in groups if g["weight_decay"] == 0))
+    return decay, no_decay
+
+
+def test_resnet18_no_decay_group_is_bn_and_biases() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    with torch.device("meta"):                                    # names and shapes only: no memory, no init cost
+        model = torchvision.models.resnet18()
+    names = [n for n, _ in model.named_parameters()]
+    # Independent of the module types: torchvision names its BN layers bn1/bn2 and downsample.1.
+    bn = re.compile(r"(^|\.)(bn\d|downsample\.1)\.(weight|bias)$")
+    want_no_decay = {n for n in names if bn.search(n) or n.endswith(".bias")}
+    assert "fc.bias" in want_no_decay and "bn1.weight" in want_no_decay
+
+    groups = param_groups(model, weight_decay=1e-4, no_bias_decay=True)
+    decay, no_decay = _split(groups)
+    assert no_decay == want_no_decay
+    assert decay == set(names) - want_no_decay
+    assert all(re.search(r"(conv\d|downsample\.0|^fc)\.weight$", n) for n in decay)
+    assert sum(len(g["params"]) for g in groups) == len(names)
+    assert {g["weight_decay"] for g in groups} == {1e-4, 0.0}
+
+
+def test_without_no_bias_decay_everything_decays() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2))
+    groups = param_groups(model, weight_decay=5e-4, no_bias_decay=False)
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 5e-4
+    assert groups[0]["params"] == list(model.parameters())
+
+
+class _Scale(nn.Module):
+    """A 1-D learnable parameter that is neither a bias nor a normalization weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4))
+
+
+class _MyNorm(nn.modules.batchnorm._NormBase):
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        pass
+
+
+def test_exactly_biases_and_norm_weights_skip_decay() -> None:
+    shared = nn.Linear(4, 4)
+    model = nn.ModuleDict({
+        "conv1d": nn.Conv1d(4, 4, 1),
+        "bn": nn.BatchNorm1d(4),
+        "gn": nn.GroupNorm(2, 4),
+        "ln": nn.LayerNorm(4),
+        "inorm": nn.InstanceNorm1d(4, affine=True),
+        "custom_norm": _MyNorm(4),
+        "prelu": nn.PReLU(4),
+        "scale": _Scale(),
+        "a": shared,
+        "b": shared,                                              # the same module twice: its params once
+    })
+    groups = param_groups(model, weight_decay=1e-4, no_bias_decay=True)
+    decay, no_decay = _split(groups)
+    assert decay == {"conv1d.weight", "prelu.weight", "scale.weight", "a.weight"}
+    assert no_decay == {"conv1d.bias", "bn.weight", "bn.bias", "gn.weight", "gn.bias", "ln.weight", "ln.bias",
+                        "inorm.weight", "inorm.bias", "custom_norm.weight", "custom_norm.bias", "a.bias"}
+    params = [p for g in groups for p in g["params"]]
+    assert len(params) == len({id(p) for p in params}) == len(list(model.parameters()))
+
+
+def test_a_tensor_shared_with_a_norm_layer_skips_decay() -> None:
+    linear, norm = nn.Linear(4, 4, bias=False), nn.LayerNorm(4)
+    norm.weight = nn.Parameter(torch.ones(4))
+    model = nn.Sequential(linear, norm)
+    model.extra = _Scale()
+    model.extra.weight = norm.weight                              # tied: one tensor, two roles
+    groups = param_groups(model, weight_decay=1e-4, no_bias_decay=True)
+    no_decay = [p for g in groups if g["weight_decay"] == 0 for p in g["params"]]
+    assert any(p is norm.weight for p in no_decay)
+    assert sum(len(g["params"]) for g in groups) == 3             # linear.weight, norm.weight, norm.bias
+
+
+def test_build_optimizer_settings() -> None:
+    model = nn.Linear(3, 2)
+    opt = build_optimizer(model, lr=0.4, weight_decay=1e-4, no_bias_decay=True)
+    assert isinstance(opt, torch.optim.SGD)
+    for group in opt.param_groups:
+        assert group["lr"] == 0.4 and group["momentum"] == 0.9 and group["nesterov"] is True
+
+
+def test_two_sgd_steps_match_hand_computed_nesterov_updates() -> None:
+    # v <- mu v + (g + wd w);  w <- w - lr (g + wd w + mu v)   (torch's Nesterov form, v_0 = 0)
+    torch.manual_seed(0)
+    lr, mu, wd = 0.1, 0.9, 0.01
+    model = nn.Linear(3, 2)
+    opt = build_optimizer(model, lr=lr, momentum=mu, nesterov=True, weight_decay=wd, no_bias_decay=True)
+
+    w, b = model.weight.detach().clone(), model.bias.detach().clone()
+    v_w, v_b = torch.zeros_like(w), torch.zeros_like(b)
+    for _ in range(2):
+        g_w, g_b = torch.randn_like(w), torch.randn_like(b)
+        model.weight.grad, model.bias.grad = g_w.clone(), g_b.clone()
+        opt.step()
+        d_w = g_w + wd * w                                        # decayed tensor
+        v_w = mu * v_w + d_w
+        w = w - lr * (d_w + mu * v_w)
+        d_b = g_b                                                 # bias: no decay
+        v_b = mu * v_b + d_b
+        b = b - lr * (d_b + mu * v_b)
+        torch.testing.assert_close(model.weight.detach(), w)
+        torch.testing.assert_close(model.bias.detach(), b)

@@ -1,0 +1,126 @@
+"""Learning-rate schedules against He et al. 2019 (§3.1 linear scaling and warmup, §5.1 cosine decay)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from classification.schedules import build_scheduler, lr_at, scale_lr
+
+
+@pytest.mark.parametrize("batch,want", [(256, 0.1), (1024, 0.4), (128, 0.05), (8 * 32, 0.1)])
+def test_scale_lr_is_linear_in_the_batch(batch: int, want: float) -> None:
+    assert scale_lr(0.1, batch) == pytest.approx(want)
+
+
+def test_scale_lr_rejects_empty_batch() -> None:
+    with pytest.raises(ValueError, match="global_batch"):
+        scale_lr(0.1, 0)
+
+
+def test_warmup_is_linear_from_zero() -> None:
+    kw = dict(base_lr=0.4, total_steps=100, warmup_steps=10)
+    for schedule in ("step", "cosine"):
+        lrs = [lr_at(s, schedule=schedule, **kw) for s in range(10)]
+        assert lrs == pytest.approx([0.4 * s / 10 for s in range(10)])
+        # The ramp reaches base_lr exactly where the main schedule starts.
+        assert lr_at(10, schedule=schedule, **kw) == pytest.approx(0.4)
+
+
+def test_step_decay_at_exact_boundaries() -> None:
+    kw = dict(base_lr=0.1, total_steps=120, schedule="step", milestones=[30, 60, 90], gamma=0.1)
+    assert lr_at(0, **kw) == pytest.approx(0.1)
+    assert lr_at(29, **kw) == pytest.approx(0.1)
+    assert lr_at(30, **kw) == pytest.approx(0.01)
+    assert lr_at(59, **kw) == pytest.approx(0.01)
+    assert lr_at(60, **kw) == pytest.approx(0.001)
+    assert lr_at(90, **kw) == pytest.approx(1e-4)
+    assert lr_at(119, **kw) == pytest.approx(1e-4)
+
+
+def test_step_without_milestones_is_constant() -> None:
+    assert lr_at(50, base_lr=0.3, total_steps=100) == 0.3
+
+
+def test_cosine_matches_the_paper_formula() -> None:
+    # eta_t = 1/2 (1 + cos(t pi / T)) eta, t counted from the end of warmup.
+    base, total, warmup = 0.4, 1000, 50
+    big_t = total - warmup
+    for t in (0, 1, 100, big_t // 4, big_t // 2, 3 * big_t // 4, big_t - 1, big_t):
+        want = 0.5 * (1 + math.cos(math.pi * t / big_t)) * base
+        assert lr_at(warmup + t, base_lr=base, total_steps=total, warmup_steps=warmup,
+                     schedule="cosine") == pytest.approx(want, rel=1e-12, abs=1e-15)
+    kw = dict(base_lr=base, total_steps=total, warmup_steps=warmup, schedule="cosine")
+    assert lr_at(warmup, **kw) == pytest.approx(base)
+    assert lr_at(warmup + big_t // 2, **kw) == pytest.approx(base / 2)
+    assert lr_at(total, **kw) == pytest.approx(0.0, abs=1e-15)
+    assert lr_at(total + 10, **kw) == pytest.approx(0.0, abs=1e-15)  # stays at 0, does not rise again
+
+
+def test_cosine_ignores_milestones() -> None:
+    kw = dict(base_lr=0.1, total_steps=100, schedule="cosine")
+    assert lr_at(40, **kw, milestones=[10, 20]) == lr_at(40, **kw)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(schedule="poly"), "'step', 'cosine'"),
+        (dict(total_steps=0), "total_steps"),
+        (dict(warmup_steps=-1), "warmup_steps"),
+        (dict(warmup_steps=101), "warmup_steps"),
+        (dict(base_lr=-0.1), "base_lr"),
+        (dict(milestones=[60, 30]), "milestones"),
+        (dict(gamma=0.0), "gamma"),
+    ],
+)
+def test_lr_at_validates(kwargs: dict, match: str) -> None:
+    args = dict(base_lr=0.1, total_steps=100) | kwargs
+    with pytest.raises(ValueError, match=match):
+        lr_at(0, **args)
+
+
+def test_lr_at_rejects_negative_step() -> None:
+    with pytest.raises(ValueError, match="step"):
+        lr_at(-1, base_lr=0.1, total_steps=10)
+
+
+@pytest.mark.parametrize("schedule", ["step", "cosine"])
+def test_lambda_lr_agrees_with_lr_at_every_step(schedule: str) -> None:
+    kw = dict(base_lr=0.4, total_steps=40, warmup_steps=5, schedule=schedule, milestones=[20, 30], gamma=0.1)
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=kw["base_lr"], momentum=0.9)
+    scheduler = build_scheduler(optimizer, **kw)
+    for step in range(kw["total_steps"]):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(lr_at(step, **kw), rel=1e-12, abs=1e-15)
+        optimizer.step()
+        scheduler.step()
+
+
+def test_scheduler_state_dict_resumes() -> None:
+    kw = dict(base_lr=0.4, total_steps=30, warmup_steps=4, schedule="cosine")
+
+    def make() -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=kw["base_lr"])
+        return opt, build_scheduler(opt, **kw)
+
+    opt, sched = make()
+    for _ in range(12):
+        opt.step()
+        sched.step()
+    saved = (opt.state_dict(), sched.state_dict())
+
+    opt2, sched2 = make()
+    opt2.load_state_dict(saved[0])
+    sched2.load_state_dict(saved[1])
+    assert opt2.param_groups[0]["lr"] == pytest.approx(lr_at(12, **kw))
+    opt2.step()
+    sched2.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(lr_at(13, **kw))
+
+
+def test_build_scheduler_rejects_zero_base_lr() -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    with pytest.raises(ValueError, match="base_lr"):
+        build_scheduler(opt, base_lr=0.0, total_steps=10)
