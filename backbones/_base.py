@@ -131,8 +131,16 @@ class Backbone(nn.Module):
         """Modules of the stem and of each stage in order: ``[stem, res2, res3, res4, res5]``."""
         raise NotImplementedError
 
-    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
+    def forward_stem(self, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
+        """Default for networks built as a stem and stages ``layer1``..``layer4`` (res2..res5)."""
+        x = self.forward_stem(x)
+        feats = {}
+        for i, info in enumerate(self.feature_info):
+            x = feats[info.name] = getattr(self, f"layer{i + 1}")(x)
+        return feats
 
     def forward_head(self, x: Tensor) -> Tensor:
         x = self.global_pool(x).flatten(1)
@@ -178,3 +186,8 @@ class Backbone(nn.Module):
 
 def resolve_norm(norm_layer: Optional[NormLayer]) -> NormLayer:
     return norm_layer if norm_layer is not None else nn.BatchNorm2d
+
+
+def check_output_stride(output_stride: int) -> None:
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")

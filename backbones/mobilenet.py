@@ -11,7 +11,8 @@ from typing import Literal, Optional
 import torch.nn as nn
 from torch import Tensor
 
-from ._base import IMAGENET_MEAN, IMAGENET_STD, Backbone, FeatureInfo, NormLayer, init_weights, resolve_norm
+from ._base import (IMAGENET_MEAN, IMAGENET_STD, Backbone, FeatureInfo, NormLayer, check_output_stride, init_weights,
+                    resolve_norm)
 from ._registry import register_backbone
 
 # (output channels, stride) of the 13 depthwise-separable blocks, grouped by stage.
@@ -60,8 +61,7 @@ class MobileNet(Backbone):
         init: Literal["xavier", "kaiming"] = "xavier",
     ):
         super().__init__(norm_eval=norm_eval)
-        if output_stride not in (8, 16, 32):
-            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        check_output_stride(output_stride)
         if zero_init_last:
             raise ValueError("zero_init_last (zero-gamma) applies to residual blocks; mobilenet has none")
         norm_layer = resolve_norm(norm_layer)
@@ -99,13 +99,8 @@ class MobileNet(Backbone):
     def stages(self) -> list[list[nn.Module]]:
         return [[self.conv_stem, self.bn1, self.stem_blocks], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
 
-    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
-        x = self.stem_blocks(self.act1(self.bn1(self.conv_stem(x))))
-        res2 = self.layer1(x)
-        res3 = self.layer2(res2)
-        res4 = self.layer3(res3)
-        res5 = self.layer4(res4)
-        return {"res2": res2, "res3": res3, "res4": res4, "res5": res5}
+    def forward_stem(self, x: Tensor) -> Tensor:
+        return self.stem_blocks(self.act1(self.bn1(self.conv_stem(x))))
 
 
 @register_backbone

@@ -19,7 +19,8 @@ from typing import Literal, Optional
 import torch.nn as nn
 from torch import Tensor
 
-from ._base import IMAGENET_MEAN, IMAGENET_STD, Backbone, FeatureInfo, NormLayer, init_weights, resolve_norm
+from ._base import (IMAGENET_MEAN, IMAGENET_STD, Backbone, FeatureInfo, NormLayer, check_output_stride, init_weights,
+                    resolve_norm)
 from ._registry import register_backbone
 
 
@@ -103,6 +104,7 @@ class ResNet(Backbone):
         stem_width: int = 32,
         downsample_in: Literal["1x1", "3x3"] = "3x3",
         avg_down: bool = False,
+        width_mult: float = 1.0,
         output_stride: int = 32,
         zero_init_last: bool = False,
         norm_layer: Optional[NormLayer] = None,
@@ -110,15 +112,18 @@ class ResNet(Backbone):
         init: Literal["xavier", "kaiming"] = "xavier",
     ):
         super().__init__(norm_eval=norm_eval)
-        if output_stride not in (8, 16, 32):
-            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        check_output_stride(output_stride)
         if downsample_in not in ("1x1", "3x3"):
             raise ValueError(f"downsample_in must be '1x1' or '3x3', got {downsample_in!r}")
         norm_layer = resolve_norm(norm_layer)
         self.num_classes = num_classes
         self.variant = dict(depth=_depth(block, layers), stem=stem, downsample_in=downsample_in, avg_down=avg_down)
+        if width_mult != 1.0:  # a narrower network for small inputs; 1.0 keeps the published shapes
+            self.variant["width_mult"] = width_mult
+        widths = [int(round(w * width_mult)) for w in (64, 128, 256, 512)]
+        stem_width = int(round(stem_width * width_mult))
 
-        inplanes = 64
+        inplanes = widths[0]
         if stem == "deep":
             self.conv1 = nn.Sequential(
                 nn.Conv2d(in_chans, stem_width, 3, 2, 1, bias=False), norm_layer(stem_width), nn.ReLU(inplace=True),
@@ -135,7 +140,7 @@ class ResNet(Backbone):
 
         self.feature_info = []
         net_stride, dilation = 4, 1
-        for i, (planes, num_blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+        for i, (planes, num_blocks) in enumerate(zip(widths, layers)):
             stride = 1 if i == 0 else 2
             prev_dilation = dilation
             if net_stride * stride > output_stride:  # past the output stride: dilate instead
@@ -167,13 +172,8 @@ class ResNet(Backbone):
     def stages(self) -> list[list[nn.Module]]:
         return [[self.conv1, self.bn1], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
 
-    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
-        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
-        res2 = self.layer1(x)
-        res3 = self.layer2(res2)
-        res4 = self.layer3(res3)
-        res5 = self.layer4(res4)
-        return {"res2": res2, "res3": res3, "res4": res4, "res5": res5}
+    def forward_stem(self, x: Tensor) -> Tensor:
+        return self.maxpool(self.act1(self.bn1(self.conv1(x))))
 
 
 def _depth(block, layers) -> int:

@@ -15,8 +15,10 @@ class ModelConfig:
     name: str = "resnet50d"                 # registry name (backbones.list_backbones())
     in_chans: int = 3                       # input channels; 1 for grayscale
     weights: Optional[str] = None           # initial weights: .safetensors / .pth (suite, timm, torchvision)
+    width_mult: float = 1.0                 # channel width multiplier (ResNet, MobileNet); 1.0 = published shapes
     init: Literal["xavier", "kaiming"] = "xavier"  # conv/fc init (paper: Xavier)
     zero_init_last: bool = False            # zero-gamma: last BN of each residual block starts at 0
+    norm_eval: bool = False                 # keep every BN in eval mode (fine-tuning with small batches)
     sync_bn: bool = False                   # convert BN to SyncBatchNorm under DDP
     channels_last: bool = True              # NHWC memory format for model and inputs
 
@@ -40,6 +42,9 @@ class DataConfig:
     lighting: float = 0.1                   # PCA lighting noise std (AlexNet eigen-decomposition); 0 = off
     mean: Optional[list[float]] = None      # None = the backbone's default (0-1 scale)
     std: Optional[list[float]] = None
+    # "samples": per-image transforms in DataLoader workers; "tensor": the dataset in memory as uint8,
+    # augmented per batch on the device (batch_transforms.py); "auto": tensor for fashion_mnist.
+    pipeline: Literal["auto", "samples", "tensor"] = "auto"
     workers: int = 4                        # DataLoader worker processes per device
     skip_corrupt: bool = False              # True: skip unreadable images and report the count; False: error naming the file
     download: bool = False                  # fashion_mnist only: download if files are missing (needs internet)

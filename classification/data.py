@@ -118,14 +118,17 @@ def collate_skip_none(batch: Sequence[Optional[Sample]]) -> tuple[Tensor, Tensor
 
 def build_loader(dataset: Dataset, *, batch_size: int, shuffle: bool = False, workers: int = 0,
                  sampler: Optional[Sampler] = None, drop_last: bool = False,
-                 collate_fn: Callable = collate_skip_none) -> DataLoader:
+                 collate_fn: Callable = collate_skip_none, persistent_workers: bool = True,
+                 generator: Optional[torch.Generator] = None) -> DataLoader:
     """DataLoader over ``dataset`` yielding ``(images, labels, n_skipped)`` (see the module docstring).
 
     Pass a ``DistributedSampler`` as ``sampler`` under DDP (then ``shuffle`` must be False).
     """
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers,
-                      collate_fn=collate_fn, drop_last=drop_last, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=workers > 0)  # keeps worker start-up out of every epoch
+                      collate_fn=collate_fn, drop_last=drop_last, pin_memory=torch.cuda.is_available(), generator=generator,
+                      # Persistent workers keep start-up out of every epoch; the trainer turns them off so
+                      # workers are re-seeded from the checkpointed RNG each epoch (exact resume).
+                      persistent_workers=persistent_workers and workers > 0)
 
 
 def _imagenet_split(root: Path, split: str, transform: Transform, skip_corrupt: bool) -> ImageFolderDataset:
@@ -220,6 +223,66 @@ def _synthetic(cfg: DataConfig, train_tf: Transform, val_tf: Transform) -> tuple
     return train, val, train.classes
 
 
+class TensorLoader:
+    """Batches ``(uint8 images, labels, 0)`` from in-memory tensors, in the order of ``sampler``.
+
+    The loader of the batched pipeline (``batch_transforms.BatchAugment`` augments on the device):
+    no workers, no per-sample Python. Same batch contract as ``build_loader``.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, sampler: Sampler, drop_last: bool = False):
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.sampler, self.drop_last = sampler, drop_last
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        order = torch.as_tensor(list(self.sampler), dtype=torch.long)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield self.images[idx], self.labels[idx], 0
+
+
+def _fashion_mnist_tensors(cfg: DataConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], list[str]]:
+    root, download = _fashion_mnist_root(cfg)
+    train = datasets.FashionMNIST(root, train=True, download=download)
+    val = datasets.FashionMNIST(root, train=False, download=download)
+    return (train.data[:, None], train.targets), (val.data[:, None], val.targets), list(train.classes)
+
+
+def _synthetic_tensors(cfg: DataConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], list[str]]:
+    train, val, classes = _synthetic(cfg, None, None)
+
+    def stack(ds: Dataset) -> tuple[Tensor, Tensor]:
+        images, labels = zip(*(ds[i] for i in range(len(ds))))
+        return torch.stack(images), torch.tensor(labels)
+
+    return stack(train), stack(val), classes
+
+
+TENSOR_DATASETS = {"fashion_mnist": _fashion_mnist_tensors, "synthetic": _synthetic_tensors}
+
+
+def resolve_pipeline(cfg: DataConfig) -> str:
+    """``data.pipeline``: "auto" is "tensor" for datasets held in memory (Fashion-MNIST), else "samples"."""
+    if cfg.pipeline == "auto":
+        return "tensor" if cfg.name == "fashion_mnist" else "samples"
+    if cfg.pipeline == "tensor" and cfg.name not in TENSOR_DATASETS:
+        raise ValueError(f"data.pipeline=tensor needs a dataset held in memory ({sorted(TENSOR_DATASETS)}); "
+                         f"{cfg.name!r} uses data.pipeline=samples")
+    return cfg.pipeline
+
+
+def build_tensors(cfg: DataConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], int, list[str]]:
+    """uint8 ``[N, C, H, W]`` images and labels of train and val, for the batched pipeline."""
+    train, val, class_names = TENSOR_DATASETS[cfg.name](cfg)
+    if cfg.num_classes and cfg.num_classes != len(class_names):
+        raise ValueError(f"data.num_classes={cfg.num_classes} but the {cfg.name} data has {len(class_names)} classes")
+    return train, val, len(class_names), class_names
+
+
 DATASETS: dict[str, Callable[[DataConfig, Transform, Transform], tuple[Dataset, Dataset, list[str]]]] = {
     "imagenet": _imagenet,
     "fashion_mnist": _fashion_mnist,
@@ -227,16 +290,17 @@ DATASETS: dict[str, Callable[[DataConfig, Transform, Transform], tuple[Dataset, 
 }
 
 
-def build_datasets(cfg: DataConfig, mean: Sequence[float], std: Sequence[float]
+def build_datasets(cfg: DataConfig, mean: Sequence[float], std: Sequence[float], in_chans: int = 3
                    ) -> tuple[Dataset, Dataset, int, list[str]]:
     """Build ``(train_ds, val_ds, num_classes, class_names)`` for ``cfg.name`` with the §2.1 transforms.
 
-    ``mean``/``std`` are per-channel on the 0-1 scale. Samples are ``(float image (3, H, W), label)``,
+    ``mean``/``std`` are per-channel on the 0-1 scale. Samples are ``(float image (in_chans, H, W), label)``,
     or ``None`` for an unreadable ImageNet file when ``cfg.skip_corrupt`` (see ``collate_skip_none``).
     """
     if cfg.name not in DATASETS:
         raise ValueError(f"unknown data.name {cfg.name!r}; choose one of {sorted(DATASETS)}")
-    train, val, class_names = DATASETS[cfg.name](cfg, train_transform(cfg, mean, std), val_transform(cfg, mean, std))
+    train, val, class_names = DATASETS[cfg.name](cfg, train_transform(cfg, mean, std, in_chans),
+                                                  val_transform(cfg, mean, std, in_chans))
     if cfg.num_classes and cfg.num_classes != len(class_names):
         raise ValueError(f"data.num_classes={cfg.num_classes} but the {cfg.name} data at {cfg.root} has "
                          f"{len(class_names)} classes; set data.num_classes=0 to take it from the data")

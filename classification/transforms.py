@@ -69,23 +69,26 @@ class Lighting(nn.Module):
         return f"std={self.std}"
 
 
-def _to_rgb_uint8() -> list[nn.Module]:
-    # Work on tensors from the first step so PIL and tensor inputs take the same code path;
-    # grayscale (Fashion-MNIST) becomes 3 identical channels for 3-channel backbones and Lighting.
-    return [v2.ToImage(), v2.RGB()]
+def _to_image(in_chans: int) -> list[nn.Module]:
+    # Work on tensors from the first step so PIL and tensor inputs take the same code path; the
+    # channel count follows the backbone: grayscale becomes 3 identical channels for a 3-channel
+    # network, and stays 1 channel (no wasted work) for a 1-channel one.
+    if in_chans not in (1, 3):
+        raise ValueError(f"image transforms support 1 or 3 input channels, got model.in_chans={in_chans}")
+    return [v2.ToImage(), v2.RGB() if in_chans == 3 else v2.Grayscale(1)]
 
 
 def _to_normalized_float(mean: Sequence[float], std: Sequence[float]) -> list[nn.Module]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
 
 
-def train_transform(cfg: DataConfig, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+def train_transform(cfg: DataConfig, mean: Sequence[float], std: Sequence[float], in_chans: int = 3) -> v2.Compose:
     """Training augmentation of §2.1: random resized crop, flip, colour jitter, PCA lighting, normalize.
 
     ``mean``/``std`` are per-channel on the 0-1 scale. Ops whose strength is 0 are left out.
     """
     ops: list[nn.Module] = [
-        *_to_rgb_uint8(),
+        *_to_image(in_chans),
         v2.RandomResizedCrop(cfg.img_size, scale=(cfg.min_area, cfg.max_area), ratio=(3 / 4, 4 / 3),
                              antialias=True),
     ]
@@ -101,15 +104,18 @@ def train_transform(cfg: DataConfig, mean: Sequence[float], std: Sequence[float]
                                   saturation=cfg.saturation or None, hue=cfg.hue or None))
     ops.append(v2.ToDtype(torch.float32, scale=True))  # Lighting works on the 0-1 float scale
     if cfg.lighting > 0:
+        if in_chans != 3:
+            raise ValueError(f"data.lighting={cfg.lighting}: PCA lighting needs RGB input (model.in_chans=3); "
+                             "set data.lighting=0 for grayscale")
         ops.append(Lighting(cfg.lighting))
     ops.append(v2.Normalize(mean=list(mean), std=list(std)))
     return v2.Compose(ops)
 
 
-def val_transform(cfg: DataConfig, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+def val_transform(cfg: DataConfig, mean: Sequence[float], std: Sequence[float], in_chans: int = 3) -> v2.Compose:
     """Validation pipeline: resize the short side to ``val_resize``, center crop ``val_crop``, normalize."""
     return v2.Compose([
-        *_to_rgb_uint8(),
+        *_to_image(in_chans),
         v2.Resize(cfg.val_resize, antialias=True),
         v2.CenterCrop(cfg.val_crop),
         *_to_normalized_float(mean, std),

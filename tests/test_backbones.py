@@ -212,3 +212,12 @@ def test_bottleneck_original_vs_b_same_shapes():
     orig, b = create_backbone("resnet101"), create_backbone("resnet101b")
     assert {k: v.shape for k, v in orig.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
     assert isinstance(orig.layer3[0], Bottleneck)
+
+
+def test_width_mult_scales_channels():
+    model = create_backbone("resnet18d", width_mult=0.5, in_chans=1, num_classes=10).eval()
+    assert [f.channels for f in model.feature_info] == [32, 64, 128, 256]
+    assert model.conv1[0].out_channels == 16 and model.conv1[6].out_channels == 32
+    with torch.no_grad():
+        feats = model.forward_features(torch.randn(2, 1, 42, 42))
+    assert [feats[f.name].shape[1] for f in model.feature_info] == [32, 64, 128, 256]

@@ -1,0 +1,172 @@
+"""The §2.1 augmentation applied to a whole uint8 batch on the training device.
+
+For datasets that fit in memory as one uint8 tensor (Fashion-MNIST), per-sample PIL/v2 transforms in
+DataLoader workers cost more CPU than the network itself on small images; here the same operations
+run vectorised on the batch (airbench-style), on the GPU for GPU users. Semantics follow torchvision:
+
+* ``RandomResizedCrop``: the same sampling of area/ratio (10 tries, then the centre-crop fallback),
+  then bilinear resampling by two gathers per axis; this equals ``resized_crop(antialias=False)``
+  (tested) and ``antialias=True`` whenever the crop is upsampled, which is the case this
+  pipeline is for (small images). Large images use the per-sample pipeline (``data.pipeline=samples``).
+* flip, brightness, contrast, saturation: per-image factors; the order of the three colour ops is
+  drawn once per batch (torchvision draws it per image).
+* PCA lighting: ``transforms.Lighting`` is already batched.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import DataConfig
+from .transforms import Lighting
+
+
+def random_resized_crop_params(n: int, height: int, width: int, scale: tuple[float, float],
+                               ratio: tuple[float, float], device=None, tries: int = 10) -> Tensor:
+    """``[n, 4]`` boxes ``(top, left, h, w)`` drawn as ``torchvision RandomResizedCrop.get_params``."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio, device=device))
+    target_area = area * torch.empty(n, tries, device=device).uniform_(*scale)
+    aspect = torch.exp(torch.empty(n, tries, device=device).uniform_(log_ratio[0].item(), log_ratio[1].item()))
+    w = torch.round(torch.sqrt(target_area * aspect))
+    h = torch.round(torch.sqrt(target_area / aspect))
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.zeros(n, dtype=torch.long, device=device))
+    w = w.gather(1, first[:, None])[:, 0]
+    h = h.gather(1, first[:, None])[:, 0]
+    # Fallback of torchvision: the largest centre crop whose ratio is clamped into the range.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fh, fw = height, int(round(height * max(ratio)))
+    else:
+        fw, fh = width, height
+    found = ok.any(1)
+    w = torch.where(found, w, torch.full_like(w, fw))
+    h = torch.where(found, h, torch.full_like(h, fh))
+    top = torch.floor(torch.rand(n, device=device) * (height - h + 1))
+    left = torch.floor(torch.rand(n, device=device) * (width - w + 1))
+    top = torch.where(found, top, torch.div(height - h, 2, rounding_mode="floor"))
+    left = torch.where(found, left, torch.div(width - w, 2, rounding_mode="floor"))
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def _source_index(offset: Tensor, length: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Bilinear source taps of ``F.interpolate(align_corners=False)`` inside a crop, per image.
+
+    Output pixel ``u`` reads ``src = (u + 0.5) * length / size - 0.5`` (clamped at 0) of the crop;
+    the taps ``floor(src)`` and ``floor(src) + 1`` are clamped to the crop, as interpolate clamps to the
+    image it is given (so pixels outside the crop never leak in).
+    """
+    u = torch.arange(size, device=offset.device, dtype=torch.float32)
+    src = ((u[None] + 0.5) * (length[:, None] / size) - 0.5).clamp_(min=0)
+    i0 = src.floor()
+    frac = src - i0
+    i1 = torch.minimum(i0 + 1, length[:, None] - 1)
+    return (offset[:, None] + i0).long(), (offset[:, None] + i1).long(), frac
+
+
+def resized_crop(images: Tensor, boxes: Tensor, size: int) -> Tensor:
+    """Crop ``boxes`` (top, left, h, w) from float ``images`` [N, C, H, W] and resize to ``size`` x ``size``.
+
+    Separable bilinear interpolation with torchvision's pixel-centre convention (no antialias).
+    """
+    n, c, height, width = images.shape
+    top, left, h, w = boxes.float().unbind(1)
+    y0, y1, fy = _source_index(top, h, size)
+    x0, x1, fx = _source_index(left, w, size)
+
+    def rows(idx: Tensor) -> Tensor:  # [N, C, size, W]
+        return images.gather(2, idx[:, None, :, None].expand(n, c, size, width))
+
+    def cols(x: Tensor, idx: Tensor) -> Tensor:  # [N, C, size, size]
+        return x.gather(3, idx[:, None, None, :].expand(n, c, size, size))
+
+    fy = fy[:, None, :, None].to(images.dtype)
+    fx = fx[:, None, None, :].to(images.dtype)
+    r = rows(y0) * (1 - fy) + rows(y1) * fy
+    return cols(r, x0) * (1 - fx) + cols(r, x1) * fx
+
+
+def _grayscale(x: Tensor) -> Tensor:
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)  # torchvision's rgb_to_grayscale weights
+
+
+class BatchAugment(nn.Module):
+    """uint8 ``[N, C, H, W]`` batch -> normalised float batch, with the §2.1 training augmentation
+    (``train=True``) or resize + centre crop (``train=False``). ``C`` is expanded to ``in_chans``."""
+
+    def __init__(self, cfg: DataConfig, mean: Sequence[float], std: Sequence[float], in_chans: int, train: bool):
+        super().__init__()
+        if train and cfg.hue:
+            raise ValueError("data.hue > 0 is not supported by the batched pipeline; use data.pipeline=samples")
+        self.cfg, self.in_chans, self.train_mode = cfg, in_chans, train
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.lighting = Lighting(cfg.lighting) if train and cfg.lighting > 0 else None
+        if self.lighting is not None and in_chans != 3:
+            raise ValueError("data.lighting > 0 needs RGB input (model.in_chans=3); set data.lighting=0")
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        x = images.float().div_(255)
+        if x.shape[1] != self.in_chans:
+            if x.shape[1] != 1:
+                raise ValueError(f"cannot turn {x.shape[1]}-channel images into model.in_chans={self.in_chans}")
+            x = x.expand(-1, self.in_chans, -1, -1)
+        x = self._train(x) if self.train_mode else self._val(x)
+        return (x - self.mean) / self.std
+
+    def _val(self, x: Tensor) -> Tensor:
+        c = self.cfg
+        if min(x.shape[-2:]) != c.val_resize:
+            h, w = x.shape[-2:]
+            scale = c.val_resize / min(h, w)
+            size = (c.val_resize, int(w * scale)) if h <= w else (int(h * scale), c.val_resize)
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        h, w = x.shape[-2:]
+        top, left = int(round((h - c.val_crop) / 2.0)), int(round((w - c.val_crop) / 2.0))
+        return x[..., top : top + c.val_crop, left : left + c.val_crop]
+
+    def _train(self, x: Tensor) -> Tensor:
+        c = self.cfg
+        n = x.shape[0]
+        boxes = random_resized_crop_params(n, x.shape[-2], x.shape[-1], (c.min_area, c.max_area),
+                                           (3 / 4, 4 / 3), device=x.device)
+        x = resized_crop(x, boxes, c.img_size)
+        if c.hflip > 0:
+            flip = torch.rand(n, device=x.device) < c.hflip
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        ops = [op for op, strength in ((self._brightness, c.brightness), (self._contrast, c.contrast),
+                                       (self._saturation, c.saturation)) if strength > 0]
+        for i in torch.randperm(len(ops)).tolist():
+            x = ops[i](x)
+        if self.lighting is not None:
+            x = self.lighting(x)
+        return x
+
+    @staticmethod
+    def _factors(n: int, strength: float, device) -> Tensor:
+        return torch.empty(n, 1, 1, 1, device=device).uniform_(max(0.0, 1 - strength), 1 + strength)
+
+    def _brightness(self, x: Tensor) -> Tensor:
+        return (x * self._factors(x.shape[0], self.cfg.brightness, x.device)).clamp_(0, 1)
+
+    def _contrast(self, x: Tensor) -> Tensor:
+        mean = _grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+        f = self._factors(x.shape[0], self.cfg.contrast, x.device)
+        return (f * x + (1 - f) * mean).clamp_(0, 1)
+
+    def _saturation(self, x: Tensor) -> Tensor:
+        if x.shape[1] == 1:  # a grayscale image has no saturation to change (torchvision: identity)
+            return x
+        f = self._factors(x.shape[0], self.cfg.saturation, x.device)
+        return (f * x + (1 - f) * _grayscale(x)).clamp_(0, 1)

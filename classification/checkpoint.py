@@ -1,0 +1,78 @@
+"""Checkpoints that survive crashes: atomic writes, and everything needed to resume exactly."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to a temporary file in the same directory, then rename over ``path``.
+
+    The rename is atomic: a crash during the write leaves the previous checkpoint intact.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint written by ``save_checkpoint`` (tensors and plain containers only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or foreign file: say which and what to do
+        raise RuntimeError(f"cannot load checkpoint {path}: {e}. Point train.resume at another checkpoint, "
+                           "or remove it to start from scratch") from e
+
+
+def resolve_resume(resume: Optional[str], output_dir: Path) -> Optional[Path]:
+    """``None`` -> no resume; ``"auto"`` -> ``output_dir/last.pth`` if it exists; else the given path."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        last = output_dir / "last.pth"
+        if last.is_file():
+            return last
+        log.info("train.resume=auto: no %s yet, starting from scratch", last)
+        return None
+    path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"train.resume={resume!r}: no such checkpoint file")
+    return path
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator a training step touches, in a form ``torch.load(weights_only=True)`` reads."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    python = state["python"]  # lists after a round trip; random.setstate needs tuples
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

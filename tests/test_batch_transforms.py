@@ -1,0 +1,86 @@
+"""The batched (on-device) augmentation against torchvision's per-image operations."""
+
+import pytest
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from classification.batch_transforms import BatchAugment, random_resized_crop_params, resized_crop
+from classification.config import DataConfig
+
+
+def test_resized_crop_equals_torchvision():
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 28, 28)
+    boxes = torch.tensor([[0, 0, 28, 28], [3, 5, 14, 20], [10, 2, 17, 9], [0, 13, 28, 15], [7, 7, 1, 1],
+                          [2, 4, 21, 24]], dtype=torch.float32)
+    for size in (28, 32, 13):
+        ours = resized_crop(images, boxes, size)
+        for k, (top, left, h, w) in enumerate(boxes.long().tolist()):
+            ref = TF.resized_crop(images[k], top, left, h, w, [size, size], antialias=False)
+            torch.testing.assert_close(ours[k], ref, rtol=0, atol=2e-5)
+            if size >= max(h, w):  # upsampling: antialias changes nothing, so equal to the default too
+                ref_aa = TF.resized_crop(images[k], top, left, h, w, [size, size], antialias=True)
+                torch.testing.assert_close(ours[k], ref_aa, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("height,width,scale", [(28, 28, (0.35, 1.0)), (24, 40, (0.08, 1.0))])
+def test_crop_params_distribution_matches_torchvision(height, width, scale):
+    """Area fraction and log aspect ratio of the crops follow RandomResizedCrop.get_params."""
+    n = 20000
+    torch.manual_seed(0)
+    ours = random_resized_crop_params(n, height, width, scale, (3 / 4, 4 / 3))
+    img = torch.zeros(1, height, width)
+    ref = torch.tensor([v2.RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3]) for _ in range(4000)],
+                       dtype=torch.float32)  # (top, left, h, w)
+    for boxes in (ours, ref):
+        top, left, h, w = boxes.unbind(1)
+        assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+    area = lambda b: (b[:, 2] * b[:, 3] / (height * width))
+    ratio = lambda b: torch.log(b[:, 3] / b[:, 2])
+    for stat in (area, ratio):
+        assert stat(ours).mean().item() == pytest.approx(stat(ref).mean().item(), abs=0.02)
+        assert stat(ours).std().item() == pytest.approx(stat(ref).std().item(), abs=0.02)
+    centre = lambda b: (b[:, 1] + b[:, 3] / 2) / width  # horizontal crop centre, uniform-ish around 0.5
+    assert centre(ours).mean().item() == pytest.approx(centre(ref).mean().item(), abs=0.02)
+
+
+def test_augment_train_and_val_outputs():
+    cfg = DataConfig(img_size=24, val_resize=28, val_crop=24, min_area=0.35, brightness=0.4, contrast=0.4,
+                     saturation=0.4, lighting=0.1)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.2, 0.2]
+    images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    train = BatchAugment(cfg, mean, std, in_chans=3, train=True)
+    out = train(images)
+    assert out.shape == (8, 3, 24, 24) and out.dtype == torch.float32
+    val = BatchAugment(cfg, mean, std, in_chans=3, train=False)
+    v = val(images)
+    x = images.float() / 255
+    expected = (x[..., 2:26, 2:26].expand(-1, 3, -1, -1) - torch.tensor(mean).view(1, 3, 1, 1)) / 0.2
+    torch.testing.assert_close(v, expected)  # 28 px: no resize, centre crop, normalise
+    torch.testing.assert_close(val(images), v)  # deterministic
+
+
+def test_brightness_factor_range_and_identity_when_off():
+    cfg = DataConfig(img_size=8, min_area=1.0, hflip=0, brightness=0.4, contrast=0, saturation=0, lighting=0)
+    images = torch.full((4000, 1, 8, 8), 100, dtype=torch.uint8)  # a full crop of a constant image is itself
+    out = BatchAugment(cfg, [0.0], [1.0], in_chans=1, train=True)(images)
+    factors = out[:, 0, 0, 0] / (100 / 255)
+    assert factors.min() >= 0.6 - 1e-5 and factors.max() <= 1.4 + 1e-5
+    assert factors.min() < 0.62 and factors.max() > 1.38
+    plain = DataConfig(img_size=8, min_area=1.0, hflip=0, brightness=0, contrast=0, saturation=0, lighting=0)
+    img = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
+    torch.testing.assert_close(BatchAugment(plain, [0.0], [1.0], 1, train=True)(img), img.float() / 255)
+
+
+def test_flip_probability():
+    cfg = DataConfig(img_size=4, min_area=1.0, hflip=0.5, brightness=0, contrast=0, saturation=0, lighting=0)
+    img = torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4).repeat(4000, 1, 1, 1)
+    out = BatchAugment(cfg, [0.0], [1.0], 1, train=True)(img)
+    flipped = torch.isclose(out[:, 0, 0, 0], torch.tensor(3 / 255)).float().mean().item()
+    assert flipped == pytest.approx(0.5, abs=0.03)
+
+
+def test_hue_needs_per_sample_pipeline():
+    with pytest.raises(ValueError, match="data.pipeline=samples"):
+        BatchAugment(DataConfig(hue=0.1), [0.5] * 3, [0.2] * 3, 3, train=True)
