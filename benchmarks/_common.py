@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS.mkdir(exist_ok=True)
 
 
 def machine() -> str:
@@ -29,6 +30,9 @@ def machine() -> str:
 def header(title: str) -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=RESULTS.parent).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=RESULTS.parent).stdout.strip()
+    commit += " + uncommitted changes (committed with these results)" if dirty else ""
     command = " ".join(["python", *sys.argv])
     return (f"# {title}\n\n- machine: {machine()}\n- command: `{command}`\n- commit: {commit or 'n/a'}, "
             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n")

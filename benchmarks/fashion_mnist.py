@@ -49,6 +49,11 @@ def main() -> None:
         for i, (name, config) in enumerate(CONFIGS.items()):
             results.append(run(name, config, Path(tmp) / f"run{i}", args.overrides))
             print(results[-1], flush=True)
+    report(results)
+
+
+def report(results: list[dict], note: str = "") -> None:
+    """Write results/fashion_mnist.md and .png from the ``run`` results (tricks first)."""
     rows = [[r["name"], f"`{Path(r['config']).name}`", r["epochs"], f"{r['top1']:.2f}", f"{r['top5']:.2f}",
              f"{r['wall_s'] / 60:.1f}", f"{r['img_per_s']:.0f}"] for r in results]
     tricks = results[0]
@@ -58,9 +63,9 @@ def main() -> None:
         "Wall time is the whole `train()` call: data loading, every epoch's evaluation, checkpoints, plots.\n\n"
         + table(rows, ["recipe", "config", "epochs", "test top-1 %", "top-5 %", "wall min", "train img/s"])
         + f"\nTarget: top-1 >= 95% within 10 minutes with the tricks recipe: **{verdict}** "
-          f"({tricks['top1']:.2f}% in {tricks['wall_s'] / 60:.1f} min).\n\n![accuracy vs time](fashion_mnist.png)\n")
+          f"({tricks['top1']:.2f}% in {tricks['wall_s'] / 60:.1f} min).\n\n![accuracy vs time](fashion_mnist.png)\n"
+        + note)
     _plot(results)
-    RESULTS.mkdir(exist_ok=True)
     (RESULTS / "fashion_mnist.md").write_text(md)
     print(md)
 

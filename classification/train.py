@@ -209,6 +209,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
 
     # ---- resume -------------------------------------------------------------------------------------
     start_epoch, step, best_top1 = 0, 0, -1.0
+    metrics: dict[str, Any] = {}
     resume_path = resolve_resume(t.resume, out)
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
@@ -217,6 +218,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step, best_top1 = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
+        metrics = dict(ckpt["metrics"])  # a finished run resumed again just re-exports its result
         rngs = ckpt["rng"]
         if len(rngs) == dist_info.world_size:
             set_rng_state(rngs[dist_info.rank])
@@ -240,7 +242,6 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
                  num_classes, dist_info.world_size, t.batch_size, t.accum_steps, global_batch, base_lr, total_steps)
 
     # ---- the loop -----------------------------------------------------------------------------------
-    metrics: dict[str, Any] = {}
     nonfinite_streak, skipped_images = 0, 0
     for epoch in range(start_epoch, t.epochs):
         sampler.set_epoch(epoch)
@@ -310,6 +311,10 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
                 logger.log("train", step, epoch=epoch + (i + 1) / steps_per_epoch, loss=mean_loss,
                            lr=lr, img_per_s=rate)
                 progress.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+                if progress.disable and is_main:  # no terminal (log file, nohup): the same as a log line
+                    eta = (min(total_steps, t.max_steps or total_steps) - step) * global_batch / max(rate, 1e-9)
+                    log.info("epoch %d step %d/%d  loss %.4f  lr %.4g  %.0f img/s  ETA %s", epoch + 1, step,
+                             total_steps, mean_loss, lr, rate, _hms(eta))
                 loss_sum.zero_()
                 loss_count = 0
             progress.update(1)
@@ -356,6 +361,11 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         log.info("wrote %s, %s and plots", out / "model.safetensors", out / "metrics.jsonl")
     logger.close()
     return metrics
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _progress(total: int, epoch: int, epochs: int, enabled: bool):
