@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from tricks.cli import main
 
 
@@ -24,3 +26,11 @@ def test_console_entry_point_module():
     res = subprocess.run([sys.executable, "-m", "tricks", "backbones", "--filter", "mobilenet"],
                          capture_output=True, text=True, check=True)
     assert "4.23M" in res.stdout and "0.57G" in res.stdout
+
+
+def test_config_error_is_a_clean_message(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "model.name=resnet18d", "optim.lrr=0.1", f"output_dir={tmp_path}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "config error" in err and "optim.lrr" in err and "optim.lr" in err and "Traceback" not in err

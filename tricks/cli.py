@@ -141,8 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    from tricks.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:  # a mistake in a config file or override: the message says where and what
+        parser.exit(2, f"tricks {args.command}: config error: {e}\n")
 
 
 if __name__ == "__main__":
