@@ -113,14 +113,13 @@ def build_data(cfg: Config, mean: list[float], std: list[float], dist_info: Dist
     of (seed, epoch), so a resumed run sees the same batches; drop_last keeps ranks in step.
     """
     t, d = cfg.train, cfg.data
-    val_sampler = None  # per pipeline: depends on the dataset length
     if resolve_pipeline(d) == "tensor":
         (x_train, y_train), (x_val, y_val), num_classes, _ = build_tensors(d)
         sampler = DistributedSampler(range(len(y_train)), num_replicas=dist_info.world_size, rank=dist_info.rank,
                                      shuffle=True, seed=t.seed, drop_last=True)
-        val_sampler = ShardSampler(len(y_val), dist_info.rank, dist_info.world_size)
         train_loader = TensorLoader(x_train, y_train, t.batch_size, sampler, drop_last=True)
-        val_loader = TensorLoader(x_val, y_val, t.batch_size, val_sampler)
+        val_loader = TensorLoader(x_val, y_val, t.batch_size,
+                                  ShardSampler(len(y_val), dist_info.rank, dist_info.world_size))
         train_prepare = BatchAugment(d, mean, std, cfg.model.in_chans, train=True).to(dist_info.device)
         val_prepare = BatchAugment(d, mean, std, cfg.model.in_chans, train=False).to(dist_info.device)
         return train_loader, val_loader, train_prepare, val_prepare, sampler, num_classes

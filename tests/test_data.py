@@ -56,11 +56,18 @@ def test_imagenet_folders_load_through_dataloader(tmp_path, workers):
     assert len(batches) == 1 and batches[0][0].shape == (3, 3, 8, 8) and batches[0][1].tolist() == [0, 1, 2]
 
 
-def test_corrupt_image_error_names_the_file(tmp_path):
+@pytest.fixture
+def corrupt_train(tmp_path):
+    """An ImageNet-layout train split whose first image of class 1 is truncated: (dataset, bad path)."""
     root = write_imagenet(tmp_path)
     bad = root / "train" / WNIDS[1] / f"{WNIDS[1]}_0.JPEG"
     corrupt(bad)
     train, *_ = build_datasets(small_cfg(root=str(root)), MEAN, STD)
+    return train, bad
+
+
+def test_corrupt_image_error_names_the_file(corrupt_train):
+    train, bad = corrupt_train
     with pytest.raises(CorruptImageError, match="skip_corrupt") as err:
         train[2]
     assert str(bad) in str(err.value)
@@ -69,11 +76,8 @@ def test_corrupt_image_error_names_the_file(tmp_path):
 
 
 @pytest.mark.slow  # ~5 s: DataLoader waits for its worker to join after a worker error
-def test_corrupt_image_error_crosses_worker_processes(tmp_path):
-    root = write_imagenet(tmp_path)
-    bad = root / "train" / WNIDS[1] / f"{WNIDS[1]}_0.JPEG"
-    corrupt(bad)
-    train, *_ = build_datasets(small_cfg(root=str(root)), MEAN, STD)
+def test_corrupt_image_error_crosses_worker_processes(corrupt_train):
+    train, bad = corrupt_train
     with pytest.raises(CorruptImageError, match="skip_corrupt") as err:
         list(build_loader(train, batch_size=6, workers=1))
     assert str(bad) in str(err.value)
