@@ -67,14 +67,19 @@ def create_backbone(
     """
     builder = get_builder(name)
     callable_norm = norm_layer if callable(norm_layer) else None
-    model = builder(
-        num_classes=num_classes,
-        in_chans=in_chans,
-        output_stride=output_stride,
-        zero_init_last=zero_init_last,
-        norm_layer=callable_norm,
-        **overrides,
-    )
+    try:
+        model = builder(
+            num_classes=num_classes,
+            in_chans=in_chans,
+            output_stride=output_stride,
+            zero_init_last=zero_init_last,
+            norm_layer=callable_norm,
+            **overrides,
+        )
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise TypeError(f"backbone {name!r} does not take the argument(s) {sorted(overrides)} as given: {e}") from None
     model.arch = name
     if weights is not None:
         load_weights(model, weights)

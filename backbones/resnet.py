@@ -6,6 +6,7 @@ One class; the variants are arguments:
   1x1 conv; ``"3x3"`` (ResNet-B, torchvision / timm default) moves it to the 3x3 conv.
 * ``stem="deep"`` (ResNet-C): three 3x3 convs (32, 32, 64 channels, the first with stride 2)
   replace the 7x7 conv.
+* ``stem_pool=False`` (not in the paper) drops the stem's max-pool, for small images.
 * ``avg_down=True`` (ResNet-D): the shortcut of a downsampling block is a 2x2 average pool with
   stride 2 followed by a stride-1 1x1 conv.
 
@@ -102,6 +103,7 @@ class ResNet(Backbone):
         in_chans: int = 3,
         stem: Literal["plain", "deep"] = "plain",
         stem_width: int = 32,
+        stem_pool: bool = True,
         downsample_in: Literal["1x1", "3x3"] = "3x3",
         avg_down: bool = False,
         width_mult: float = 1.0,
@@ -136,10 +138,14 @@ class ResNet(Backbone):
             raise ValueError(f"stem must be 'plain' or 'deep', got {stem!r}")
         self.bn1 = norm_layer(inplanes)
         self.act1 = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        # stem_pool=False drops the stride-2 max-pool (small images, e.g. 28-32 px): every stage runs at
+        # twice the resolution, as for an input of twice the size, without upsampling the image.
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if stem_pool else nn.Identity()
+        if not stem_pool:
+            self.variant["stem_pool"] = False
 
         self.feature_info = []
-        net_stride, dilation = 4, 1
+        net_stride, dilation = (4 if stem_pool else 2), 1
         for i, (planes, num_blocks) in enumerate(zip(widths, layers)):
             stride = 1 if i == 0 else 2
             prev_dilation = dilation

@@ -7,7 +7,7 @@ and every run writes the resolved config to ``<output_dir>/config.yaml``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 
 @dataclass
@@ -21,6 +21,7 @@ class ModelConfig:
     norm_eval: bool = False                 # keep every BN in eval mode (fine-tuning with small batches)
     sync_bn: bool = False                   # convert BN to SyncBatchNorm under DDP
     channels_last: bool = True              # NHWC memory format for model and inputs
+    kwargs: dict[str, Any] = field(default_factory=dict)  # further builder arguments, e.g. {stem_pool: false}
 
 
 @dataclass
@@ -32,6 +33,7 @@ class DataConfig:
     img_size: int = 224                     # train crop (px)
     val_resize: int = 256                   # val: resize short side to this (px) ...
     val_crop: int = 224                     # ... then center crop (px)
+    val_hflip_tta: bool = False             # val: average the predictions of each image and its mirror image (TTA; not in the paper)
     min_area: float = 0.08                  # RandomResizedCrop smallest area fraction
     max_area: float = 1.0
     hflip: float = 0.5                      # horizontal flip probability

@@ -12,6 +12,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -22,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from backbones import Backbone, create_backbone, save_weights
-from tricks.config import dump_config, to_dict
+from tricks.config import ConfigError, dump_config, to_dict
 
 from .checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from .config import Config
@@ -47,27 +48,41 @@ def autocast_for(precision: str, device: torch.device):
     """A zero-argument factory of the autocast context for ``precision`` on ``device``."""
     if precision == "fp32":
         return nullcontext
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("train.precision=fp16 needs a CUDA device (loss scaling with GradScaler); "
-                         "use train.precision=bf16 on CPU")
+    if precision == "fp16" and device.type == "cpu":
+        # It works (autocast + GradScaler exist on CPU, which is how the tests cover the fp16 path), but
+        # few CPUs compute in fp16 natively.
+        log.warning("train.precision=fp16 on CPU is slow on most processors; train.precision=bf16 is the CPU choice")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
 def model_kwargs(cfg: Config) -> dict[str, Any]:
     """Builder arguments from ``cfg.model`` beyond the common ones (only what differs from the default)."""
-    return {"width_mult": cfg.model.width_mult} if cfg.model.width_mult != 1.0 else {}
+    kwargs = {"width_mult": cfg.model.width_mult} if cfg.model.width_mult != 1.0 else {}
+    return {**kwargs, **cfg.model.kwargs}
 
 
 def build_model(cfg: Config, num_classes: int) -> Backbone:
     m = cfg.model
-    return create_backbone(m.name, weights=m.weights, num_classes=num_classes, in_chans=m.in_chans,
-                           zero_init_last=m.zero_init_last, init=m.init, norm_eval=m.norm_eval, **model_kwargs(cfg))
+    try:
+        return create_backbone(m.name, weights=m.weights, num_classes=num_classes, in_chans=m.in_chans,
+                               zero_init_last=m.zero_init_last, init=m.init, norm_eval=m.norm_eval,
+                               **model_kwargs(cfg))
+    except TypeError as e:
+        if not m.kwargs or "does not take the argument" not in str(e):
+            raise
+        raise ConfigError(f"model.kwargs {m.kwargs}: {e}") from None
 
 
-def normalization(cfg: Config, model: Backbone) -> tuple[list[float], list[float]]:
-    mean = list(cfg.data.mean or model.default_cfg["mean"])
-    std = list(cfg.data.std or model.default_cfg["std"])
+def normalization(cfg: Config) -> tuple[list[float], list[float]]:
+    """``data.mean``/``data.std``, or the backbone's defaults (read from a copy built on the meta device:
+    no memory, no random numbers drawn)."""
+    mean, std = cfg.data.mean, cfg.data.std
+    if mean is None or std is None:
+        with torch.device("meta"):
+            probe = create_backbone(cfg.model.name, num_classes=0, in_chans=cfg.model.in_chans, **model_kwargs(cfg))
+        mean, std = mean or probe.default_cfg["mean"], std or probe.default_cfg["std"]
+    mean, std = list(mean), list(std)
     if not len(mean) == len(std) == cfg.model.in_chans:
         raise ValueError(f"data.mean ({len(mean)} values) and data.std ({len(std)} values) must have one value "
                          f"per input channel (model.in_chans={cfg.model.in_chans})")
@@ -76,11 +91,13 @@ def normalization(cfg: Config, model: Backbone) -> tuple[list[float], list[float
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, autocast, channels_last: bool,
-             prepare: Callable[[torch.Tensor], torch.Tensor] = nn.Identity()) -> dict[str, float]:
+             prepare: Callable[[torch.Tensor], torch.Tensor] = nn.Identity(),
+             hflip_tta: bool = False) -> dict[str, float]:
     """Top-1/top-5 accuracy (%) and cross-entropy over the whole loader, summed over ranks.
 
     ``prepare`` turns a loaded batch (on the device) into network input (the batched pipeline's
-    resize/crop/normalise; identity for the per-sample pipeline)."""
+    resize/crop/normalise; identity for the per-sample pipeline). ``hflip_tta`` averages the class
+    probabilities of each image and its mirror image (test-time augmentation)."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, count
     for images, labels, _ in loader:
@@ -91,8 +108,10 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast, channels_
             images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(device, non_blocking=True)
         with autocast():
-            logits = model(images)
-        logits = logits.float()
+            logits = model(images).float()
+            if hflip_tta:  # log of the mean probability: top-k and the loss below read it like logits
+                flipped = model(images.flip(-1)).float()
+                logits = torch.logsumexp(torch.stack([logits.log_softmax(1), flipped.log_softmax(1)]), 0) - math.log(2)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == labels[:, None]
         totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(),
@@ -174,8 +193,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
     autocast = autocast_for(t.precision, device)
 
     # ---- data -------------------------------------------------------------------------------------
-    probe = create_backbone(cfg.model.name, num_classes=0, in_chans=cfg.model.in_chans, init=cfg.model.init)
-    mean, std = normalization(cfg, probe)
+    mean, std = normalization(cfg)
     train_loader, val_loader, train_prepare, val_prepare, sampler, num_classes = build_data(cfg, mean, std, dist_info)
     steps_per_epoch = len(train_loader) // t.accum_steps
     if steps_per_epoch == 0:
@@ -288,7 +306,11 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
                 if not skipped:
                     optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            with warnings.catch_warnings():
+                # A skipped first step makes torch warn that the schedule runs ahead of the optimizer; it
+                # is meant to: the schedule counts iterations, skipped or not.
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                scheduler.step()
             step += 1
             if skipped:
                 nonfinite_streak += 1
@@ -324,7 +346,8 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
 
         last_epoch = epoch == t.epochs - 1 or bool(t.max_steps and step >= t.max_steps)
         if (epoch + 1) % t.eval_every == 0 or last_epoch:
-            metrics = evaluate(train_model, val_loader, device, autocast, cfg.model.channels_last, val_prepare)
+            metrics = evaluate(train_model, val_loader, device, autocast, cfg.model.channels_last, val_prepare,
+                               cfg.data.val_hflip_tta)
             metrics.update(epoch=epoch + 1, train_time_s=train_time,
                            train_img_per_s=images_seen * dist_info.world_size / train_time)
             logger.log("val", step, **metrics)
@@ -380,8 +403,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict[str, float]:
     dist_info = init_distributed()
     try:
         device = dist_info.device
-        probe = create_backbone(cfg.model.name, num_classes=0, in_chans=cfg.model.in_chans)
-        mean, std = normalization(cfg, probe)
+        mean, std = normalization(cfg)
         _, loader, _, prepare, _, num_classes = build_data(cfg, mean, std, dist_info)
         model = create_backbone(cfg.model.name, weights=checkpoint, num_classes=num_classes,
                                 in_chans=cfg.model.in_chans, norm_eval=True, **model_kwargs(cfg))
@@ -390,6 +412,6 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict[str, float]:
         memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         model = model.to(device, memory_format=memory_format)
         return evaluate(model, loader, device, autocast_for(cfg.train.precision, device), cfg.model.channels_last,
-                        prepare)
+                        prepare, cfg.data.val_hflip_tta)
     finally:
         cleanup_distributed()

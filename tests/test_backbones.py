@@ -221,3 +221,26 @@ def test_width_mult_scales_channels():
     with torch.no_grad():
         feats = model.forward_features(torch.randn(2, 1, 42, 42))
     assert [feats[f.name].shape[1] for f in model.feature_info] == [32, 64, 128, 256]
+
+
+def test_stem_without_pool_halves_every_stride():
+    """stem_pool=False on a 28 px image gives the feature maps of the pooled stem on 56 px."""
+    pooled = create_backbone("resnet18d", width_mult=0.5, in_chans=1, num_classes=10).eval()
+    unpooled = create_backbone("resnet18d", width_mult=0.5, in_chans=1, num_classes=10, stem_pool=False).eval()
+    assert [f.stride for f in pooled.feature_info] == [4, 8, 16, 32]
+    assert [f.stride for f in unpooled.feature_info] == [2, 4, 8, 16]
+    assert unpooled.variant["stem_pool"] is False and "stem_pool" not in pooled.variant
+    unpooled.load_state_dict(pooled.state_dict())  # same parameters: the pool has none
+    with torch.no_grad():
+        a = pooled.forward_features(torch.randn(2, 1, 56, 56))
+        b = unpooled.forward_features(torch.randn(2, 1, 28, 28))
+    assert [t.shape[-1] for t in a.values()] == [t.shape[-1] for t in b.values()] == [14, 7, 4, 2]
+    dilated = create_backbone("resnet18d", stem_pool=False, output_stride=8).eval()
+    with torch.no_grad():
+        feats = dilated.forward_features(torch.randn(1, 3, 64, 64))
+    assert [t.shape[-1] for t in feats.values()] == [32, 16, 8, 8]
+
+
+def test_unknown_builder_argument_names_backbone():
+    with pytest.raises(TypeError, match="mobilenet.*stem_pool"):
+        create_backbone("mobilenet", stem_pool=False)

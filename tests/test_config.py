@@ -4,7 +4,7 @@ from __future__ import annotations  # the schema below must still resolve (get_t
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import pytest
 
@@ -207,3 +207,33 @@ def test_config_name_encodes_what_it_runs(path):
         assert cfg.optim.no_bias_decay == efficient
         assert cfg.model.zero_init_last == (efficient and model.startswith("resnet"))
         assert cfg.data.img_size == (299 if model == "inception_v3" else 224)
+
+
+@dataclass
+class WithMapping:
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+
+
+def test_mapping_fields_merge_across_layers(tmp_path):
+    base = write(tmp_path / "base.yaml", "kwargs: {a: 1, b: x}\nsizes: {small: 8}\n")
+    top = write(tmp_path / "top.yaml", "_base_: base.yaml\nkwargs: {b: y}\n")
+    cfg = load_config(top, WithMapping, ["kwargs.c=true", "sizes.large=64"])
+    assert cfg.kwargs == {"a": 1, "b": "y", "c": True}
+    assert cfg.sizes == {"small": 8, "large": 64}
+
+
+def test_mapping_field_errors():
+    with pytest.raises(ConfigError, match="'kwargs' expects a mapping, got"):
+        load_config(None, WithMapping, ["kwargs=3"])
+    with pytest.raises(ConfigError, match=r"'sizes.big' expects int"):
+        load_config(None, WithMapping, ["sizes.big=huge"])
+
+
+def test_model_kwargs_reach_the_builder_or_fail_naming_the_key(tmp_path):
+    from classification.train import build_model
+    cfg = load_config(None, Config, ["model.name=resnet18d", "model.kwargs.stem_pool=false"])
+    assert build_model(cfg, 10).variant["stem_pool"] is False
+    cfg = load_config(None, Config, ["model.name=mobilenet", "model.kwargs.stem_pool=false"])
+    with pytest.raises(ConfigError, match="model.kwargs.*mobilenet"):
+        build_model(cfg, 10)

@@ -1,5 +1,6 @@
 """The classification trainer end to end on tiny synthetic data (CPU): learning, exact resume,
 clean stop on a non-finite loss, distillation/mixup wiring, evaluation, run artefacts."""
+import math
 from pathlib import Path
 
 import pytest
@@ -72,8 +73,9 @@ def test_resume_is_exact(tmp_path, pipeline):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_nonfinite_loss_stops_cleanly_and_keeps_checkpoint(tmp_path, monkeypatch):
-    cfg = tiny(tmp_path, "train.epochs=1")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_nonfinite_loss_stops_cleanly_and_keeps_checkpoint(tmp_path, monkeypatch, precision):
+    cfg = tiny(tmp_path, "train.epochs=1", f"train.precision={precision}")
     train(cfg)
     last = Path(cfg.output_dir) / "last.pth"
     before = last.read_bytes()
@@ -83,7 +85,8 @@ def test_nonfinite_loss_stops_cleanly_and_keeps_checkpoint(tmp_path, monkeypatch
             return super().forward(logits, target, teacher_logits) * float("nan")
 
     monkeypatch.setattr(train_mod, "ClassificationLoss", NaNLoss)
-    resumed = tiny(tmp_path, "train.epochs=2", "train.resume=auto", "train.max_nonfinite=3")
+    resumed = tiny(tmp_path, "train.epochs=2", "train.resume=auto", "train.max_nonfinite=3",
+                   f"train.precision={precision}")
     with pytest.raises(TrainingDiverged, match="non-finite for 3 steps.*last.pth"):
         train(resumed)
     assert last.read_bytes() == before  # the last good checkpoint is untouched
@@ -127,8 +130,52 @@ def test_distillation_teacher_frozen_and_mixup_changes_training(tmp_path):
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="teacher_weights"):
         train(tiny(tmp_path, "distill.teacher=resnet18d"))
-    with pytest.raises(ValueError, match="bf16 on CPU"):
-        train(tiny(tmp_path, "train.precision=fp16"))
+
+
+def test_fp16_grad_scaler_learns_and_resumes_exactly(tmp_path):
+    """The CUDA recipe's fp16 path (autocast + GradScaler, fp32 master weights) run on CPU."""
+    extra = ("train.precision=fp16", "train.epochs=3")
+    full = tiny(tmp_path, *extra, name="full")
+    metrics = train(full)
+    assert metrics["top1"] > 60
+    ckpt = torch.load(Path(full.output_dir) / "last.pth", weights_only=True)
+    scale = ckpt["scaler"]["scale"]  # 2^16 at the start, halved per overflow, no growth before 2000 steps
+    assert scale <= 2.0 ** 16 and math.log2(scale).is_integer()
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
+    part = tiny(tmp_path, *extra, name="part")
+    with pytest.raises(_Interrupt):
+        train(part, callbacks=[_interrupt_after_first_epoch])
+    train(tiny(tmp_path, *extra, "train.resume=auto", name="part"))
+    a = load_state_dict(Path(full.output_dir) / "model.safetensors")
+    b = load_state_dict(Path(part.output_dir) / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_fp16_overflow_skips_the_step_and_halves_the_scale(tmp_path, monkeypatch):
+    calls = {"n": 0}
+
+    class OneInfLoss(train_mod.ClassificationLoss):
+        def forward(self, logits, target, teacher_logits=None):
+            calls["n"] += 1
+            loss = super().forward(logits, target, teacher_logits)
+            return loss * float("inf") if calls["n"] == 3 else loss
+
+    steps = []
+    original_step = torch.optim.SGD.step
+
+    def counting_step(self, *args, **kwargs):
+        steps.append(1)
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "ClassificationLoss", OneInfLoss)
+    monkeypatch.setattr(torch.optim.SGD, "step", counting_step)
+    cfg = tiny(tmp_path, "train.precision=fp16", "train.epochs=1", "train.max_nonfinite=5")
+    train(cfg)  # a non-finite step is skipped, the run goes on
+    assert calls["n"] == 6
+    scale = torch.load(Path(cfg.output_dir) / "last.pth", weights_only=True)["scaler"]["scale"]
+    # Every skipped step (the inf one, and any real fp16 overflow) halved the scale once and ran no SGD step.
+    assert 6 - len(steps) == round(math.log2(2.0 ** 16 / scale)) >= 1
 
 
 def test_tensor_pipeline_learns(tmp_path):
@@ -146,3 +193,33 @@ def test_demo_command_runs_on_fashion_mnist(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "resnet50d" in out and "(10000 images)" in out
     assert (tmp_path / "demo" / "model.safetensors").is_file()
+
+
+def test_default_normalization_draws_no_random_numbers():
+    from classification.train import normalization
+    cfg = load_config(None, Config, ["model.name=resnet50d"])
+    state = torch.random.get_rng_state()
+    mean, std = normalization(cfg)
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert mean == pytest.approx([123.68 / 255, 116.779 / 255, 103.939 / 255], abs=1e-3) and len(std) == 3
+    with pytest.raises(ValueError, match="one value per input channel"):
+        normalization(load_config(None, Config, ["model.in_chans=1"]))
+
+
+def test_evaluate_hflip_tta_averages_probabilities():
+    from contextlib import nullcontext
+
+    from classification.train import evaluate
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2 * 4 * 4, 5))
+    images, labels = torch.randn(16, 2, 4, 4), torch.randint(0, 5, (16,))
+    loader = [(images[:10], labels[:10], 0), (images[10:], labels[10:], 0)]
+    with torch.no_grad():
+        probs = (net(images).softmax(1) + net(images.flip(-1)).softmax(1)) / 2
+    expected_top1 = 100 * (probs.argmax(1) == labels).float().mean().item()
+    expected_loss = torch.nn.functional.nll_loss(probs.log(), labels).item()
+    got = evaluate(net, loader, torch.device("cpu"), nullcontext, channels_last=False, hflip_tta=True)
+    assert got["top1"] == pytest.approx(expected_top1) and got["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    plain = evaluate(net, loader, torch.device("cpu"), nullcontext, channels_last=False)
+    with torch.no_grad():
+        assert plain["loss"] == pytest.approx(torch.nn.functional.cross_entropy(net(images), labels).item(), rel=1e-5)

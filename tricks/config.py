@@ -10,7 +10,7 @@ Layers are applied in order (the file's bases depth-first, the file itself, then
 given in a later layer updates only the keys it names, any other value is replaced. Every layer is checked
 against the schema on its own, so an error names the file (and line) or the override it came from.
 Supported annotations: ``int``, ``float`` (accepts ints), ``bool``, ``str``, ``Optional[X]`` / ``X | None``,
-``list[X]``, ``Literal[...]``, ``Any`` and nested dataclasses (sections).
+``list[X]``, ``dict[str, X]`` (merged key by key across layers), ``Literal[...]``, ``Any`` and nested dataclasses (sections).
 """
 from __future__ import annotations
 
@@ -184,7 +184,12 @@ def _apply(cfg: T, values: Mapping[str, Any]) -> T:
     changes = {}
     for name, value in values.items():
         current = getattr(cfg, name)
-        changes[name] = _apply(current, value) if dataclasses.is_dataclass(current) else value
+        if dataclasses.is_dataclass(current):
+            changes[name] = _apply(current, value)
+        elif isinstance(current, dict) and isinstance(value, dict):  # free-form mappings merge key by key
+            changes[name] = {**current, **value}
+        else:
+            changes[name] = value
     # replace() rather than setattr: works for frozen schemas. It re-runs __init__ per layer, so cross-field
     # checks belong after load_config, not in __post_init__ (which would see half-applied layers).
     return dataclasses.replace(cfg, **changes)
@@ -275,6 +280,10 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
             return value
         allowed = ", ".join(repr(a) for a in args)
         raise ConfigError(f"{where}: '{key}' must be one of {allowed}; got {_describe(value)}")
+    elif origin is dict or tp is dict:
+        if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+            item = args[1] if args else Any
+            return {k: _convert(v, item, f"{key}.{k}", where) for k, v in value.items()}
     elif origin is list or tp is list:
         if isinstance(value, list):
             item = args[0] if args else Any
@@ -296,6 +305,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
     if origin is list:
         return f"a list of {_type_name(args[0])}"
+    if origin is dict:
+        return "a mapping"
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
     return getattr(tp, "__name__", repr(tp))
