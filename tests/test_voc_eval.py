@@ -1,0 +1,153 @@
+"""PASCAL VOC detection AP: hand-worked cases, and a naive transcription of the devkit's rules
+(one detection at a time, +1-pixel integer boxes) on random detections."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from detection.voc_eval import VOCBoxes, average_precision, evaluate_voc
+
+
+def gt(boxes, labels, difficult=None) -> VOCBoxes:
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return VOCBoxes(boxes, np.asarray(labels, dtype=np.int64),
+                    difficult=np.zeros(len(labels), bool) if difficult is None else np.asarray(difficult, bool))
+
+
+def det(boxes, labels, scores) -> VOCBoxes:
+    return VOCBoxes(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(labels, dtype=np.int64),
+                    scores=np.asarray(scores, dtype=np.float64))
+
+
+def test_average_precision_by_hand():
+    # Detections TP, FP, TP over 2 ground truths: recall 0.5, 0.5, 1; precision 1, 0.5, 2/3.
+    rec, prec = np.array([0.5, 0.5, 1.0]), np.array([1.0, 0.5, 2 / 3])
+    # Area under the interpolated curve: 0.5 * 1 + 0.5 * 2/3.
+    assert average_precision(rec, prec, use_07_metric=False) == pytest.approx(0.5 + 1 / 3)
+    # 11 points: recall 0..0.5 (6 points) at precision 1, 0.6..1.0 (5 points) at 2/3.
+    assert average_precision(rec, prec, use_07_metric=True) == pytest.approx((6 + 5 * 2 / 3) / 11)
+    assert average_precision(np.zeros(0), np.zeros(0), use_07_metric=True) == 0.0
+    # The devkit's 11 thresholds are 0:0.1:1 in floating point: 3 * 0.1 > 3 / 10, so a recall of
+    # exactly 3/10 misses the 0.3 point (papers' VOC07 numbers include this quirk).
+    assert average_precision(np.array([0.1, 0.2, 0.3]), np.ones(3), use_07_metric=True) == pytest.approx(3 / 11)
+
+
+def test_matching_rules():
+    # Boxes in the dataset's continuous coordinates (VOC xmin/ymin minus 1): a VOC box 1..10 is [0, 10).
+    truth = [gt([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], [0, 0, 0], difficult=[0, 0, 1])]
+    preds = [det([[0, 0, 10, 10],      # TP
+                  [0, 0, 10, 10],      # duplicate of a matched box: FP
+                  [40, 40, 50, 50],    # best match is difficult: ignored (neither TP nor FP)
+                  [60, 60, 70, 70],    # no overlap: FP
+                  [20, 20, 30, 30]],   # TP
+                 [0, 0, 0, 0, 0], [0.9, 0.8, 0.7, 0.6, 0.5])]
+    res = evaluate_voc(preds, truth, num_classes=1, use_07_metric=False)
+    # Ranked TP, FP, FP, TP over 2 non-difficult boxes: rec .5 .5 .5 1, prec 1 .5 1/3 .5
+    assert res["ap"][0] == pytest.approx(0.5 * 1 + 0.5 * 0.5)
+    assert res["mAP"] == pytest.approx(res["ap"][0])
+    assert res["num_gt"][0] == 2
+
+
+def test_iou_threshold_is_strict_and_in_voc_pixels():
+    # VOC IoU counts pixels inclusively; with continuous boxes that is the plain area. Half overlap:
+    # [0,10)x[0,10) vs [0,10)x[5,15) -> 50 / 150 = 1/3; a 0.5 threshold needs more than half.
+    truth = [gt([[0, 0, 10, 10]], [0])]
+    third = [det([[0, 5, 10, 15]], [0], [1.0])]
+    assert evaluate_voc(third, truth, 1, iou_threshold=0.3)["ap"][0] == 1.0
+    assert evaluate_voc(third, truth, 1, iou_threshold=0.5)["ap"][0] == 0.0
+    # Exactly 0.5 is not a match (the devkit uses '>').
+    exact = [det([[0, 0, 10, 5]], [0], [1.0])]  # 50 / 100 = 0.5
+    assert evaluate_voc(exact, truth, 1, iou_threshold=0.5)["ap"][0] == 0.0
+
+
+def test_class_without_ground_truth_is_left_out_of_the_mean():
+    truth = [gt([[0, 0, 10, 10]], [0])]
+    preds = [det([[0, 0, 10, 10], [0, 0, 10, 10]], [0, 1], [0.9, 0.8])]
+    res = evaluate_voc(preds, truth, num_classes=2)
+    assert res["ap"][0] == 1.0 and np.isnan(res["ap"][1]) and res["mAP"] == 1.0
+
+
+def test_input_errors_name_the_problem():
+    truth = [gt([[0, 0, 10, 10]], [0])]
+    with pytest.raises(ValueError, match="2 prediction.*1 ground-truth"):
+        evaluate_voc([det([], [], []), det([], [], [])], truth, 1)
+    with pytest.raises(ValueError, match="scores"):
+        evaluate_voc([gt([[0, 0, 10, 10]], [0])], truth, 1)
+    with pytest.raises(ValueError, match="label 3.*num_classes=1"):
+        evaluate_voc([det([[0, 0, 1, 1]], [3], [1.0])], truth, 1)
+
+
+def _devkit_ap(preds, truth, cls, thresh, use_07):
+    """The devkit's procedure written out plainly: integer VOC boxes (1-based, inclusive), +1 areas,
+    detections one by one in descending score."""
+    to_voc = lambda b: np.array([b[0] + 1, b[1] + 1, b[2], b[3]])  # continuous -> VOC pixels
+    gts = {}
+    npos = 0
+    for i, t in enumerate(truth):
+        keep = t.labels == cls
+        gts[i] = {"bbox": [to_voc(b) for b in t.boxes[keep]], "difficult": list(t.difficult[keep]),
+                  "det": [False] * int(keep.sum())}
+        npos += int((~t.difficult[keep]).sum())
+    dets = [(p.scores[j], i, to_voc(p.boxes[j])) for i, p in enumerate(preds) for j in range(len(p.labels))
+            if p.labels[j] == cls]
+    dets.sort(key=lambda d: -d[0])
+    tp, fp = [], []
+    for _, i, bb in dets:
+        best, jbest = -1.0, -1
+        for j, g in enumerate(gts[i]["bbox"]):
+            iw = max(min(g[2], bb[2]) - max(g[0], bb[0]) + 1, 0)
+            ih = max(min(g[3], bb[3]) - max(g[1], bb[1]) + 1, 0)
+            inter = iw * ih
+            union = (bb[2] - bb[0] + 1) * (bb[3] - bb[1] + 1) + (g[2] - g[0] + 1) * (g[3] - g[1] + 1) - inter
+            if inter / union > best:
+                best, jbest = inter / union, j
+        if best > thresh:
+            if gts[i]["difficult"][jbest]:
+                tp.append(0), fp.append(0)
+            elif not gts[i]["det"][jbest]:
+                gts[i]["det"][jbest] = True
+                tp.append(1), fp.append(0)
+            else:
+                tp.append(0), fp.append(1)
+        else:
+            tp.append(0), fp.append(1)
+    tp, fp = np.cumsum(tp), np.cumsum(fp)
+    rec = tp / npos
+    prec = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+    if use_07:
+        thresholds = np.arange(0.0, 1.1, 0.1)  # as the devkit's 0:0.1:1
+        return sum((prec[rec >= t].max() if (rec >= t).any() else 0) for t in thresholds) / 11
+    # every-point: precision envelope, summed where recall changes
+    mrec, mpre = np.r_[0, rec, 1], np.r_[0, prec, 0]
+    for k in range(len(mpre) - 2, -1, -1):
+        mpre[k] = max(mpre[k], mpre[k + 1])
+    return sum((mrec[k + 1] - mrec[k]) * mpre[k + 1] for k in range(len(mrec) - 1) if mrec[k + 1] != mrec[k])
+
+
+@pytest.mark.parametrize("use_07", [True, False])
+@pytest.mark.parametrize("seed", range(3))
+def test_matches_the_devkit_procedure_on_random_detections(seed, use_07):
+    rng = np.random.default_rng(seed)
+    num_classes, truth, preds = 4, [], []
+    for _ in range(25):
+        n = int(rng.integers(1, 6))
+        xy = rng.integers(0, 80, (n, 2))
+        wh = rng.integers(8, 40, (n, 2))
+        boxes = np.c_[xy, xy + wh].astype(np.float64)
+        labels = rng.integers(0, num_classes, n)
+        truth.append(gt(boxes, labels, rng.random(n) < 0.15))
+        # Detections: jittered copies of the truth (some with the wrong class), duplicates and clutter.
+        m = int(rng.integers(0, 10))
+        src = rng.integers(0, n, m)
+        jitter = rng.integers(-6, 7, (m, 4))
+        dboxes = boxes[src] + jitter
+        dboxes[:, 2:] = np.maximum(dboxes[:, 2:], dboxes[:, :2] + 1)
+        dlabels = np.where(rng.random(m) < 0.8, labels[src], rng.integers(0, num_classes, m))
+        clutter = rng.integers(0, 100, (3, 2))
+        dboxes = np.r_[dboxes, np.c_[clutter, clutter + 15]]
+        dlabels = np.r_[dlabels, rng.integers(0, num_classes, 3)]
+        preds.append(det(dboxes, dlabels, rng.random(len(dlabels))))
+    res = evaluate_voc(preds, truth, num_classes, use_07_metric=use_07)
+    expected = [_devkit_ap(preds, truth, c, 0.5, use_07) for c in range(num_classes)]
+    np.testing.assert_allclose(res["ap"], expected, rtol=1e-12, atol=1e-12)
+    assert 0 < res["mAP"] < 1
