@@ -1,2 +1,3 @@
-"""Faster R-CNN on PASCAL VOC with the suite's backbones. In: the VOC loader (``detection.voc``) and the
-devkit's AP (``detection.voc_eval``); the detectron2 and torchvision engines are not built yet."""
+"""Faster R-CNN on PASCAL VOC with the suite's backbones. In: the VOC loader (``detection.voc``), the
+devkit's AP (``detection.voc_eval``) and the torchvision Faster R-CNN + FPN model (``detection.model``); the
+detectron2 and torchvision training engines are not built yet."""

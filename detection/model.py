@@ -1,0 +1,66 @@
+"""Faster R-CNN with FPN around a registry backbone, on torchvision's detection modules.
+
+``build_faster_rcnn("resnet50d", num_classes=21, weights="runs/.../model.safetensors")`` is
+torchvision's ``fasterrcnn_resnet50_fpn`` with our backbone in place of torchvision's ResNet-50: same
+module names (``backbone.body``, ``backbone.fpn``, ``rpn``, ``roi_heads``), so with ``resnet50b`` (=
+torchvision's ``resnet50``) torchvision's Faster R-CNN state dicts load with ``strict=True`` and give the
+same detections (tested). Any registered backbone works: the FPN reads its declared ``res2..res5``.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+import torch.nn as nn
+from torch import Tensor
+from torchvision.models.detection import FasterRCNN
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+
+from backbones import Backbone, create_backbone
+
+
+class FPNBackbone(nn.Module):
+    """A registry backbone (``body``) and an FPN (``fpn``) over its ``in_features``; returns the
+    ``OrderedDict`` "0".."3" + "pool" that torchvision's detection heads expect."""
+
+    def __init__(self, body: Backbone, out_channels: int = 256,
+                 in_features: Sequence[str] = ("res2", "res3", "res4", "res5")):
+        super().__init__()
+        channels = {f.name: f.channels for f in body.feature_info}
+        missing = [name for name in in_features if name not in channels]
+        if missing:
+            raise ValueError(f"backbone {getattr(body, 'arch', type(body).__name__)} has no feature(s) {missing}; "
+                             f"it declares {list(channels)}")
+        self.body = body
+        self.in_features = tuple(in_features)
+        self.fpn = FeaturePyramidNetwork([channels[name] for name in in_features], out_channels,
+                                         extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        features = self.body.forward_features(x)
+        return self.fpn(OrderedDict((str(i), features[name]) for i, name in enumerate(self.in_features)))
+
+
+def build_faster_rcnn(backbone: str, num_classes: int = 21, *, weights: Optional[str] = None,
+                      frozen_stages: int = 1, norm_layer: Optional[str] = "frozenbatchnorm",
+                      fpn_channels: int = 256, **detector_kwargs) -> FasterRCNN:
+    """Faster R-CNN + FPN on registry backbone ``backbone``.
+
+    Args:
+        num_classes: including the background (VOC: 20 + 1).
+        weights: pretrained backbone (the suite's ``model.safetensors``, timm or torchvision files); its
+            classifier is dropped.
+        frozen_stages: stem and first ``k`` stages frozen (1 = torchvision's ``trainable_backbone_layers=3``,
+            detectron2's ``FREEZE_AT=2``).
+        norm_layer: ``"frozenbatchnorm"`` (fine-tuning a pretrained backbone, as torchvision and detectron2)
+            or ``None`` for trainable BN (needed without pretrained weights: random init with frozen BN
+            diverges).
+        **detector_kwargs: torchvision ``FasterRCNN`` arguments (``min_size``, ``max_size``,
+            ``box_score_thresh``, ...). ``image_mean``/``image_std`` default to the backbone's.
+    """
+    body = create_backbone(backbone, weights=weights, num_classes=0, frozen_stages=frozen_stages,
+                           norm_layer=norm_layer)
+    detector_kwargs.setdefault("image_mean", list(body.default_cfg["mean"]))
+    detector_kwargs.setdefault("image_std", list(body.default_cfg["std"]))
+    return FasterRCNN(FPNBackbone(body, fpn_channels), num_classes=num_classes, **detector_kwargs)

@@ -1,0 +1,81 @@
+"""Faster R-CNN + FPN on registry backbones, against torchvision's fasterrcnn_resnet50_fpn."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+from backbones import FrozenBatchNorm2d, create_backbone, save_weights
+from detection.model import FPNBackbone, build_faster_rcnn
+
+TV_MEAN, TV_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+SMALL = dict(min_size=128, max_size=160, image_mean=TV_MEAN, image_std=TV_STD)
+
+
+def _calibrate_bn(model: torch.nn.Module) -> None:
+    """Non-trivial BN statistics, so that a mismatch anywhere shows in the outputs."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+
+
+def test_torchvision_faster_rcnn_state_dict_loads_strictly_and_detects_the_same():
+    torch.manual_seed(0)
+    # Without pretrained weights torchvision builds trainable BN and trains every stage.
+    theirs = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=5, box_score_thresh=0.0,
+                                     **SMALL).eval()
+    _calibrate_bn(theirs)
+    ours = build_faster_rcnn("resnet50b", num_classes=5, frozen_stages=-1, norm_layer=None, box_score_thresh=0.0,
+                             **SMALL).eval()
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    images = [torch.rand(3, 120, 150), torch.rand(3, 100, 128)]
+    with torch.no_grad():
+        a, b = ours(images), theirs(images)
+        x = torch.rand(1, 3, 128, 160)
+        fa, fb = ours.backbone(x), theirs.backbone(x)
+    for da, db in zip(a, b):
+        assert len(da["boxes"]) > 0
+        torch.testing.assert_close(da["boxes"], db["boxes"])
+        torch.testing.assert_close(da["scores"], db["scores"])
+        assert torch.equal(da["labels"], db["labels"])
+    assert list(fa) == list(fb) == ["0", "1", "2", "3", "pool"] and fa["0"].shape[-2:] == (32, 40)
+    for k in fa:
+        torch.testing.assert_close(fa[k], fb[k])
+
+
+def test_pretrained_backbone_weights_frozen_stages_and_frozen_bn(tmp_path):
+    classifier = create_backbone("resnet18d", num_classes=1000)
+    save_weights(classifier, tmp_path / "r18d.safetensors")
+    model = build_faster_rcnn("resnet18d", num_classes=21, weights=str(tmp_path / "r18d.safetensors"), **SMALL)
+    body = model.backbone.body
+    assert torch.equal(body.layer3[0].conv1.weight, classifier.layer3[0].conv1.weight)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in body.modules())
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in body.modules())
+    assert not any(p.requires_grad for p in body.conv1.parameters())
+    assert not any(p.requires_grad for p in body.layer1.parameters())
+    assert all(p.requires_grad for p in body.layer2.parameters())
+
+
+@pytest.mark.parametrize("name", ["resnet18d", "mobilenet"])
+def test_training_step_gives_the_four_losses_and_gradients(name):
+    torch.manual_seed(0)
+    model = build_faster_rcnn(name, num_classes=3, norm_layer=None, **SMALL).train()
+    images = [torch.rand(3, 128, 128), torch.rand(3, 128, 140)]
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[5.0, 5.0, 50.0, 40.0], [60.0, 60.0, 120.0, 110.0]]),
+                "labels": torch.tensor([2, 1])}]
+    losses = model(images, targets)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    sum(losses.values()).backward()
+    assert model.backbone.fpn.inner_blocks[0][0].weight.grad is not None
+    stem = model.backbone.body.stages()[0]  # frozen_stages=1 by default: stem and first stage
+    assert all(p.grad is None and not p.requires_grad for m in stem for p in m.parameters())
+
+
+def test_missing_feature_is_named():
+    body = create_backbone("resnet18d", num_classes=0)
+    with pytest.raises(ValueError, match="no feature.*res6"):
+        FPNBackbone(body, in_features=("res5", "res6"))
