@@ -1,0 +1,96 @@
+"""ADE20K (SceneParsing / ADEChallengeData2016) in its release layout.
+
+::
+
+    <root>/images/training/ADE_train_00000001.jpg
+    <root>/images/validation/ADE_val_00000001.jpg
+    <root>/annotations/training/ADE_train_00000001.png
+    <root>/annotations/validation/ADE_val_00000001.png
+
+``root`` is the ``ADEChallengeData2016`` folder (or its parent). Annotation PNGs hold 0..150: 0 is
+"other" (not evaluated), 1..150 the classes. As mmsegmentation (``reduce_zero_label=True``), labels
+are returned as 0..149 with 0 -> 255 (``IGNORE_INDEX``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+NUM_CLASSES = 150
+IGNORE_INDEX = 255
+SPLITS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
+
+
+class ADE20KFormatError(ValueError):
+    """An ADE20K file that cannot be read as released; the message names the file."""
+
+
+def reduce_zero_label(annotation: np.ndarray) -> np.ndarray:
+    """0..150 -> 255 (ignore), 0..149."""
+    label = annotation.astype(np.int64) - 1
+    label[annotation == 0] = IGNORE_INDEX
+    return label
+
+
+class ADE20K(Dataset):
+    """Items are ``(image, mask)``: a uint8 ``tv_tensors.Image`` [3, H, W] and an int64
+    ``tv_tensors.Mask`` [H, W] with values 0..149 and 255. ``transforms(image, mask)`` is applied last
+    (torchvision.transforms.v2 resizes/crops/flips the mask with the image, nearest for the mask)."""
+
+    def __init__(self, root: Path | str, split: str = "validation", transforms: Optional[Callable] = None):
+        root = Path(root)
+        if (root / "ADEChallengeData2016").is_dir():
+            root = root / "ADEChallengeData2016"
+        if split not in SPLITS:
+            raise ValueError(f"ADE20K split {split!r}: choose 'training' or 'validation' (or train / val)")
+        self.images_dir = root / "images" / SPLITS[split]
+        self.annotations_dir = root / "annotations" / SPLITS[split]
+        for d in (self.images_dir, self.annotations_dir):
+            if not d.is_dir():
+                raise FileNotFoundError(f"{d} not found: the data root {root} should be ADEChallengeData2016, "
+                                        "holding images/{training,validation} and annotations/{training,validation}")
+        self.ids = sorted(p.stem for p in self.images_dir.glob("*.jpg"))
+        if not self.ids:
+            raise ADE20KFormatError(f"{self.images_dir}: no .jpg images")
+        missing = [i for i in self.ids if not (self.annotations_dir / f"{i}.png").is_file()]
+        if missing:
+            raise ADE20KFormatError(f"{self.annotations_dir}: no annotation for {len(missing)} image(s), e.g. "
+                                    f"{missing[0]}.png")
+        self.transforms = transforms
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+        from torchvision import tv_tensors
+
+        image_path = self.images_dir / f"{self.ids[index]}.jpg"
+        label_path = self.annotations_dir / f"{self.ids[index]}.png"
+        try:
+            with Image.open(image_path) as im:
+                image = np.array(im.convert("RGB"))
+        except OSError as e:
+            raise ADE20KFormatError(f"{image_path}: cannot read the image ({e})") from None
+        try:
+            with Image.open(label_path) as im:
+                if im.mode not in ("L", "P", "I;16", "I"):
+                    raise ADE20KFormatError(f"{label_path}: expected a single-channel class-index PNG, got mode "
+                                            f"{im.mode}")
+                annotation = np.array(im)
+        except OSError as e:
+            raise ADE20KFormatError(f"{label_path}: cannot read the annotation ({e})") from None
+        if annotation.shape != image.shape[:2]:
+            raise ADE20KFormatError(f"{label_path}: annotation is {annotation.shape[1]}x{annotation.shape[0]}, "
+                                    f"its image {image.shape[1]}x{image.shape[0]}")
+        if annotation.max() > NUM_CLASSES:
+            raise ADE20KFormatError(f"{label_path}: value {int(annotation.max())} is not a class (0..{NUM_CLASSES})")
+        image = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1).contiguous())
+        mask = tv_tensors.Mask(torch.from_numpy(reduce_zero_label(annotation)))
+        if self.transforms is not None:
+            image, mask = self.transforms(image, mask)
+        return image, mask
