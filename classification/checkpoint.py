@@ -39,6 +39,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                            "or remove it to start from scratch") from e
 
 
+def restore_training_state(ckpt: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                           scheduler: Any, scaler: torch.amp.GradScaler) -> None:
+    """Load what every trainer's checkpoint holds: model, optimizer, schedule and loss-scaler states."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+
+
 def resolve_resume(resume: Optional[str], output_dir: Path) -> Optional[Path]:
     """``None`` -> no resume; ``"auto"`` -> ``output_dir/last.pth`` if it exists; else the given path."""
     if resume is None:

@@ -25,7 +25,8 @@ from torch.utils.data import DistributedSampler
 from backbones import Backbone, create_backbone, save_weights
 from tricks.config import ConfigError, dump_config, to_dict
 
-from .checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (load_checkpoint, resolve_resume, restore_training_state, rng_state, save_checkpoint,
+                         set_rng_state)
 from .config import Config
 from .batch_transforms import BatchAugment
 from .data import TensorLoader, build_datasets, build_loader, build_tensors, resolve_pipeline
@@ -230,10 +231,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
     resume_path = resolve_resume(t.resume, out)
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        restore_training_state(ckpt, model, optimizer, scheduler, scaler)
         start_epoch, step, best_top1 = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
         metrics = dict(ckpt["metrics"])  # a finished run resumed again just re-exports its result
         rngs = ckpt["rng"]

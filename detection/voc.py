@@ -17,6 +17,7 @@ the devkit's IoUs.
 """
 from __future__ import annotations
 
+import bisect
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,8 +160,17 @@ class VOCDetection(Dataset):
         return image, target
 
 
+class VOCConcat(ConcatDataset):
+    """Several VOC sets as one (``2007-trainval+2012-trainval``), with ``annotation(i)`` like each part."""
+
+    def annotation(self, index: int) -> VOCAnnotation:
+        part = bisect.bisect_right(self.cumulative_sizes, index)
+        offset = self.cumulative_sizes[part - 1] if part else 0
+        return self.datasets[part].annotation(index - offset)
+
+
 def build_voc(root: Path | str, splits: str, keep_difficult: bool = True,
-              transforms: Optional[Callable] = None) -> Dataset:
+              transforms: Optional[Callable] = None) -> VOCDetection | VOCConcat:
     """``splits`` as ``"2007-trainval+2012-trainval"`` (the paper's training set) or ``"2007-test"``."""
     parts = []
     for split in splits.split("+"):
@@ -168,4 +178,4 @@ def build_voc(root: Path | str, splits: str, keep_difficult: bool = True,
         if not sep or year not in ("2007", "2012") or not image_set:
             raise ValueError(f"VOC split {split!r}: expected YEAR-SET with YEAR 2007 or 2012, e.g. 2007-trainval")
         parts.append(VOCDetection(root, year, image_set, keep_difficult, transforms))
-    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+    return parts[0] if len(parts) == 1 else VOCConcat(parts)

@@ -88,6 +88,8 @@ def test_dataset_items_and_07_plus_12(devkit):
     assert len(VOCDetection(devkit, "2007", "trainval", keep_difficult=False).annotation(0).labels) == 1
     both = build_voc(devkit, "2007-trainval+2012-trainval")
     assert len(both) == 3 and both[2][1]["image_id"] == "2008_000002"
+    assert both.annotation(2).labels.tolist() == [VOC_CLASSES.index("tvmonitor")]
+    assert both.annotation(1).labels.tolist() == [VOC_CLASSES.index("person")]
     assert len(build_voc(devkit, "2007-test")) == 1
 
 

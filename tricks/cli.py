@@ -128,8 +128,51 @@ def _add_classification(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+def _load_detection_config(path: str, overrides: Sequence[str]):
+    from detection.config import DetectionConfig
+    from tricks.config import load_config
+
+    return load_config(path, DetectionConfig, overrides)
+
+
+def cmd_detection_train(args: argparse.Namespace) -> int:
+    _setup_logging()
+    from detection.train import train_detector
+
+    cfg = _load_detection_config(args.config, args.overrides)
+    metrics = train_detector(cfg)
+    print(f"VOC07 mAP {metrics['mAP']:.2f}%  ({metrics['images']} images)  -> {cfg.output_dir}")
+    return 0
+
+
+def cmd_detection_eval(args: argparse.Namespace) -> int:
+    _setup_logging()
+    from detection.train import evaluate_checkpoint
+
+    cfg = _load_detection_config(args.config, args.overrides)
+    metrics = evaluate_checkpoint(cfg, args.checkpoint)
+    print(_table([(name, f"{ap:.2f}") for name, ap in metrics["AP"].items()], ("class", "AP %")))
+    print(f"VOC07 mAP {metrics['mAP']:.2f}%  ({metrics['images']} images)")
+    return 0
+
+
+def _add_detection(sub: argparse._SubParsersAction) -> None:
+    det = sub.add_parser("detection", help="Faster R-CNN on PASCAL VOC (torchvision engine): train | eval")
+    det_sub = det.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = det_sub.add_parser("train", help="tricks detection train CONFIG [key=value ...]")
+    p.add_argument("config", help="YAML file (configs/detection/...)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_iter=100 data.root=/data/VOCdevkit")
+    p.set_defaults(func=cmd_detection_train)
+    p = det_sub.add_parser("eval", help="VOC07 mAP of a detector: tricks detection eval CONFIG CHECKPOINT")
+    p.add_argument("config")
+    p.add_argument("checkpoint", help="model_final.pth or last.pth of a detection run")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_detection_eval)
+
+
 # Each entry adds its subcommand; later jobs append theirs here.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_backbones, _add_classification]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_backbones, _add_classification,
+                                                                   _add_detection]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,62 @@
+"""Typed configuration of a detection run (the torchvision engine); units in the comments.
+
+Defaults follow detectron2's PASCAL VOC Faster R-CNN recipe (``faster_rcnn_R_50_FPN.yaml`` for VOC):
+07+12 trainval, 07 test, 18k iterations of 16 images, lr 0.02 dropped x0.1 at 12k and 16k, 100
+warm-up iterations, shorter side 480-800 in training and 800 in test.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class DetModelConfig:
+    backbone: str = "resnet50d"              # registry name (backbones.list_backbones())
+    weights: Optional[str] = None            # pretrained backbone: the classification run's model.safetensors
+    frozen_stages: int = 1                   # stem + first k stages frozen (detectron2 FREEZE_AT=2)
+    norm: Literal["frozenbatchnorm", "batchnorm"] = "frozenbatchnorm"  # batchnorm: training from scratch
+    min_size_train: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))  # shorter side (px), one drawn per batch
+    min_size_test: int = 800                 # shorter side at test (px)
+    max_size: int = 1333                     # longer side cap (px)
+
+
+@dataclass
+class DetDataConfig:
+    root: str = "data/VOCdevkit"             # the VOCdevkit folder (VOC2007/, VOC2012/)
+    train_splits: str = "2007-trainval+2012-trainval"
+    test_splits: str = "2007-test"
+    hflip: float = 0.5                       # horizontal flip probability in training
+    workers: int = 4                         # DataLoader worker processes per device
+
+
+@dataclass
+class DetOptimConfig:
+    lr: float = 0.02                         # per 16 images; scaled linearly by the global batch
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    no_bias_decay: bool = False              # the paper's trick, off as in detectron2's recipe
+    warmup_iters: int = 100                  # linear warm-up from 0 (iterations)
+    milestones: list[int] = field(default_factory=lambda: [12000, 16000])  # x gamma at these iterations
+    gamma: float = 0.1
+
+
+@dataclass
+class DetTrainConfig:
+    max_iter: int = 18000                    # iterations (optimizer steps)
+    batch_size: int = 2                      # images per device and step
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    seed: int = 0
+    log_every: int = 20                      # iterations
+    eval_every: int = 0                      # iterations; 0 = only at the end
+    checkpoint_every: int = 2000             # iterations
+    resume: Optional[str] = None             # "auto" = <output_dir>/last.pth if present, or a path
+
+
+@dataclass
+class DetectionConfig:
+    model: DetModelConfig = field(default_factory=DetModelConfig)
+    data: DetDataConfig = field(default_factory=DetDataConfig)
+    optim: DetOptimConfig = field(default_factory=DetOptimConfig)
+    train: DetTrainConfig = field(default_factory=DetTrainConfig)
+    output_dir: str = "runs/detection/default"

@@ -1,0 +1,137 @@
+"""The torchvision detection engine on a miniature VOCdevkit: training runs, evaluates, resumes exactly."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import detection.train as train_mod
+from detection.config import DetectionConfig
+from detection.train import evaluate_checkpoint, hflip, train_detector
+from detection.voc import VOC_CLASSES
+from tests.test_voc import write_set
+from tricks.config import load_config
+
+
+def make_devkit(root: Path, n: int = 8) -> Path:
+    """Images with one bright square (a "dog") or a dark bar (a "cat") on noise."""
+    rng = np.random.default_rng(0)
+    for year, split, ids in (("2007", "trainval", [f"{i:06d}" for i in range(n)]),
+                             ("2007", "test", [f"{i:06d}" for i in range(100, 104)])):
+        base = root / f"VOC{year}"
+        for sub in ("Annotations", "ImageSets/Main", "JPEGImages"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+        for k, image_id in enumerate(ids):
+            img = rng.integers(0, 60, (64, 64, 3), dtype=np.uint8)
+            x, y = int(rng.integers(2, 30)), int(rng.integers(2, 30))
+            name = "dog" if k % 2 == 0 else "cat"
+            w, h = (24, 24) if name == "dog" else (30, 12)
+            img[y:y + h, x:x + w] = 230 if name == "dog" else 120
+            Image.fromarray(img).save(base / "JPEGImages" / f"{image_id}.jpg", quality=95)
+            (base / "Annotations" / f"{image_id}.xml").write_text(
+                f"<annotation><size><width>64</width><height>64</height><depth>3</depth></size><object>"
+                f"<name>{name}</name><difficult>0</difficult><bndbox><xmin>{x + 1}</xmin><ymin>{y + 1}</ymin>"
+                f"<xmax>{x + w}</xmax><ymax>{y + h}</ymax></bndbox></object></annotation>")
+        write_set(root, year, split, ids)
+    return root
+
+
+TINY = ["model.backbone=resnet18d", "model.norm=batchnorm", "model.frozen_stages=-1", "model.min_size_train=[64]",
+        "model.min_size_test=64", "model.max_size=64", "data.workers=0", "train.batch_size=2", "train.max_iter=6",
+        "train.log_every=2", "train.checkpoint_every=3", "optim.lr=0.02", "optim.warmup_iters=2",
+        "optim.milestones=[4]", "data.train_splits=2007-trainval"]
+
+
+def tiny(tmp_path: Path, *extra: str, name: str = "run") -> DetectionConfig:
+    devkit = tmp_path / "VOCdevkit"
+    if not devkit.exists():
+        make_devkit(devkit)
+    return load_config(None, DetectionConfig, [*TINY, f"data.root={devkit}", f"output_dir={tmp_path / name}", *extra])
+
+
+def test_hflip_matches_torchvision_v2():
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    image = torch.rand(3, 10, 16)
+    boxes = torch.tensor([[0.0, 1.0, 5.0, 4.0], [3.5, 2.0, 16.0, 9.0]])
+    ours_image, ours = hflip(image, {"boxes": boxes, "labels": torch.tensor([1, 2])})
+    ref_image, ref = v2.RandomHorizontalFlip(p=1.0)(image, tv_tensors.BoundingBoxes(boxes, format="XYXY",
+                                                                                    canvas_size=(10, 16)))
+    assert torch.equal(ours_image, ref_image) and torch.equal(ours["boxes"], ref.as_subclass(torch.Tensor))
+
+
+def test_training_writes_artefacts_and_reports_voc_map(tmp_path):
+    cfg = tiny(tmp_path)
+    metrics = train_detector(cfg)
+    out = Path(cfg.output_dir)
+    for name in ("config.yaml", "last.pth", "model_final.pth", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+    assert 0 <= metrics["mAP"] <= 100 and metrics["images"] == 4
+    assert set(metrics["AP"]) == set(VOC_CLASSES)
+    assert np.isnan(metrics["AP"]["car"])  # no car in the test set: left out of the mean
+    again = evaluate_checkpoint(cfg, str(out / "model_final.pth"))
+    assert again["mAP"] == pytest.approx(metrics["mAP"])
+
+
+def test_resume_inside_an_epoch_is_exact(tmp_path, monkeypatch):
+    """8 images, batch 2: 4 iterations per epoch; interrupted after the checkpoint at iteration 3
+    (mid-epoch, random flips on) and resumed to 6 == uninterrupted, bit for bit."""
+    full = tiny(tmp_path, "data.hflip=0.5", name="full")
+    train_detector(full)
+
+    class Stop(Exception):
+        pass
+
+    original = train_mod.save_checkpoint
+
+    def save_then_stop(state, path):
+        original(state, path)
+        if state["iteration"] == 3:
+            raise Stop
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_stop)
+    with pytest.raises(Stop):
+        train_detector(tiny(tmp_path, "data.hflip=0.5", name="part"))
+    monkeypatch.setattr(train_mod, "save_checkpoint", original)
+    resumed = tiny(tmp_path, "data.hflip=0.5", "train.resume=auto", name="part")
+    train_detector(resumed)
+    a = torch.load(Path(full.output_dir) / "model_final.pth", weights_only=True)
+    b = torch.load(Path(resumed.output_dir) / "model_final.pth", weights_only=True)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_frozen_bn_without_weights_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="model.weights"):
+        train_detector(tiny(tmp_path, "model.norm=frozenbatchnorm"))
+
+
+def test_cli_train_then_eval(tmp_path, capsys):
+    from tricks.cli import main
+
+    cfg = tiny(tmp_path)
+    overrides = [*TINY, f"data.root={cfg.data.root}", f"output_dir={cfg.output_dir}", "train.max_iter=2",
+                 "model.weights=null"]
+    config = Path(__file__).resolve().parents[1] / "configs/detection/faster-rcnn_resnet50d-fpn_8xb2-18k_voc0712.yaml"
+    assert main(["detection", "train", str(config), *overrides]) == 0
+    assert "VOC07 mAP" in capsys.readouterr().out
+    assert main(["detection", "eval", str(config), str(Path(cfg.output_dir) / "model_final.pth"), *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "aeroplane" in out and "VOC07 mAP" in out
+    with pytest.raises(SystemExit) as e:
+        main(["detection", "train", str(config), "train.max_iters=3"])
+    assert e.value.code == 2
+
+
+def test_shipped_config_is_the_paper_setting():
+    config = Path(__file__).resolve().parents[1] / "configs/detection/faster-rcnn_resnet50d-fpn_8xb2-18k_voc0712.yaml"
+    cfg = load_config(config, DetectionConfig)
+    assert cfg.model.backbone == "resnet50d" and cfg.model.weights.endswith(
+        "resnet50d_8xb128_efficient-cosine-ls_imagenet/model.safetensors")
+    assert (cfg.data.train_splits, cfg.data.test_splits) == ("2007-trainval+2012-trainval", "2007-test")
+    assert cfg.train.batch_size * 8 == 16 and cfg.train.max_iter == 18000
+    assert cfg.output_dir == f"runs/detection/{config.stem}"
