@@ -16,7 +16,7 @@ class DetModelConfig:
     weights: Optional[str] = None            # pretrained backbone: the classification run's model.safetensors
     frozen_stages: int = 1                   # stem + first k stages frozen (detectron2 FREEZE_AT=2)
     norm: Literal["frozenbatchnorm", "batchnorm"] = "frozenbatchnorm"  # batchnorm: training from scratch
-    min_size_train: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))  # shorter side (px), one drawn per batch
+    min_size_train: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))  # shorter side (px), drawn per image
     min_size_test: int = 800                 # shorter side at test (px)
     max_size: int = 1333                     # longer side cap (px)
 

@@ -241,6 +241,8 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
             if is_main:
                 log.info("iter %d: VOC07 mAP %.2f%% (%d images)", done, metrics["mAP"], metrics["images"])
             train_model.train()
+    if not metrics:  # a finished run resumed again: nothing to train, report its result
+        metrics = evaluate_detector(model, cfg, dist_info)
     if is_main:
         torch.save(model.state_dict(), out / "model_final.pth")
     logger.close()

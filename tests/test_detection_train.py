@@ -75,6 +75,9 @@ def test_training_writes_artefacts_and_reports_voc_map(tmp_path):
     assert np.isnan(metrics["AP"]["car"])  # no car in the test set: left out of the mean
     again = evaluate_checkpoint(cfg, str(out / "model_final.pth"))
     assert again["mAP"] == pytest.approx(metrics["mAP"])
+    # Resuming a finished run trains nothing and reports the same result.
+    finished = load_config(out / "config.yaml", DetectionConfig, ["train.resume=auto"])
+    assert train_detector(finished)["mAP"] == pytest.approx(metrics["mAP"])
 
 
 def test_resume_inside_an_epoch_is_exact(tmp_path, monkeypatch):
