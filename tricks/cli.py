@@ -67,14 +67,19 @@ def _setup_logging() -> None:
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def _load_classification_config(path: Optional[str], overrides: Sequence[str]):
+def _load_config(schema: type, path: Optional[str], overrides: Sequence[str]):
     """``CONFIG`` is optional: ``tricks train model.name=resnet18d ...`` starts from the defaults."""
-    from classification.config import Config
     from tricks.config import load_config
 
     if path is not None and "=" in path and not path.endswith((".yaml", ".yml")):
         path, overrides = None, [path, *overrides]
-    return load_config(path, Config, overrides)
+    return load_config(path, schema, overrides)
+
+
+def _load_classification_config(path: Optional[str], overrides: Sequence[str]):
+    from classification.config import Config
+
+    return _load_config(Config, path, overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -128,11 +133,10 @@ def _add_classification(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-def _load_detection_config(path: str, overrides: Sequence[str]):
+def _load_detection_config(path: Optional[str], overrides: Sequence[str]):
     from detection.config import DetectionConfig
-    from tricks.config import load_config
 
-    return load_config(path, DetectionConfig, overrides)
+    return _load_config(DetectionConfig, path, overrides)
 
 
 def cmd_detection_train(args: argparse.Namespace) -> int:
