@@ -5,6 +5,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -42,3 +43,18 @@ def table(rows: list[list], head: list[str]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def paired_seconds(steps: list, rounds: int) -> list[float]:
+    """Seconds per call of each closure in ``steps``, after one warm-up call each. The closures alternate
+    call by call, the order reversed every round (A B, B A, ...), so the shared machine's speed drifts hit
+    all of them alike."""
+    for step in steps:
+        step()
+    spent = [0.0] * len(steps)
+    for r in range(rounds):
+        for j in (range(len(steps)) if r % 2 == 0 else reversed(range(len(steps)))):
+            tic = time.perf_counter()
+            steps[j]()
+            spent[j] += time.perf_counter() - tic
+    return [s / rounds for s in spent]

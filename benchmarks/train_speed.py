@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import RESULTS, header, table  # noqa: E402
+from benchmarks._common import RESULTS, header, paired_seconds, table  # noqa: E402
 
 from backbones import create_backbone  # noqa: E402
 from classification.config import Config  # noqa: E402
@@ -57,18 +57,9 @@ def bare_step_rate(model, batch: int, size: int, in_chans: int, num_classes: int
 
 
 def paired_step_rates(model_a, model_b, batch: int, size: int, dtype, steps: int) -> tuple[float, float]:
-    """img/s of two models' train steps, alternated step by step (A B B A ...) so that the machine's
-    speed changes (shared cores) hit both alike."""
-    steps_ab = [_train_step(m, batch, size, 3, 1000, dtype) for m in (model_a, model_b)]
-    for step in steps_ab:
-        step()
-    spent = [0.0, 0.0]
-    for k in range(steps):
-        for j in ((0, 1) if k % 2 == 0 else (1, 0)):
-            tic = time.perf_counter()
-            steps_ab[j]()
-            spent[j] += time.perf_counter() - tic
-    return batch * steps / spent[0], batch * steps / spent[1]
+    """img/s of two models' train steps, alternated step by step (``paired_seconds``)."""
+    seconds = paired_seconds([_train_step(m, batch, size, 3, 1000, dtype) for m in (model_a, model_b)], steps)
+    return batch / seconds[0], batch / seconds[1]
 
 
 def trainer_rate(steps: int, out: Path) -> float:

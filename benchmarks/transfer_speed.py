@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import RESULTS, header, table  # noqa: E402
+from benchmarks._common import RESULTS, header, paired_seconds, table  # noqa: E402
 
 from classification.optim import build_optimizer  # noqa: E402
 from detection.model import build_faster_rcnn  # noqa: E402
@@ -59,20 +58,6 @@ def segmentation_step(model, size: int, batch: int, num_classes: int):
         opt.zero_grad(set_to_none=True)
 
     return step
-
-
-def paired_seconds(steps: list, rounds: int) -> list[float]:
-    """Seconds per step of each closure; the closures alternate, the order reversed every round."""
-    for step in steps:
-        step()  # warm-up
-    spent = [0.0] * len(steps)
-    for r in range(rounds):
-        order = range(len(steps)) if r % 2 == 0 else reversed(range(len(steps)))
-        for j in order:
-            tic = time.perf_counter()
-            steps[j]()
-            spent[j] += time.perf_counter() - tic
-    return [s / rounds for s in spent]
 
 
 def main() -> None:
