@@ -37,6 +37,10 @@ def get_builder(name: str) -> Callable[..., Backbone]:
     return _BACKBONES[name]
 
 
+class BackboneArgumentError(TypeError):
+    """A builder was given an argument it does not take (the message names the backbone and the argument)."""
+
+
 def create_backbone(
     name: str,
     *,
@@ -79,7 +83,8 @@ def create_backbone(
     except TypeError as e:
         if "unexpected keyword argument" not in str(e):
             raise
-        raise TypeError(f"backbone {name!r} does not take the argument(s) {sorted(overrides)} as given: {e}") from None
+        raise BackboneArgumentError(f"backbone {name!r} does not take the argument(s) {sorted(overrides)} as given: "
+                                    f"{e}") from None
     model.arch = name
     if weights is not None:
         load_weights(model, weights)

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from backbones import Backbone, create_backbone, save_weights
+from backbones import Backbone, BackboneArgumentError, create_backbone, save_weights
 from tricks.config import ConfigError, dump_config, to_dict
 
 from .checkpoint import (load_checkpoint, resolve_resume, restore_training_state, rng_state, save_checkpoint,
@@ -69,8 +69,8 @@ def build_model(cfg: Config, num_classes: int) -> Backbone:
         return create_backbone(m.name, weights=m.weights, num_classes=num_classes, in_chans=m.in_chans,
                                zero_init_last=m.zero_init_last, init=m.init, norm_eval=m.norm_eval,
                                **model_kwargs(cfg))
-    except TypeError as e:
-        if not m.kwargs or "does not take the argument" not in str(e):
+    except BackboneArgumentError as e:
+        if not m.kwargs:
             raise
         raise ConfigError(f"model.kwargs {m.kwargs}: {e}") from None
 

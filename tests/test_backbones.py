@@ -242,5 +242,6 @@ def test_stem_without_pool_halves_every_stride():
 
 
 def test_unknown_builder_argument_names_backbone():
-    with pytest.raises(TypeError, match="mobilenet.*stem_pool"):
+    from backbones import BackboneArgumentError
+    with pytest.raises(BackboneArgumentError, match="mobilenet.*stem_pool"):
         create_backbone("mobilenet", stem_pool=False)
