@@ -17,7 +17,7 @@ from benchmarks._common import RESULTS, header, table  # noqa: E402
 from classification.config import Config  # noqa: E402
 from classification.logger import read_records  # noqa: E402
 from classification.train import evaluate_checkpoint, train  # noqa: E402
-from tricks.config import load_config  # noqa: E402
+from runtime.config import load_config  # noqa: E402
 
 CONFIGS = {
     "tricks": "configs/classification/fashion_mnist/resnet18d_1xb128_efficient-cosine-ls_fashion-mnist.yaml",

@@ -23,7 +23,7 @@ from backbones import create_backbone  # noqa: E402
 from classification.config import Config  # noqa: E402
 from classification.optim import build_optimizer  # noqa: E402
 from classification.train import model_kwargs  # noqa: E402
-from tricks.config import load_config  # noqa: E402
+from runtime.config import load_config  # noqa: E402
 
 FASHION = "configs/classification/fashion_mnist/resnet18d_1xb128_efficient-cosine-ls_fashion-mnist.yaml"
 

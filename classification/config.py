@@ -1,7 +1,7 @@
 """Typed configuration of a classification run.
 
 One dataclass per section; units are in the comments. YAML files in ``configs/classification`` fill
-these in (``tricks.config.load_config``), dotted ``key=value`` overrides on the command line come last,
+these in (``runtime.config.load_config``), dotted ``key=value`` overrides on the command line come last,
 and every run writes the resolved config to ``<output_dir>/config.yaml``.
 """
 from __future__ import annotations
@@ -94,6 +94,7 @@ class DistillConfig:
 
 @dataclass
 class Config:
+    task: Literal["classification"] = "classification"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from backbones import Backbone, BackboneArgumentError, create_backbone, save_weights
-from tricks.config import ConfigError, dump_config, to_dict
+from runtime.config import ConfigError, dump_config, to_dict
 
 from .checkpoint import (load_checkpoint, resolve_resume, restore_training_state, rng_state, save_checkpoint,
                          set_rng_state)

@@ -7,12 +7,13 @@ warm-up iterations, shorter side 480-800 in training and 800 in test.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 
 @dataclass
 class DetModelConfig:
     backbone: str = "resnet50d"              # registry name (backbones.list_backbones())
+    arch: Literal["fpn", "c4"] = "fpn"       # fpn: Faster R-CNN + FPN; c4: res5 as the box head (detectron2 engine only)
     weights: Optional[str] = None            # pretrained backbone: the classification run's model.safetensors
     frozen_stages: int = 1                   # stem + first k stages frozen (detectron2 FREEZE_AT=2)
     norm: Literal["frozenbatchnorm", "batchnorm"] = "frozenbatchnorm"  # batchnorm: training from scratch
@@ -26,6 +27,8 @@ class DetDataConfig:
     root: str = "data/VOCdevkit"             # the VOCdevkit folder (VOC2007/, VOC2012/)
     train_splits: str = "2007-trainval+2012-trainval"
     test_splits: str = "2007-test"
+    classes: Any = None                      # None = the 20 VOC classes; a list of names, or a file with one name per line
+    skip_invalid: bool = False               # True: skip zero-area boxes / unknown class names and count them; False: error
     hflip: float = 0.5                       # horizontal flip probability in training
     workers: int = 4                         # DataLoader worker processes per device
 
@@ -55,6 +58,8 @@ class DetTrainConfig:
 
 @dataclass
 class DetectionConfig:
+    task: Literal["detection"] = "detection"
+    engine: Literal["torch", "detectron2"] = "torch"  # torch: detection/train.py; detectron2: detection/d2_engine.py
     model: DetModelConfig = field(default_factory=DetModelConfig)
     data: DetDataConfig = field(default_factory=DetDataConfig)
     optim: DetOptimConfig = field(default_factory=DetOptimConfig)

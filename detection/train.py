@@ -25,7 +25,7 @@ from classification.logger import RunLogger
 from classification.optim import build_optimizer
 from classification.schedules import build_scheduler
 from classification.train import autocast_for
-from tricks.config import dump_config
+from runtime.config import dump_config
 
 from .config import DetectionConfig
 from .model import build_faster_rcnn

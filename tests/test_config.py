@@ -1,4 +1,4 @@
-"""tricks.config: YAML -> typed dataclasses, `_base_` includes, dotted overrides, errors that say where."""
+"""runtime.config: YAML -> typed dataclasses, `_base_` includes, dotted overrides, errors that say where."""
 from __future__ import annotations  # the schema below must still resolve (get_type_hints)
 
 import re
@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional
 import pytest
 
 from classification.config import Config
-from tricks.config import ConfigError, dump_config, format_config, load_config, to_dict
+from runtime.config import ConfigError, dump_config, format_config, load_config, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "classification"
 

@@ -13,7 +13,7 @@ from detection.config import DetectionConfig
 from detection.train import evaluate_checkpoint, hflip, train_detector
 from detection.voc import VOC_CLASSES
 from tests.test_voc import write_set
-from tricks.config import load_config
+from runtime.config import load_config
 
 
 def make_devkit(root: Path, n: int = 8) -> Path:

@@ -11,7 +11,7 @@ from backbones import create_backbone, load_state_dict, read_metadata, save_weig
 from classification.config import Config
 from classification.logger import read_records
 from classification.train import TrainingDiverged, evaluate_checkpoint, train
-from tricks.config import load_config
+from runtime.config import load_config
 
 TINY = [
     "model.name=resnet18d", "data.name=synthetic", "data.synthetic_size=96", "data.img_size=16",

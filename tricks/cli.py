@@ -69,7 +69,7 @@ def _setup_logging() -> None:
 
 def _load_config(schema: type, path: Optional[str], overrides: Sequence[str]):
     """``CONFIG`` is optional: ``tricks train model.name=resnet18d ...`` starts from the defaults."""
-    from tricks.config import load_config
+    from runtime.config import load_config
 
     if path is not None and "=" in path and not path.endswith((".yaml", ".yml")):
         path, overrides = None, [path, *overrides]
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from tricks.config import ConfigError
+    from runtime.config import ConfigError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,0 +1,95 @@
+"""Typed configuration of a segmentation run (both engines); units in the comments.
+
+Defaults follow mmsegmentation's ``fcn_r50-d8_4xb4-80k_ade20k-512x512.py``: ADE20K (150 classes, label 0
+"other" ignored), random resize of the (2048, 512) scale by 0.5-2.0 keeping the ratio, 512x512 crops with
+``cat_max_ratio`` 0.75, flip, photometric distortion; SGD lr 0.01 for 16 images (4 devices x 4), momentum
+0.9, weight decay 5e-4, poly decay (power 0.9, down to 1e-4) per iteration for 80k iterations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+@dataclass
+class SegModelConfig:
+    backbone: str = "resnet50d"              # registry name (backbones.list_backbones())
+    weights: Optional[str] = None            # pretrained backbone: a classification run's model.safetensors, timm/torchvision files
+    head: Literal["fcn", "torchvision"] = "fcn"  # fcn: mmseg's FCNHead (2 convs, input concatenated); torchvision: its single-conv FCNHead
+    channels: int = 512                      # decode head width (mmseg fcn_r50-d8: 512)
+    aux_channels: int = 256                  # auxiliary head width on res4 (mmseg: 256); aux_weight 0 = no auxiliary head
+    aux_weight: float = 0.4                  # weight of the auxiliary loss
+    dropout: float = 0.1                     # dropout before the classifier conv
+    output_stride: int = 8                   # 8: dilation 2 and 4 in the last two stages (FCN-D8)
+    frozen_stages: int = -1                  # stem + first k stages frozen; -1 = all trainable (mmseg)
+    sync_bn: bool = True                     # SyncBatchNorm under DDP on CUDA (mmseg's SyncBN); BN otherwise
+    in_chans: int = 3                        # input channels of the backbone
+    channels_last: bool = True               # NHWC memory format for model and inputs
+    kwargs: dict[str, Any] = field(default_factory=dict)  # further backbone builder arguments
+
+
+@dataclass
+class SegDataConfig:
+    root: str = "data/ade/ADEChallengeData2016"  # the ADEChallengeData2016 folder (images/, annotations/)
+    train_split: str = "training"
+    val_split: str = "validation"
+    num_classes: int = 150                   # classes after reduce_zero_label
+    reduce_zero_label: bool = True           # annotation 0 = "other" -> ignored, 1..K -> 0..K-1 (ADE20K)
+    class_names: Optional[list[str]] = None  # for tables and overlays; None = ADE20K's names when num_classes=150
+    scale: list[int] = field(default_factory=lambda: [2048, 512])  # (long, short) side bound of the resize (px)
+    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # training: the scale times U[lo, hi]
+    crop_size: list[int] = field(default_factory=lambda: [512, 512])  # training crop (h, w) (px)
+    cat_max_ratio: float = 0.75              # re-draw a crop (up to 10 times) while one class covers more than this
+    hflip: float = 0.5                       # horizontal flip probability
+    photometric: bool = True                 # mmseg's PhotoMetricDistortion (brightness, contrast, saturation, hue)
+    mean: Optional[list[float]] = None       # None = the backbone's default (0-1 scale)
+    std: Optional[list[float]] = None
+    workers: int = -1                        # DataLoader workers per process; -1 = from the CPU count
+    max_images: int = 0                      # >0: only the first N images of each split (smoke tests)
+
+
+@dataclass
+class SegOptimConfig:
+    lr: float = 0.01                         # per 16 images; scaled linearly by the global batch
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    no_bias_decay: bool = False              # the paper's trick, off as in mmseg's recipe
+    power: float = 0.9                       # poly decay: (lr - min_lr) (1 - t / T) ** power + min_lr
+    min_lr: float = 1e-4                     # per 16 images, scaled like lr (mmseg: eta_min 1e-4 at batch 16)
+    warmup_iters: int = 0                    # linear warm-up from 0 (iterations); mmseg's recipe has none
+
+
+@dataclass
+class SegTrainConfig:
+    max_iter: int = 80000                    # iterations (optimizer steps)
+    batch_size: int = 4                      # images per device and step
+    accum_steps: int = 1                     # gradient accumulation; global batch = batch_size x world x accum
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    seed: int = 0
+    log_every: int = 50                      # iterations
+    eval_every: int = 8000                   # iterations; 0 = only at the end
+    checkpoint_every: int = 8000             # iterations
+    resume: Optional[str] = None             # "auto" = <output_dir>/last.pth if present, or a path
+    max_nonfinite: int = 20                  # stop after this many non-finite losses in a row
+
+
+@dataclass
+class SegEvalConfig:
+    mode: Literal["whole", "slide"] = "whole"  # whole image, or sliding windows (mmseg's slide_inference)
+    crop_size: list[int] = field(default_factory=lambda: [512, 512])  # slide: window (h, w) (px)
+    stride: list[int] = field(default_factory=lambda: [341, 341])     # slide: step (h, w) (px)
+    scales: list[float] = field(default_factory=lambda: [1.0])        # multi-scale test: factors of data.scale
+    flip: bool = False                       # also the mirrored image, probabilities averaged
+    overlays: int = 4                        # PNG overlays of predictions on the first N validation images
+
+
+@dataclass
+class SegmentationConfig:
+    task: Literal["segmentation"] = "segmentation"
+    engine: Literal["torch", "mmseg"] = "torch"  # torch: segmentation/train.py; mmseg: segmentation/mmseg_engine.py
+    model: SegModelConfig = field(default_factory=SegModelConfig)
+    data: SegDataConfig = field(default_factory=SegDataConfig)
+    optim: SegOptimConfig = field(default_factory=SegOptimConfig)
+    train: SegTrainConfig = field(default_factory=SegTrainConfig)
+    eval: SegEvalConfig = field(default_factory=SegEvalConfig)
+    output_dir: str = "runs/segmentation/default"
