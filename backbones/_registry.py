@@ -51,6 +51,8 @@ def create_backbone(
     zero_init_last: bool = False,
     frozen_stages: int = -1,
     norm_layer: Union[None, str, Callable[[int], nn.Module]] = None,
+    new_head: bool = False,
+    adapt_input: bool = False,
     **overrides,
 ) -> Backbone:
     """Build a registered backbone.
@@ -58,8 +60,10 @@ def create_backbone(
     Args:
         name: registry name, e.g. ``resnet50d`` (see ``list_backbones()``).
         weights: path of a ``.safetensors`` or ``.pth`` file (the suite's, timm's or torchvision's
-            state dict). A classifier whose shape differs from ``num_classes`` is left at its
-            initialisation (fine-tuning); every other missing/unexpected key is an error.
+            state dict), loaded strictly: a classifier of another size is an error naming both sizes
+            unless ``new_head``.
+        new_head: fine-tuning: a classifier of another size (or none, ``num_classes=0``) is not loaded.
+        adapt_input: a 1-channel stem in ``weights`` is spread over ``in_chans`` (see ``load_weights``).
         num_classes: classifier outputs; 0 builds no classifier (``forward`` returns pooled features).
         in_chans: input channels.
         output_stride: 32, 16 or 8; strides beyond it become dilation (segmentation).
@@ -87,7 +91,7 @@ def create_backbone(
                                     f"{e}") from None
     model.arch = name
     if weights is not None:
-        load_weights(model, weights)
+        load_weights(model, weights, new_head=new_head, adapt_input=adapt_input)
     if isinstance(norm_layer, str):
         model = convert_norm(model, norm_layer)
     model.freeze_stages(frozen_stages)

@@ -127,23 +127,51 @@ def _classifier_keys(model: nn.Module, state: Mapping[str, Tensor]) -> list[str]
     return keys if any(k in own and state[k].shape != own[k] for k in keys) else []
 
 
-def load_weights(model: nn.Module, weights: Union[PathLike, Mapping[str, Tensor]], *, allow_pickle: bool = False) -> None:
-    """Load weights into ``model`` strictly, except a classifier of another size (fine-tuning).
+def _first_conv_key(model: nn.Module) -> Optional[str]:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            return f"{name}.weight"
+    return None
 
-    ``weights`` is a path (see ``load_state_dict``) or a state dict. A classifier (``fc.*``) whose
-    shape differs from the model's, or that the model does not have (``num_classes=0``), is skipped
-    and the model keeps its freshly initialised head. Any other missing, unexpected or mis-shaped key
-    is an error that lists them.
+
+def load_weights(model: nn.Module, weights: Union[PathLike, Mapping[str, Tensor]], *, allow_pickle: bool = False,
+                 new_head: bool = False, adapt_input: bool = False) -> None:
+    """Load weights into ``model`` strictly.
+
+    ``weights`` is a path (see ``load_state_dict``) or a state dict. Any missing, unexpected or
+    mis-shaped key is an error that lists them; so is a classifier (``fc.*``) of another size, or one the
+    model does not have (``num_classes=0``), naming both sizes. Fine-tuning opts in:
+
+    * ``new_head=True``: such a classifier is not loaded and the model keeps its freshly initialised head
+      (or none);
+    * ``adapt_input=True``: a stem conv trained on 1 input channel (Fashion-MNIST) is repeated over the
+      model's ``C`` channels and divided by ``C``, so a grey image given as ``C`` equal channels produces
+      exactly the activations the 1-channel network computed.
     """
     source = str(weights) if not isinstance(weights, Mapping) else "state dict"
     state = dict(weights) if isinstance(weights, Mapping) else load_state_dict(weights, allow_pickle=allow_pickle)
     skipped = _classifier_keys(model, state)
+    if skipped and not new_head:
+        fc = getattr(model, "fc", None)
+        theirs = state["fc.weight"].shape[0] if "fc.weight" in state else "?"
+        ours = fc.weight.shape[0] if isinstance(fc, nn.Linear) else 0
+        raise ValueError(f"weights {source} hold a {theirs}-class classifier but the model has "
+                         f"{f'a {ours}-class one' if ours else 'none (num_classes=0)'}: set num_classes={theirs} to "
+                         "use it, or load for fine-tuning with a new head (new_head=True; model.weights in a "
+                         "training config does)")
     for k in skipped:
         del state[k]
     if skipped:
         log.info("%s: classifier %s not loaded (model has another head); it keeps its initialisation", source, skipped)
-
+    stem = _first_conv_key(model)
     own = model.state_dict()
+    theirs, ours = (state[stem].shape, own[stem].shape) if stem in state and stem in own else (None, None)
+    if adapt_input and theirs is not None and theirs != ours and theirs[1] == 1 \
+            and theirs[0] == ours[0] and theirs[2:] == ours[2:]:
+        channels = own[stem].shape[1]
+        state[stem] = state[stem].repeat(1, channels, 1, 1) / channels
+        log.info("%s: 1-channel stem %s repeated over %d input channels (/%d)", source, stem, channels, channels)
+
     if skipped:  # the head keeps its init: not "missing"
         own = {k: v for k, v in own.items() if not k.startswith("fc.")}
     missing = sorted(set(own) - set(state))

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import RESULTS, header, table  # noqa: E402
 
 from classification.config import Config  # noqa: E402
-from classification.logger import read_records  # noqa: E402
+from runtime.logger import read_records  # noqa: E402
 from classification.train import evaluate_checkpoint, train  # noqa: E402
 from runtime.config import load_config  # noqa: E402
 

@@ -21,7 +21,7 @@ from benchmarks._common import RESULTS, header, paired_seconds, table  # noqa: E
 
 from backbones import create_backbone  # noqa: E402
 from classification.config import Config  # noqa: E402
-from classification.optim import build_optimizer  # noqa: E402
+from runtime.optim import build_optimizer  # noqa: E402
 from classification.train import model_kwargs  # noqa: E402
 from runtime.config import load_config  # noqa: E402
 
@@ -64,7 +64,7 @@ def paired_step_rates(model_a, model_b, batch: int, size: int, dtype, steps: int
 
 def trainer_rate(steps: int, out: Path) -> float:
     """img/s of `tricks train` on Fashion-MNIST as logged (last log window: warm-up excluded)."""
-    from classification.logger import read_records
+    from runtime.logger import read_records
     from classification.train import train
 
     cfg = load_config(FASHION, Config, [f"train.max_steps={steps}", f"train.log_every={steps // 2}",

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import RESULTS, header, paired_seconds, table  # noqa: E402
 
-from classification.optim import build_optimizer  # noqa: E402
+from runtime.optim import build_optimizer  # noqa: E402
 from detection.model import build_faster_rcnn  # noqa: E402
 from segmentation.model import build_fcn  # noqa: E402
 

@@ -47,7 +47,7 @@ class DataConfig:
     # "samples": per-image transforms in DataLoader workers; "tensor": the dataset in memory as uint8,
     # augmented per batch on the device (batch_transforms.py); "auto": tensor for fashion_mnist.
     pipeline: Literal["auto", "samples", "tensor"] = "auto"
-    workers: int = 4                        # DataLoader worker processes per device
+    workers: int = -1                       # DataLoader workers per process; -1 = from the CPU count (runtime.data.default_workers)
     skip_corrupt: bool = False              # True: skip unreadable images and report the count; False: error naming the file
     download: bool = False                  # fashion_mnist only: download if files are missing (needs internet)
     synthetic_size: int = 512               # synthetic only: number of train images (val = 1/4)
@@ -82,6 +82,7 @@ class TrainConfig:
     log_every: int = 20                     # iterations between log lines / JSONL records
     max_nonfinite: int = 20                 # stop after this many non-finite losses in a row
     max_steps: int = 0                      # >0: stop after this many optimizer steps (smoke tests, benchmarks)
+    checkpoint_every: int = 0               # >0: also write last.pth every this many steps (inside an epoch); 0 = per epoch only
     compile: bool = False                   # torch.compile the model
 
 

@@ -126,8 +126,8 @@ def build_loader(dataset: Dataset, *, batch_size: int, shuffle: bool = False, wo
     """
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers,
                       collate_fn=collate_fn, drop_last=drop_last, pin_memory=torch.cuda.is_available(), generator=generator,
-                      # Persistent workers keep start-up out of every epoch; the trainer turns them off so
-                      # workers are re-seeded from the checkpointed RNG each epoch (exact resume).
+                      # Persistent workers keep start-up out of every epoch; exact resume holds because each
+                      # sample is augmented under its own seed (runtime.data.SeededSampler).
                       persistent_workers=persistent_workers and workers > 0)
 
 
@@ -149,8 +149,10 @@ def _imagenet(cfg: DataConfig, train_tf: Transform, val_tf: Transform) -> tuple[
     root = Path(cfg.root)
     if not root.is_dir():
         raise FileNotFoundError(f"ImageNet root {root} does not exist (data.root); {IMAGENET_LAYOUT}")
-    train = _imagenet_split(root, cfg.train_split, train_tf, cfg.skip_corrupt)
     val = _imagenet_split(root, cfg.val_split, val_tf, cfg.skip_corrupt)
+    if train_tf is None:  # evaluation only: the 1.28M-file training folder is not scanned
+        return None, val, val.classes
+    train = _imagenet_split(root, cfg.train_split, train_tf, cfg.skip_corrupt)
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
@@ -233,6 +235,7 @@ class TensorLoader:
     def __init__(self, images: Tensor, labels: Tensor, batch_size: int, sampler: Sampler, drop_last: bool = False):
         self.images, self.labels, self.batch_size = images, labels, batch_size
         self.sampler, self.drop_last = sampler, drop_last
+        self.skip = 0  # batches to leave out of each pass until set again (resuming inside an epoch)
 
     def __len__(self) -> int:
         n = len(self.sampler)
@@ -240,7 +243,7 @@ class TensorLoader:
 
     def __iter__(self):
         order = torch.as_tensor(list(self.sampler), dtype=torch.long)
-        for b in range(len(self)):
+        for b in range(self.skip, len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield self.images[idx], self.labels[idx], 0
 
@@ -290,16 +293,17 @@ DATASETS: dict[str, Callable[[DataConfig, Transform, Transform], tuple[Dataset, 
 }
 
 
-def build_datasets(cfg: DataConfig, mean: Sequence[float], std: Sequence[float], in_chans: int = 3
-                   ) -> tuple[Dataset, Dataset, int, list[str]]:
+def build_datasets(cfg: DataConfig, mean: Sequence[float], std: Sequence[float], in_chans: int = 3,
+                   with_train: bool = True) -> tuple[Optional[Dataset], Dataset, int, list[str]]:
     """Build ``(train_ds, val_ds, num_classes, class_names)`` for ``cfg.name`` with the §2.1 transforms.
 
     ``mean``/``std`` are per-channel on the 0-1 scale. Samples are ``(float image (in_chans, H, W), label)``,
     or ``None`` for an unreadable ImageNet file when ``cfg.skip_corrupt`` (see ``collate_skip_none``).
+    ``with_train=False`` (evaluation) does not index the ImageNet training folder (train_ds is then None).
     """
     if cfg.name not in DATASETS:
         raise ValueError(f"unknown data.name {cfg.name!r}; choose one of {sorted(DATASETS)}")
-    train, val, class_names = DATASETS[cfg.name](cfg, train_transform(cfg, mean, std, in_chans),
+    train, val, class_names = DATASETS[cfg.name](cfg, train_transform(cfg, mean, std, in_chans) if with_train else None,
                                                   val_transform(cfg, mean, std, in_chans))
     if cfg.num_classes and cfg.num_classes != len(class_names):
         raise ValueError(f"data.num_classes={cfg.num_classes} but the {cfg.name} data at {cfg.root} has "

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
-import warnings
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -23,38 +20,28 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from backbones import Backbone, BackboneArgumentError, create_backbone, save_weights
+from runtime.checkpoint import (gather_rng_states, load_checkpoint, resolve_resume, restore_rng_states,
+                                restore_training_state, save_checkpoint, training_state)
 from runtime.config import ConfigError, dump_config, to_dict
+from runtime.data import SeededDataset, SeededSampler, SkipBatches, default_workers
+from runtime.distributed import DistInfo, ShardSampler, all_reduce_sum, cleanup_distributed, init_distributed
+from runtime.logger import Progress, RunLogger, plot_run, reduce_mean
+from runtime.optim import build_optimizer
+from runtime.precision import autocast_for, setup_precision
+from runtime.schedules import build_scheduler, scale_lr
+from runtime.step import OptimizerStep, TrainingDiverged
 
-from .checkpoint import (load_checkpoint, resolve_resume, restore_training_state, rng_state, save_checkpoint,
-                         set_rng_state)
-from .config import Config
 from .batch_transforms import BatchAugment
-from .data import TensorLoader, build_datasets, build_loader, build_tensors, resolve_pipeline
-from .distributed import DistInfo, ShardSampler, all_reduce_min, all_reduce_sum, cleanup_distributed, init_distributed
-from .logger import RunLogger, plot_run
+from .config import Config
+from .data import TensorLoader, build_datasets, build_loader, build_tensors, collate_skip_none, resolve_pipeline
 from .losses import ClassificationLoss, mixup, smooth_labels
-from .optim import build_optimizer
-from .schedules import build_scheduler, scale_lr
 
 log = logging.getLogger("classification")
 
 EpochCallback = Callable[[int, dict], None]
+REFERENCE_BATCH = 256  # optim.lr is per 256 images (the paper's linear scaling rule, §3.1)
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss stayed non-finite for ``train.max_nonfinite`` steps in a row."""
-
-
-def autocast_for(precision: str, device: torch.device):
-    """A zero-argument factory of the autocast context for ``precision`` on ``device``."""
-    if precision == "fp32":
-        return nullcontext
-    if precision == "fp16" and device.type == "cpu":
-        # It works (autocast + GradScaler exist on CPU, which is how the tests cover the fp16 path), but
-        # few CPUs compute in fp16 natively.
-        log.warning("train.precision=fp16 on CPU is slow on most processors; train.precision=bf16 is the CPU choice")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    return lambda: torch.autocast(device.type, dtype=dtype)
+__all__ = ["train", "evaluate", "evaluate_checkpoint", "TrainingDiverged", "REFERENCE_BATCH"]
 
 
 def model_kwargs(cfg: Config) -> dict[str, Any]:
@@ -66,7 +53,8 @@ def model_kwargs(cfg: Config) -> dict[str, Any]:
 def build_model(cfg: Config, num_classes: int) -> Backbone:
     m = cfg.model
     try:
-        return create_backbone(m.name, weights=m.weights, num_classes=num_classes, in_chans=m.in_chans,
+        # model.weights starts a fine-tuning run: a classifier of another size is replaced by a new head
+        return create_backbone(m.name, weights=m.weights, num_classes=num_classes, in_chans=m.in_chans, new_head=True,
                                zero_init_last=m.zero_init_last, init=m.init, norm_eval=m.norm_eval,
                                **model_kwargs(cfg))
     except BackboneArgumentError as e:
@@ -124,46 +112,46 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast, channels_
     return {"top1": 100 * c1 / n, "top5": 100 * c5 / n, "loss": loss / n, "images": int(n)}
 
 
-def build_data(cfg: Config, mean: list[float], std: list[float], dist_info: DistInfo):
+def build_data(cfg: Config, mean: list[float], std: list[float], dist_info: DistInfo, with_train: bool = True):
     """Loaders and device-side preparation for ``data.pipeline``.
 
-    Returns ``(train_loader, val_loader, train_prepare, val_prepare, sampler, num_classes)``. Batches
-    are ``(images, labels, n_skipped)``; ``*_prepare`` maps loaded images on the device to network
-    input. The train order comes from a ``DistributedSampler`` also for one process: it is a function
-    of (seed, epoch), so a resumed run sees the same batches; drop_last keeps ranks in step.
+    Returns ``(train_loader, val_loader, train_prepare, val_prepare, seeded_sampler, num_classes)``. Batches
+    are ``(images, labels, n_skipped)``; ``*_prepare`` maps loaded images on the device to network input.
+    The train order comes from a ``DistributedSampler`` also for one process: it is a function of (seed,
+    epoch), and each sample is augmented under its own seed, so a resumed run sees the same batches; drop_last
+    keeps ranks in step. Both train loaders take ``.skip`` (batches to leave out: resuming inside an epoch).
+    ``with_train=False`` (evaluation) builds no training data (train_loader and sampler are None).
     """
     t, d = cfg.train, cfg.data
     if resolve_pipeline(d) == "tensor":
         (x_train, y_train), (x_val, y_val), num_classes, _ = build_tensors(d)
-        sampler = DistributedSampler(range(len(y_train)), num_replicas=dist_info.world_size, rank=dist_info.rank,
-                                     shuffle=True, seed=t.seed, drop_last=True)
-        train_loader = TensorLoader(x_train, y_train, t.batch_size, sampler, drop_last=True)
+        sampler = SeededSampler(DistributedSampler(range(len(y_train)), num_replicas=dist_info.world_size,
+                                                   rank=dist_info.rank, shuffle=True, seed=t.seed, drop_last=True),
+                                t.seed, dist_info.rank)
+        train_loader = TensorLoader(x_train, y_train, t.batch_size, sampler.sampler, drop_last=True)
         val_loader = TensorLoader(x_val, y_val, t.batch_size,
                                   ShardSampler(len(y_val), dist_info.rank, dist_info.world_size))
         train_prepare = BatchAugment(d, mean, std, cfg.model.in_chans, train=True).to(dist_info.device)
         val_prepare = BatchAugment(d, mean, std, cfg.model.in_chans, train=False).to(dist_info.device)
         return train_loader, val_loader, train_prepare, val_prepare, sampler, num_classes
-    train_ds, val_ds, num_classes, _ = build_datasets(d, mean, std, cfg.model.in_chans)
-    sampler = DistributedSampler(train_ds, num_replicas=dist_info.world_size, rank=dist_info.rank,
-                                 shuffle=True, seed=t.seed, drop_last=True)
-    # persistent_workers=False: workers are re-seeded from the (checkpointed) torch RNG every epoch.
-    train_loader = build_loader(train_ds, batch_size=t.batch_size, sampler=sampler, workers=d.workers,
-                                drop_last=True, persistent_workers=False)
+    train_ds, val_ds, num_classes, _ = build_datasets(d, mean, std, cfg.model.in_chans, with_train=with_train)
+    workers = default_workers(d.workers)
     # Its own generator: validation never draws from the training RNG stream (exact resume).
-    val_loader = build_loader(val_ds, batch_size=t.batch_size, workers=d.workers,
+    val_loader = build_loader(val_ds, batch_size=t.batch_size, workers=workers,
                               sampler=ShardSampler(len(val_ds), dist_info.rank, dist_info.world_size),
                               generator=torch.Generator().manual_seed(t.seed))
+    if not with_train:
+        return None, val_loader, nn.Identity(), nn.Identity(), None, num_classes
+    sampler = SeededSampler(DistributedSampler(train_ds, num_replicas=dist_info.world_size, rank=dist_info.rank,
+                                               shuffle=True, seed=t.seed, drop_last=True), t.seed, dist_info.rank)
+    batches = SkipBatches(torch.utils.data.BatchSampler(sampler, t.batch_size, drop_last=True))
+    # Persistent workers: the augmentation of a sample depends only on (seed, epoch, rank, index).
+    train_loader = torch.utils.data.DataLoader(
+        SeededDataset(train_ds), batch_sampler=batches, num_workers=workers, collate_fn=collate_skip_none,
+        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+        # its own generator: starting the loader never draws from the (checkpointed) training RNG
+        generator=torch.Generator().manual_seed(t.seed))
     return train_loader, val_loader, nn.Identity(), nn.Identity(), sampler, num_classes
-
-
-def _gather_rng(dist_info: DistInfo) -> list[dict]:
-    """RNG states of every rank (rank order), so a resumed DDP run continues every stream exactly."""
-    state = rng_state()
-    if not dist_info.distributed:
-        return [state]
-    states: list[Any] = [None] * dist_info.world_size
-    torch.distributed.all_gather_object(states, state)
-    return states
 
 
 def train(cfg: Config, callbacks: Sequence[EpochCallback] = ()) -> dict[str, Any]:
@@ -191,7 +179,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         raise ValueError("distill.teacher is set but distill.teacher_weights is not: a randomly initialised "
                          "teacher teaches nothing. Point distill.teacher_weights at a trained checkpoint")
     torch.manual_seed(t.seed + dist_info.rank)
-    autocast = autocast_for(t.precision, device)
+    precision = setup_precision(t.precision, device)
 
     # ---- data -------------------------------------------------------------------------------------
     mean, std = normalization(cfg)
@@ -215,33 +203,31 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         teacher.requires_grad_(False)
 
     global_batch = t.batch_size * dist_info.world_size * t.accum_steps
-    base_lr = scale_lr(cfg.optim.lr, global_batch)  # linear scaling: lr per 256 images x global / 256
+    base_lr = scale_lr(cfg.optim.lr, global_batch, REFERENCE_BATCH)  # linear scaling rule
     o = cfg.optim
     optimizer = build_optimizer(model, lr=base_lr, momentum=o.momentum, nesterov=o.nesterov,
                                 weight_decay=o.weight_decay, no_bias_decay=o.no_bias_decay)
     scheduler = build_scheduler(optimizer, base_lr=base_lr, total_steps=total_steps,
                                 warmup_steps=round(o.warmup_epochs * steps_per_epoch), schedule=o.schedule,
                                 milestones=[m * steps_per_epoch for m in o.milestones], gamma=o.gamma)
-    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+    stepper = OptimizerStep(optimizer, scheduler, precision.scaler, accum_steps=t.accum_steps,
+                            max_nonfinite=t.max_nonfinite)
     criterion = ClassificationLoss(label_smoothing=t.label_smoothing, temperature=cfg.distill.temperature)
 
-    # ---- resume -------------------------------------------------------------------------------------
-    start_epoch, step, best_top1 = 0, 0, -1.0
+    # ---- resume: weights, optimizer, schedule, scaler, every rank's RNG, the step inside the epoch ----
+    step, best_top1 = 0, -1.0
     metrics: dict[str, Any] = {}
     resume_path = resolve_resume(t.resume, out)
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
-        restore_training_state(ckpt, model, optimizer, scheduler, scaler)
-        start_epoch, step, best_top1 = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
+        restore_training_state(ckpt, model, optimizer, scheduler, precision.scaler)
+        stepper.load_state_dict(ckpt.get("stepper", {}))
+        step, best_top1 = ckpt["step"], ckpt["best_top1"]
         metrics = dict(ckpt["metrics"])  # a finished run resumed again just re-exports its result
-        rngs = ckpt["rng"]
-        if len(rngs) == dist_info.world_size:
-            set_rng_state(rngs[dist_info.rank])
-        else:
-            log.warning("resuming with %d processes from a run with %d: RNG streams are not restored exactly",
-                        dist_info.world_size, len(rngs))
+        restore_rng_states(ckpt["rng"], dist_info.rank, dist_info.world_size)
         if is_main:
-            log.info("resumed from %s at epoch %d (step %d)", resume_path, start_epoch, step)
+            log.info("resumed from %s at step %d (epoch %d)", resume_path, step, step // steps_per_epoch)
+    start_epoch = step // steps_per_epoch
 
     train_model: nn.Module = model
     if t.compile:
@@ -256,18 +242,31 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
                  len(sampler) * dist_info.world_size, len(val_loader.sampler) * dist_info.world_size,
                  num_classes, dist_info.world_size, t.batch_size, t.accum_steps, global_batch, base_lr, total_steps)
 
+    def checkpoint(epochs_done: int, best: bool = False) -> None:
+        """last.pth (and best.pth): every rank gathers its RNG state, rank 0 writes (atomically)."""
+        rngs = gather_rng_states()
+        if is_main:
+            state = training_state(model, optimizer, scheduler, precision.scaler, step=step, epoch=epochs_done,
+                                   best_top1=best_top1, metrics=metrics, rng=rngs, stepper=stepper.state_dict(),
+                                   config=to_dict(cfg))
+            save_checkpoint(state, out / "last.pth")
+            if best:
+                save_checkpoint(state, out / "best.pth")
+
     # ---- the loop -----------------------------------------------------------------------------------
-    nonfinite_streak, skipped_images = 0, 0
+    end_step = min(total_steps, t.max_steps or total_steps)
+    progress = Progress(end_step, step, enabled=is_main, logger=log)
+    skipped_images = 0
     for epoch in range(start_epoch, t.epochs):
         sampler.set_epoch(epoch)
+        first = step - epoch * steps_per_epoch  # > 0 when resuming inside this epoch
+        _skip(train_loader, first * t.accum_steps)
         use_mixup = t.mixup_alpha > 0 and epoch < t.epochs - t.mixup_off_epochs
         train_model.train()
-        progress = _progress(steps_per_epoch, epoch, t.epochs, enabled=is_main)
-        loss_sum = torch.zeros((), device=device)
-        loss_count, tic, images_seen = 0, time.perf_counter(), 0
-        window_tic, window_images = tic, 0  # img/s over the last log window, not since the epoch began
+        loss_sum, loss_count = torch.zeros((), device=device), 0
+        tic, images_seen = time.perf_counter(), 0
         batches = iter(train_loader)
-        for i in range(steps_per_epoch):
+        for _ in range(first, steps_per_epoch):
             step_loss = torch.zeros((), device=device)
             for micro in range(t.accum_steps):
                 images, labels, n_skipped = next(batches)
@@ -279,98 +278,59 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
                 targets = smooth_labels(labels, num_classes, t.label_smoothing)
                 if use_mixup:  # the teacher sees the same mixed images
                     images, targets, _ = mixup(images, targets, t.mixup_alpha)
-                last_micro = micro == t.accum_steps - 1
-                sync = nullcontext() if last_micro or not dist_info.distributed else train_model.no_sync()
-                with sync:
-                    with autocast():
+                with stepper.no_sync(train_model, micro):
+                    with precision.autocast():
                         logits = train_model(images)
                         with torch.no_grad():
                             teacher_logits = teacher(images) if teacher is not None else None
                     loss = criterion(logits, targets, teacher_logits)
-                    scaler.scale(loss / t.accum_steps).backward()
+                    stepper.backward(loss)
                 step_loss += loss.detach() / t.accum_steps
                 images_seen += images.shape[0]
-                window_images += images.shape[0]
-
-            # A non-finite loss skips the step on every rank (fp16: GradScaler finds the inf/nan grads).
-            if scaler.is_enabled():
-                scale = scaler.get_scale()
-                scaler.step(optimizer)
-                scaler.update()
-                skipped = scaler.get_scale() < scale
-            else:
-                finite = all_reduce_min(torch.isfinite(step_loss).float())
-                skipped = not bool(finite.item())
-                if not skipped:
-                    optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            with warnings.catch_warnings():
-                # A skipped first step makes torch warn that the schedule runs ahead of the optimizer; it
-                # is meant to: the schedule counts iterations, skipped or not.
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-                scheduler.step()
+            stepped = stepper.step(step_loss)
             step += 1
-            if skipped:
-                nonfinite_streak += 1
-                if nonfinite_streak >= t.max_nonfinite:
-                    raise TrainingDiverged(
-                        f"the loss was non-finite for {nonfinite_streak} steps in a row (epoch {epoch}, step {step}); "
-                        f"stopped. The last good checkpoint is {out / 'last.pth'} (written at the end of the last "
-                        "finished epoch). Lower optim.lr, raise optim.warmup_epochs, or train in fp32")
-                continue
-            nonfinite_streak = 0
-            loss_sum += step_loss
-            loss_count += 1
-            if step % t.log_every == 0 or step == total_steps:
-                now = time.perf_counter()
-                rate = window_images * dist_info.world_size / max(now - window_tic, 1e-9)
-                window_tic, window_images = now, 0
-                mean_loss = all_reduce_sum(loss_sum.clone()).item() / (loss_count * dist_info.world_size)
+            progress.update(t.batch_size * t.accum_steps * dist_info.world_size)
+            stepper.check_diverged(f"epoch {epoch}, step {step}", str(out / "last.pth"))
+            if stepped:
+                loss_sum += step_loss
+                loss_count += 1
+            if step % t.log_every == 0 or step == end_step:
+                # The only host sync of the loss: here, every log_every steps.
+                mean_loss = reduce_mean({"loss": loss_sum}, loss_count)["loss"] if loss_count else float("nan")
                 lr = optimizer.param_groups[0]["lr"]
-                logger.log("train", step, epoch=epoch + (i + 1) / steps_per_epoch, loss=mean_loss,
-                           lr=lr, img_per_s=rate)
-                progress.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
-                if progress.disable and is_main:  # no terminal (log file, nohup): the same as a log line
-                    eta = (min(total_steps, t.max_steps or total_steps) - step) * global_batch / max(rate, 1e-9)
-                    log.info("epoch %d step %d/%d  loss %.4f  lr %.4g  %.0f img/s  ETA %s", epoch + 1, step,
-                             total_steps, mean_loss, lr, rate, _hms(eta))
+                shown = progress.report(step, loss=mean_loss, lr=lr)
+                logger.log("train", step, epoch=step / steps_per_epoch, loss=mean_loss, lr=lr,
+                           img_per_s=shown["img_per_s"])
                 loss_sum.zero_()
                 loss_count = 0
-            progress.update(1)
-            if t.max_steps and step >= t.max_steps:
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step % steps_per_epoch:
+                checkpoint(epoch)  # inside the epoch; the epoch's end writes its own below
+            if step >= end_step:
                 break
-        progress.close()
         train_time = time.perf_counter() - tic
 
-        last_epoch = epoch == t.epochs - 1 or bool(t.max_steps and step >= t.max_steps)
+        last_epoch = epoch == t.epochs - 1 or step >= end_step
+        is_best = False
         if (epoch + 1) % t.eval_every == 0 or last_epoch:
-            metrics = evaluate(train_model, val_loader, device, autocast, cfg.model.channels_last, val_prepare,
-                               cfg.data.val_hflip_tta)
+            metrics = evaluate(train_model, val_loader, device, precision.autocast, cfg.model.channels_last,
+                               val_prepare, cfg.data.val_hflip_tta)
             metrics.update(epoch=epoch + 1, train_time_s=train_time,
                            train_img_per_s=images_seen * dist_info.world_size / train_time)
             logger.log("val", step, **metrics)
+            is_best = metrics["top1"] > best_top1
+            best_top1 = max(best_top1, metrics["top1"])
             if is_main:
                 log.info("epoch %d/%d: top-1 %.2f%%, top-5 %.2f%%, val loss %.4f, %.0f img/s", epoch + 1, t.epochs,
                          metrics["top1"], metrics["top5"], metrics["loss"], metrics["train_img_per_s"])
         skipped_total = int(all_reduce_sum(torch.tensor(skipped_images, device=device)).item())
         if skipped_total and is_main:
             log.warning("%d unreadable images skipped so far (data.skip_corrupt=true)", skipped_total)
-
-        # Checkpoint: every rank takes part in gathering RNG states; rank 0 writes.
-        rngs = _gather_rng(dist_info)
-        if is_main:
-            is_best = "top1" in metrics and metrics.get("epoch") == epoch + 1 and metrics["top1"] > best_top1
-            best_top1 = max(best_top1, metrics.get("top1", best_top1))
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                     "step": step, "best_top1": best_top1, "metrics": metrics, "rng": rngs, "config": to_dict(cfg)}
-            save_checkpoint(state, out / "last.pth")
-            if is_best:
-                save_checkpoint(state, out / "best.pth")
+        checkpoint(epoch + 1, best=is_best)
         for callback in callbacks:
             callback(epoch, metrics)
         if last_epoch:
             break
+    progress.close()
 
     if is_main:
         metrics["skipped_images"] = skipped_images
@@ -383,17 +343,10 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
     return metrics
 
 
-def _hms(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def _progress(total: int, epoch: int, epochs: int, enabled: bool):
-    from tqdm import tqdm
-
-    # tqdm shows the ETA; on a non-terminal (log files) it stays quiet and the log lines speak.
-    return tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", disable=not enabled or not sys.stderr.isatty(),
-                dynamic_ncols=True, leave=False)
+def _skip(loader, batches: int) -> None:
+    """Leave the first ``batches`` batches out of the loader's next pass (resuming inside an epoch)."""
+    target = loader.batch_sampler if hasattr(loader, "batch_sampler") and hasattr(loader.batch_sampler, "skip") else loader
+    target.skip = batches
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict[str, float]:
@@ -402,11 +355,10 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict[str, float]:
     try:
         device = dist_info.device
         mean, std = normalization(cfg)
-        _, loader, _, prepare, _, num_classes = build_data(cfg, mean, std, dist_info)
+        _, loader, _, prepare, _, num_classes = build_data(cfg, mean, std, dist_info, with_train=False)
+        # strict: a classifier of another size is an error naming both sizes, not a random head
         model = create_backbone(cfg.model.name, weights=checkpoint, num_classes=num_classes,
                                 in_chans=cfg.model.in_chans, norm_eval=True, **model_kwargs(cfg))
-        if model.fc.weight.shape[0] != num_classes:
-            raise ValueError(f"{checkpoint} has no {num_classes}-class classifier for {cfg.data.name}")
         memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         model = model.to(device, memory_format=memory_format)
         return evaluate(model, loader, device, autocast_for(cfg.train.precision, device), cfg.model.channels_last,

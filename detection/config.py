@@ -30,7 +30,7 @@ class DetDataConfig:
     classes: Any = None                      # None = the 20 VOC classes; a list of names, or a file with one name per line
     skip_invalid: bool = False               # True: skip zero-area boxes / unknown class names and count them; False: error
     hflip: float = 0.5                       # horizontal flip probability in training
-    workers: int = 4                         # DataLoader worker processes per device
+    workers: int = -1                        # DataLoader workers per process; -1 = from the CPU count
 
 
 @dataclass
@@ -54,6 +54,7 @@ class DetTrainConfig:
     eval_every: int = 0                      # iterations; 0 = only at the end
     checkpoint_every: int = 2000             # iterations
     resume: Optional[str] = None             # "auto" = <output_dir>/last.pth if present, or a path
+    max_nonfinite: int = 20                  # stop after this many non-finite losses in a row (skipped steps)
 
 
 @dataclass

@@ -59,7 +59,7 @@ def build_faster_rcnn(backbone: str, num_classes: int = 21, *, weights: Optional
         **detector_kwargs: torchvision ``FasterRCNN`` arguments (``min_size``, ``max_size``,
             ``box_score_thresh``, ...). ``image_mean``/``image_std`` default to the backbone's.
     """
-    body = create_backbone(backbone, weights=weights, num_classes=0, frozen_stages=frozen_stages,
+    body = create_backbone(backbone, weights=weights, num_classes=0, frozen_stages=frozen_stages, new_head=True, adapt_input=True,
                            norm_layer=norm_layer)
     detector_kwargs.setdefault("image_mean", list(body.default_cfg["mean"]))
     detector_kwargs.setdefault("image_std", list(body.default_cfg["std"]))

@@ -14,37 +14,90 @@ Boxes are returned as ``tv_tensors.BoundingBoxes`` in XYXY continuous pixel coor
 inclusive corners become ``(xmin - 1, ymin - 1, xmax, ymax)`` (detectron2 does the same), so
 torchvision.transforms.v2 flips and resizes them with the image and ``detection.voc_eval`` reproduces
 the devkit's IoUs.
+
+Datasets in the VOC layout with their own classes (``classes=``, the trainer's ``data.classes``) and XML
+written by other tools read as well: labelImg, CVAT and Roboflow write float corners ("12.5"), may leave
+out ``difficult``/``truncated``/``pose``/``segmented``, and write ``<depth>1</depth>`` or no depth. Boxes
+reaching outside the image are clipped to it and counted (``dataset.stats``, one warning per set).
 """
 from __future__ import annotations
 
 import bisect
+import logging
+import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
+log = logging.getLogger(__name__)
+
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
     "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
-_CLASS_INDEX = {name: i for i, name in enumerate(VOC_CLASSES)}
+
+ClassesArg = Union[None, Sequence[str], str, "os.PathLike[str]"]
 
 
 class VOCFormatError(ValueError):
     """A VOC file that cannot be read as the devkit writes it; the message names the file."""
 
 
+def _check_names(names: Sequence[str], positions: Sequence[int], where: str, unit: str) -> tuple[str, ...]:
+    first: dict[str, int] = {}
+    for name, position in zip(names, positions):
+        if name in first:
+            raise ValueError(f"{where}: class {name!r} at {unit} {position} is already at {unit} {first[name]}; "
+                             "list each class once (its position is its label)")
+        first[name] = position
+    if not names:
+        raise ValueError(f"{where}: no class names (give at least one)")
+    return tuple(names)
+
+
+def resolve_classes(value: ClassesArg, key: str = "data.classes") -> tuple[str, ...]:
+    """The class names a VOC-layout dataset is labelled with, in label order.
+
+    ``value`` is ``None`` (the 20 VOC classes), a list/tuple of names, or the path of a text file with one
+    name per line (blank lines ignored). Duplicates and empty names are errors naming ``key`` (the config
+    key the value came from) and the file.
+    """
+    if value is None:
+        return VOC_CLASSES
+    if isinstance(value, (str, os.PathLike)):
+        path = Path(value)
+        if not path.is_file():
+            raise FileNotFoundError(f"{key}={str(value)!r}: class file not found (give a file with one class name "
+                                    "per line, or a list of names such as [cat, dog])")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{key}: {path} is not UTF-8 text ({e})") from None
+        numbered = [(line.strip(), n) for n, line in enumerate(lines, 1) if line.strip()]
+        return _check_names([name for name, _ in numbered], [n for _, n in numbered], f"{key}: {path}", "line")
+    if isinstance(value, (list, tuple)):
+        bad = [v for v in value if not isinstance(v, str) or not v.strip()]
+        if bad:
+            raise ValueError(f"{key}: class names must be non-empty strings, got {bad[0]!r}")
+        return _check_names([v.strip() for v in value], range(len(value)), key, "index")
+    raise TypeError(f"{key}: expected null (the 20 VOC classes), a list of names or a file path, "
+                    f"got {type(value).__name__} {value!r}")
+
+
 @dataclass
 class VOCAnnotation:
-    boxes: np.ndarray       # [N, 4] float32, XYXY continuous pixel coordinates
-    labels: np.ndarray      # [N] int64, index into VOC_CLASSES
+    boxes: np.ndarray       # [N, 4] float32, XYXY continuous pixel coordinates, inside the image
+    labels: np.ndarray      # [N] int64, index into the dataset's classes
     difficult: np.ndarray   # [N] bool
     width: int
     height: int
+    clipped: int = 0        # boxes that reached outside the image and were clipped to it
+    skipped: int = 0        # invalid objects left out (parse_annotation(skip_invalid=True))
 
 
 def _text(node: ET.Element, path: str, where: Path) -> str:
@@ -54,8 +107,37 @@ def _text(node: ET.Element, path: str, where: Path) -> str:
     return child.text.strip()
 
 
-def parse_annotation(path: Path | str) -> VOCAnnotation:
-    """Read one ``Annotations/<id>.xml``. Errors name the file and the offending object."""
+def _pixels(size: ET.Element, tag: str, where: Path) -> int:
+    text = _text(size, tag, where)
+    try:
+        value = float(text)  # some exporters write "640.0"
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value.is_integer()):
+        raise VOCFormatError(f"{where}: <size><{tag}> is {text!r}, not a positive whole number of pixels "
+                             "(the exporter could not read the image? re-export it with the image size)")
+    return int(value)
+
+
+def _difficult(obj: ET.Element, where: Path, k: int, name: str) -> bool:
+    flag = obj.find("difficult")  # optional: absent in a few VOC2012 files and in labelImg/Roboflow exports
+    text = "" if flag is None or flag.text is None else flag.text.strip().lower()
+    if text in ("", "0", "false"):
+        return False
+    if text in ("1", "true"):
+        return True
+    raise VOCFormatError(f"{where}: object {k} ({name}) has <difficult>{flag.text}</difficult>, expected 0 or 1")
+
+
+def parse_annotation(path: Path | str, classes: Sequence[str] = VOC_CLASSES,
+                     skip_invalid: bool = False) -> VOCAnnotation:
+    """Read one ``Annotations/<id>.xml``; labels index ``classes``. Errors name the file and the object.
+
+    Boxes reaching outside ``<size>`` are clipped to the image (``clipped`` counts them). An object whose
+    class is not in ``classes``, whose corners are reversed, or whose box has no area left after clipping
+    is an error, or with ``skip_invalid=True`` is left out (``skipped`` counts them). A file that is not
+    VOC XML (missing ``<size>``/``<bndbox>``, a corner that is not a number) is always an error.
+    """
     path = Path(path)
     try:
         root = ET.parse(path).getroot()
@@ -65,13 +147,20 @@ def parse_annotation(path: Path | str) -> VOCAnnotation:
         raise VOCFormatError(f"{path}: not valid XML ({e})") from None
     size = root.find("size")
     if size is None:
-        raise VOCFormatError(f"{path}: missing <size>")
-    width, height = int(_text(size, "width", path)), int(_text(size, "height", path))
+        raise VOCFormatError(f"{path}: missing <size> (VOC XML gives <size><width>..</width><height>..</height>)")
+    width, height = _pixels(size, "width", path), _pixels(size, "height", path)
+    index = {name: i for i, name in enumerate(classes)}
     boxes, labels, difficult = [], [], []
+    clipped = skipped = 0
+
+    def invalid(message: str) -> None:
+        nonlocal skipped
+        if not skip_invalid:
+            raise VOCFormatError(f"{path}: {message} (skip_invalid=True leaves such objects out)")
+        skipped += 1
+
     for k, obj in enumerate(root.findall("object")):
         name = _text(obj, "name", path)
-        if name not in _CLASS_INDEX:
-            raise VOCFormatError(f"{path}: object {k} has class {name!r}, not one of the 20 VOC classes")
         bndbox = obj.find("bndbox")
         if bndbox is None:
             raise VOCFormatError(f"{path}: object {k} ({name}) has no <bndbox>")
@@ -79,15 +168,28 @@ def parse_annotation(path: Path | str) -> VOCAnnotation:
             x1, y1, x2, y2 = (float(_text(bndbox, t, path)) for t in ("xmin", "ymin", "xmax", "ymax"))
         except ValueError as e:
             raise VOCFormatError(f"{path}: object {k} ({name}): box corner is not a number ({e})") from None
+        if name not in index:
+            known = ("the 20 VOC classes" if tuple(classes) == VOC_CLASSES else
+                     f"the {len(classes)} classes {', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}")
+            invalid(f"object {k} has class {name!r}, not one of {known} (set data.classes to this dataset's "
+                    "names)")
+            continue
         if not (x2 >= x1 and y2 >= y1):
-            raise VOCFormatError(f"{path}: object {k} ({name}) has xmax < xmin or ymax < ymin: "
-                                 f"({x1:g}, {y1:g}, {x2:g}, {y2:g})")
-        boxes.append((x1 - 1, y1 - 1, x2, y2))
-        labels.append(_CLASS_INDEX[name])
-        flag = obj.find("difficult")  # optional in a few VOC2012 files: absent = not difficult
-        difficult.append(flag is not None and flag.text is not None and flag.text.strip() == "1")
+            invalid(f"object {k} ({name}) has xmax < xmin or ymax < ymin: ({x1:g}, {y1:g}, {x2:g}, {y2:g})")
+            continue
+        box = (x1 - 1, y1 - 1, x2, y2)  # 1-based inclusive corners -> continuous coordinates
+        inside = (min(max(box[0], 0), width), min(max(box[1], 0), height),
+                  min(max(box[2], 0), width), min(max(box[3], 0), height))
+        if not (inside[2] > inside[0] and inside[3] > inside[1]):
+            invalid(f"object {k} ({name}) box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) has no area inside the "
+                    f"{width}x{height} image")
+            continue
+        clipped += inside != box
+        boxes.append(inside)
+        labels.append(index[name])
+        difficult.append(_difficult(obj, path, k, name))
     return VOCAnnotation(np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64),
-                         np.array(difficult, bool), width, height)
+                         np.array(difficult, bool), width, height, clipped, skipped)
 
 
 def _devkit(root: Path) -> Path:
@@ -110,28 +212,55 @@ class VOCDetection(Dataset):
     """One VOC year and image set. Items are ``(image, target)``: a uint8 ``tv_tensors.Image`` [3, H, W]
     and ``{"boxes": BoundingBoxes XYXY, "labels": int64, "difficult": bool, "image_id": str}``.
 
+    ``classes`` (see ``resolve_classes``) names the labels: the 20 VOC classes by default.
     ``keep_difficult=False`` drops difficult boxes (training, as detectron2 and torchvision references
     do); evaluation keeps them (``detection.voc_eval`` ignores detections that match them).
     ``transforms(image, target)`` is applied last (torchvision.transforms.v2 moves the boxes along).
+
+    Every annotation is read when the set is built (as detectron2's ``load_voc_instances``), so a broken
+    file fails at once rather than mid-training, and ``stats`` counts ``clipped`` boxes, ``skipped``
+    invalid objects (``skip_invalid=True``) and ``dropped_images``. An image with no boxes left is kept,
+    unless ``drop_empty``: torchvision's detection reference removes images without annotations from
+    the training set only, so ``drop_empty=None`` drops them exactly when ``keep_difficult=False`` (the
+    training setting; evaluation must see every image, or its false positives go uncounted).
     """
 
     def __init__(self, root: Path | str, year: str, image_set: str, keep_difficult: bool = True,
-                 transforms: Optional[Callable] = None):
+                 transforms: Optional[Callable] = None, classes: ClassesArg = None, skip_invalid: bool = False,
+                 drop_empty: Optional[bool] = None):
         self.root = _devkit(Path(root)) / f"VOC{year}"
         self.year, self.image_set = year, image_set
-        self.ids = read_image_set(root, year, image_set)
+        self.classes = resolve_classes(classes)
         self.keep_difficult = keep_difficult
         self.transforms = transforms
+        ids = read_image_set(root, year, image_set)
+        annotations = []
+        clipped = skipped = 0
+        for image_id in ids:
+            ann = parse_annotation(self.root / "Annotations" / f"{image_id}.xml", self.classes, skip_invalid)
+            clipped, skipped = clipped + ann.clipped, skipped + ann.skipped
+            if not keep_difficult:
+                keep = ~ann.difficult
+                ann = VOCAnnotation(ann.boxes[keep], ann.labels[keep], ann.difficult[keep], ann.width, ann.height,
+                                    ann.clipped, ann.skipped)
+            annotations.append(ann)
+        drop = (not keep_difficult) if drop_empty is None else drop_empty
+        kept = [i for i, ann in enumerate(annotations) if not drop or len(ann.labels)]
+        self.ids = [ids[i] for i in kept]
+        self._annotations = [annotations[i] for i in kept]
+        self.stats = {"clipped": clipped, "skipped": skipped, "dropped_images": len(ids) - len(kept)}
+        if any(self.stats.values()):
+            log.warning("VOC%s %s: %d boxes clipped to their image, %d invalid objects skipped, %d images without "
+                        "boxes dropped", year, image_set, clipped, skipped, self.stats["dropped_images"])
+        if not self.ids:
+            raise VOCFormatError(f"{self.root}/ImageSets/Main/{image_set}.txt: no image has a box left "
+                                 f"({len(ids)} images, all without objects)")
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def annotation(self, index: int) -> VOCAnnotation:
-        ann = parse_annotation(self.root / "Annotations" / f"{self.ids[index]}.xml")
-        if not self.keep_difficult:
-            keep = ~ann.difficult
-            ann = VOCAnnotation(ann.boxes[keep], ann.labels[keep], ann.difficult[keep], ann.width, ann.height)
-        return ann
+        return self._annotations[index]
 
     def __getitem__(self, index: int):
         from PIL import Image
@@ -161,7 +290,16 @@ class VOCDetection(Dataset):
 
 
 class VOCConcat(ConcatDataset):
-    """Several VOC sets as one (``2007-trainval+2012-trainval``), with ``annotation(i)`` like each part."""
+    """Several VOC sets as one (``2007-trainval+2012-trainval``), with ``annotation(i)``, ``classes`` and
+    ``stats`` like each part."""
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.datasets[0].classes
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {k: sum(d.stats[k] for d in self.datasets) for k in self.datasets[0].stats}
 
     def annotation(self, index: int) -> VOCAnnotation:
         part = bisect.bisect_right(self.cumulative_sizes, index)
@@ -169,13 +307,19 @@ class VOCConcat(ConcatDataset):
         return self.datasets[part].annotation(index - offset)
 
 
-def build_voc(root: Path | str, splits: str, keep_difficult: bool = True,
-              transforms: Optional[Callable] = None) -> VOCDetection | VOCConcat:
-    """``splits`` as ``"2007-trainval+2012-trainval"`` (the paper's training set) or ``"2007-test"``."""
+def build_voc(root: Path | str, splits: str, keep_difficult: bool = True, transforms: Optional[Callable] = None,
+              classes: ClassesArg = None, skip_invalid: bool = False,
+              drop_empty: Optional[bool] = None) -> VOCDetection | VOCConcat:
+    """``splits`` as ``"2007-trainval+2012-trainval"`` (the paper's training set) or ``"2007-test"``.
+
+    ``classes``, ``skip_invalid`` and ``drop_empty`` as ``VOCDetection``; the classes are resolved once.
+    """
+    names = resolve_classes(classes)
     parts = []
     for split in splits.split("+"):
         year, sep, image_set = split.strip().partition("-")
         if not sep or year not in ("2007", "2012") or not image_set:
             raise ValueError(f"VOC split {split!r}: expected YEAR-SET with YEAR 2007 or 2012, e.g. 2007-trainval")
-        parts.append(VOCDetection(root, year, image_set, keep_difficult, transforms))
+        parts.append(VOCDetection(root, year, image_set, keep_difficult, transforms, classes=names,
+                                  skip_invalid=skip_invalid, drop_empty=drop_empty))
     return parts[0] if len(parts) == 1 else VOCConcat(parts)

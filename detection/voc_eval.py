@@ -19,13 +19,25 @@ the IoUs equal the devkit's.
 
 This is independent of any detection framework, so both engines (detectron2, torchvision) report the
 same numbers.
+
+The devkit's results format is here too: ``write_voc_results`` writes ``comp4_det_<split>_<class>.txt``
+(one line per detection, ``image_id score xmin ymin xmax ymax`` in VOC's 1-based inclusive corners),
+``read_voc_results`` reads it back, and ``score_voc_results`` scores such a folder against a VOCdevkit
+(``tricks voc-eval``), so detections from any tool that writes the devkit format can be compared.
 """
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+
+from .voc import ClassesArg, VOCDetection, VOCFormatError, resolve_classes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -128,3 +140,139 @@ def evaluate_voc(predictions: Sequence[VOCBoxes], ground_truth: Sequence[VOCBoxe
     ap = np.array([r[0] for r in results])
     num_gt = np.array([r[1] for r in results])
     return {"mAP": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"), "ap": ap, "num_gt": num_gt}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The devkit's results files
+
+
+def results_path(results_dir: Path | str, class_name: str, split: str = "test", prefix: str = "comp4_det") -> Path:
+    """``<results_dir>/<prefix>_<split>_<class>.txt``, the devkit's name (``comp4``: trained on outside data)."""
+    return Path(results_dir) / f"{prefix}_{split}_{class_name}.txt"
+
+
+def _array(detection: Any, field: str) -> Optional[np.ndarray]:
+    value = detection.get(field) if isinstance(detection, Mapping) else getattr(detection, field, None)
+    if value is not None and hasattr(value, "detach"):  # torch tensors (a torchvision model's output dict)
+        value = value.detach().cpu().numpy()
+    return None if value is None else np.asarray(value)
+
+
+def write_voc_results(results_dir: Path | str, detections: Mapping[str, Any], classes: Sequence[str],
+                      split: str = "test", prefix: str = "comp4_det") -> list[Path]:
+    """Write detections in the devkit's results format: one file per class (every class, empty or not),
+    one line per detection, ``image_id score xmin ymin xmax ymax``.
+
+    ``detections`` maps an image id to its boxes: a ``VOCBoxes`` or anything with ``boxes`` [N, 4]
+    (continuous XYXY, as ``detection.voc`` loads them), ``labels`` [N] (index into ``classes``) and
+    ``scores`` [N] (attributes or dict keys; numpy or torch). Corners are written as the devkit's 1-based
+    inclusive pixels, ``(x1 + 1, y1 + 1, x2, y2)``, numbers in Python's shortest round-trip form, so
+    ``read_voc_results`` gives back the same boxes and scores bit for bit (boxes held in float32, as the
+    loader and detectors hold them: ``c + 1 - 1 == c`` in float64 for every float32 ``c`` with
+    ``|c| >= 2**-29`` or 0). Returns the files written.
+    """
+    classes = tuple(classes)
+    results_dir = Path(results_dir)
+    lines: list[list[str]] = [[] for _ in classes]
+    for image_id, detection in detections.items():
+        if not isinstance(image_id, str) or not image_id or image_id.split() != [image_id]:
+            raise ValueError(f"image id {image_id!r}: the results format needs a non-empty id without whitespace")
+        boxes, labels, scores = (_array(detection, f) for f in ("boxes", "labels", "scores"))
+        if boxes is None or labels is None or scores is None:
+            raise ValueError(f"detections[{image_id!r}] needs boxes, labels and scores")
+        boxes, labels, scores = boxes.astype(np.float64).reshape(-1, 4), labels.reshape(-1), scores.reshape(-1)
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"detections[{image_id!r}]: labels must be integers (class indices), got {labels.dtype}")
+        if not (len(boxes) == len(labels) == len(scores)):
+            raise ValueError(f"detections[{image_id!r}]: {len(boxes)} boxes, {len(labels)} labels and {len(scores)} "
+                             "scores: one of each per detection")
+        bad = labels[(labels < 0) | (labels >= len(classes))]
+        if bad.size:
+            raise ValueError(f"detections[{image_id!r}] has label {int(bad[0])}, outside 0..{len(classes) - 1} "
+                             f"({len(classes)} classes; a torchvision model's labels count background as 0: "
+                             "subtract 1)")
+        if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
+            raise ValueError(f"detections[{image_id!r}] has a box or score that is not a finite number")
+        corners = boxes + np.array([1.0, 1.0, 0.0, 0.0])  # continuous -> the devkit's 1-based corners
+        scores = scores.astype(np.float64)
+        for (x1, y1, x2, y2), label, score in zip(corners.tolist(), labels.tolist(), scores.tolist()):
+            lines[label].append(f"{image_id} {score!r} {x1!r} {y1!r} {x2!r} {y2!r}\n")
+    results_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, class_lines in zip(classes, lines):
+        path = results_path(results_dir, name, split, prefix)
+        path.write_text("".join(class_lines))
+        written.append(path)
+    return written
+
+
+def read_voc_results(results_dir: Path | str, classes: Sequence[str], split: str = "test",
+                     prefix: str = "comp4_det", image_ids: Optional[Sequence[str]] = None) -> dict[str, VOCBoxes]:
+    """Read the devkit's results files back: ``{image_id: VOCBoxes(boxes, labels, scores)}`` with boxes in
+    continuous coordinates (``xmin - 1, ymin - 1, xmax, ymax``) and labels indexing ``classes``; an image's
+    detections are grouped by class, in file order.
+
+    A missing class file means no detections of that class (logged as a warning naming the file). A line
+    that is not ``image_id score xmin ymin xmax ymax`` is an error naming the file and line; so is an id
+    outside ``image_ids`` (when given: the split's ids).
+    """
+    known = None if image_ids is None else set(image_ids)
+    found: dict[str, list[tuple[int, list[float]]]] = {}
+    for label, name in enumerate(classes):
+        path = results_path(results_dir, name, split, prefix)
+        if not path.is_file():
+            log.warning("%s not found: scored as no %s detections", path, name)
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            fields = line.split()
+            if not fields:
+                continue
+            where = f"{path}, line {number}"
+            if len(fields) != 6:
+                raise VOCFormatError(f"{where}: {len(fields)} fields, expected 6: image_id score xmin ymin xmax "
+                                     f"ymax ({line.strip()!r})")
+            try:
+                values = [float(v) for v in fields[1:]]
+            except ValueError:
+                raise VOCFormatError(f"{where}: score and corners must be numbers ({line.strip()!r})") from None
+            if not all(math.isfinite(v) for v in values):
+                raise VOCFormatError(f"{where}: score or corner is not a finite number ({line.strip()!r})")
+            image_id = fields[0]
+            if known is not None and image_id not in known:
+                raise VOCFormatError(f"{where}: image {image_id!r} is not in the {split} split (results for another "
+                                     "split, or the wrong --split/--year?)")
+            found.setdefault(image_id, []).append((label, values))
+    results = {}
+    for image_id, rows in found.items():
+        values = np.array([v for _, v in rows], np.float64)
+        results[image_id] = VOCBoxes(values[:, 1:] - np.array([1.0, 1.0, 0.0, 0.0]),
+                                     np.array([label for label, _ in rows], np.int64), scores=values[:, 0])
+    return results
+
+
+def score_voc_results(devkit_root: Path | str, year: str | int, split: str, results_dir: Path | str,
+                      classes: ClassesArg = None, use_07_metric: bool = True, prefix: str = "comp4_det",
+                      iou_threshold: float = 0.5, skip_invalid: bool = False) -> dict:
+    """Score a folder of devkit results files against ``VOC<year>/ImageSets/Main/<split>.txt``.
+
+    Ground truth is read with ``detection.voc`` (difficult boxes kept, every image kept). Returns
+    ``{"map_voc07", "map_area", "ap_per_class": {name: AP}, "metric", "num_gt": {name: n}}``: both mAPs
+    (11-point VOC07 and area under the curve), the per-class AP under the metric ``use_07_metric``
+    picks (``metric`` says which); all in 0-1. A class without non-difficult ground truth has AP NaN and
+    is left out of the means.
+    """
+    names = resolve_classes(classes)
+    dataset = VOCDetection(devkit_root, str(year), split, keep_difficult=True, classes=names,
+                           skip_invalid=skip_invalid, drop_empty=False)
+    found = read_voc_results(results_dir, names, split, prefix, image_ids=dataset.ids)
+    nothing = VOCBoxes(np.zeros((0, 4)), np.zeros(0, np.int64), scores=np.zeros(0))
+    predictions = [found.get(image_id, nothing) for image_id in dataset.ids]
+    truth = [VOCBoxes(ann.boxes, ann.labels, difficult=ann.difficult)
+             for ann in (dataset.annotation(i) for i in range(len(dataset)))]
+    voc07 = evaluate_voc(predictions, truth, len(names), iou_threshold, use_07_metric=True)
+    area = evaluate_voc(predictions, truth, len(names), iou_threshold, use_07_metric=False)
+    chosen = voc07 if use_07_metric else area
+    return {"map_voc07": voc07["mAP"], "map_area": area["mAP"],
+            "ap_per_class": {name: float(ap) for name, ap in zip(names, chosen["ap"])},
+            "metric": "voc07" if use_07_metric else "area",
+            "num_gt": {name: int(n) for name, n in zip(names, chosen["num_gt"])}}

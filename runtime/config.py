@@ -118,6 +118,18 @@ def load_config(path: str | os.PathLike | None, schema_cls: type[T], overrides: 
     return cfg
 
 
+def read_top_level(path: str | os.PathLike | None, overrides: Iterable[str], key: str) -> Any:
+    """The value of top-level ``key`` after the file's bases, the file and the overrides (``None`` if unset),
+    read before any schema is chosen: ``tricks train`` picks the task's schema from ``task``."""
+    value = None
+    layers = _file_layers(Path(path), ()) if path is not None else []
+    layers += [(text, _parse_override(text, f"command line override {text!r}")) for text in overrides]
+    for _, layer in layers:
+        if key in layer:
+            value = layer[key]
+    return value
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The config as plain nested dicts and lists (a deep copy)."""
     return dataclasses.asdict(cfg)

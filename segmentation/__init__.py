@@ -1,3 +1,6 @@
-"""Dilated FCN on ADE20K with the suite's backbones. In: the ADE20K loader (``segmentation.ade20k``),
-mmseg-style mIoU/mAcc/aAcc (``segmentation.metrics``) and the FCN model (``segmentation.model``); the
-mmsegmentation and plain-PyTorch training engines are not built yet."""
+"""Dilated FCN on ADE20K-layout datasets with the suite's backbones: the loader (``segmentation.ade20k``),
+mmseg's ADE20K pipeline on torchvision.transforms.v2 (``segmentation.transforms``), whole/slide/TTA
+inference (``segmentation.inference``), mmseg-style mIoU (``segmentation.metrics``), the FCN
+(``segmentation.model``), the mmsegmentation engine (``segmentation.mmseg_engine``, the only module
+importing mmseg), ``tricks seg-eval`` (``segmentation.cli``) and the Fashion-MNIST scenes in the ADE20K
+layout (``segmentation.scenes``)."""

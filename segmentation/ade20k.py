@@ -10,6 +10,9 @@
 ``root`` is the ``ADEChallengeData2016`` folder (or its parent). Annotation PNGs hold 0..150: 0 is
 "other" (not evaluated), 1..150 the classes. As mmsegmentation (``reduce_zero_label=True``), labels
 are returned as 0..149 with 0 -> 255 (``IGNORE_INDEX``).
+
+Other datasets in the same layout pass their own ``num_classes`` (classes after the reduction) and
+``reduce_zero_label=False`` when their PNGs already hold 0..K-1 (and 255 for "ignore").
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ class ADE20KFormatError(ValueError):
 
 
 def reduce_zero_label(annotation: np.ndarray) -> np.ndarray:
-    """0..150 -> 255 (ignore), 0..149."""
+    """0..K -> 255 (ignore), 0..K-1."""
     label = annotation.astype(np.int64) - 1
     label[annotation == 0] = IGNORE_INDEX
     return label
@@ -41,7 +44,8 @@ class ADE20K(Dataset):
     ``tv_tensors.Mask`` [H, W] with values 0..149 and 255. ``transforms(image, mask)`` is applied last
     (torchvision.transforms.v2 resizes/crops/flips the mask with the image, nearest for the mask)."""
 
-    def __init__(self, root: Path | str, split: str = "validation", transforms: Optional[Callable] = None):
+    def __init__(self, root: Path | str, split: str = "validation", transforms: Optional[Callable] = None, *,
+                 num_classes: int = NUM_CLASSES, reduce_zero_label: bool = True, max_images: int = 0):
         root = Path(root)
         if (root / "ADEChallengeData2016").is_dir():
             root = root / "ADEChallengeData2016"
@@ -55,15 +59,30 @@ class ADE20K(Dataset):
                                         "holding images/{training,validation} and annotations/{training,validation}")
         self.ids = sorted(p.stem for p in self.images_dir.glob("*.jpg"))
         if not self.ids:
-            raise ADE20KFormatError(f"{self.images_dir}: no .jpg images")
+            raise ADE20KFormatError(f"{self.images_dir}: no .jpg images (empty split {split!r})")
+        if max_images > 0:
+            self.ids = self.ids[:max_images]
         missing = [i for i in self.ids if not (self.annotations_dir / f"{i}.png").is_file()]
         if missing:
             raise ADE20KFormatError(f"{self.annotations_dir}: no annotation for {len(missing)} image(s), e.g. "
                                     f"{missing[0]}.png")
+        self.num_classes, self.reduce_zero_label = num_classes, reduce_zero_label
         self.transforms = transforms
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def _check_values(self, annotation: np.ndarray, label_path: Path) -> None:
+        values = np.unique(annotation)
+        if self.reduce_zero_label:  # 0 = "other", 1..K the classes
+            bad = values[values > self.num_classes]
+            allowed = f"0..{self.num_classes} (0 = ignored, reduce_zero_label)"
+        else:
+            bad = values[(values >= self.num_classes) & (values != IGNORE_INDEX)]
+            allowed = f"0..{self.num_classes - 1} or {IGNORE_INDEX} (ignored)"
+        if bad.size:
+            raise ADE20KFormatError(f"{label_path}: value {int(bad[0])} is not a class: expected {allowed}; "
+                                    "check num_classes / reduce_zero_label of the data config")
 
     def __getitem__(self, index: int):
         from PIL import Image
@@ -74,7 +93,7 @@ class ADE20K(Dataset):
         try:
             with Image.open(image_path) as im:
                 image = np.array(im.convert("RGB"))
-        except OSError as e:
+        except OSError as e:  # missing, truncated or not an image (UnidentifiedImageError is an OSError)
             raise ADE20KFormatError(f"{image_path}: cannot read the image ({e})") from None
         try:
             with Image.open(label_path) as im:
@@ -86,11 +105,11 @@ class ADE20K(Dataset):
             raise ADE20KFormatError(f"{label_path}: cannot read the annotation ({e})") from None
         if annotation.shape != image.shape[:2]:
             raise ADE20KFormatError(f"{label_path}: annotation is {annotation.shape[1]}x{annotation.shape[0]}, "
-                                    f"its image {image.shape[1]}x{image.shape[0]}")
-        if annotation.max() > NUM_CLASSES:
-            raise ADE20KFormatError(f"{label_path}: value {int(annotation.max())} is not a class (0..{NUM_CLASSES})")
+                                    f"its image {image_path.name} {image.shape[1]}x{image.shape[0]}")
+        self._check_values(annotation, label_path)
+        label = reduce_zero_label(annotation) if self.reduce_zero_label else annotation.astype(np.int64)
         image = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1).contiguous())
-        mask = tv_tensors.Mask(torch.from_numpy(reduce_zero_label(annotation)))
+        mask = tv_tensors.Mask(torch.from_numpy(label))
         if self.transforms is not None:
             image, mask = self.transforms(image, mask)
         return image, mask

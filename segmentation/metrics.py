@@ -34,8 +34,12 @@ class SegmentationMetric:
         if bad.numel():
             raise ValueError(f"label value {int(bad[0])} is neither a class (0..{self.num_classes - 1}) nor "
                              f"ignore_index={self.ignore_index}")
+        pred = pred.long()
+        bad = pred[valid & ((pred < 0) | (pred >= self.num_classes))]
+        if bad.numel():  # else e.g. 255 with 150 classes would land in another cell of the matrix
+            raise ValueError(f"prediction value {int(bad[0])} is not a class (0..{self.num_classes - 1})")
         k = self.num_classes
-        counts = torch.bincount(label[valid] * k + pred[valid].long(), minlength=k * k).reshape(k, k)
+        counts = torch.bincount(label[valid] * k + pred[valid], minlength=k * k).reshape(k, k)
         self.confusion = counts if self.confusion is None else self.confusion + counts
 
     def compute(self) -> dict[str, float | list[float]]:

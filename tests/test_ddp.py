@@ -49,22 +49,22 @@ def test_two_process_ddp_matches_single_process(tmp_path):
 
 @pytest.mark.slow
 def test_detection_two_process_ddp_trains_and_evaluates_sharded(tmp_path):
-    """`tricks detection train` under torchrun (gloo, 2 x 1 image): training runs, the sharded VOC07
+    """`tricks train` (task=detection) under torchrun (gloo, 2 x 1 image): training runs, the sharded VOC07
     evaluation gathered over ranks equals a single-process evaluation of the saved weights."""
-    from tests.test_detection_train import TINY, make_devkit
+    from test_detection_train import TINY, make_devkit
 
     devkit = make_devkit(tmp_path / "VOCdevkit")
-    args = [*TINY, f"data.root={devkit}", "train.batch_size=1", "train.max_iter=4", f"output_dir={tmp_path / 'ddp'}"]
+    args = ["task=detection", *TINY, f"data.root={devkit}", "train.batch_size=1", "train.max_iter=4", f"output_dir={tmp_path / 'ddp'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "tricks", "detection", "train", *args], cwd=tmp_path, env=env, capture_output=True,
+                          "-m", "tricks", "train", *args], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    ddp_line = res.stdout.strip().splitlines()[-1]
+    ddp_line = next(line for line in res.stdout.splitlines() if line.startswith("VOC07 mAP"))
     assert "(4 images)" in ddp_line
-    res = subprocess.run([sys.executable, "-m", "tricks", "detection", "eval", str(tmp_path / "ddp" / "config.yaml"),
+    res = subprocess.run([sys.executable, "-m", "tricks", "eval", str(tmp_path / "ddp" / "config.yaml"),
                           str(tmp_path / "ddp" / "model_final.pth")], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    single_line = res.stdout.strip().splitlines()[-1]
+    single_line = next(line for line in res.stdout.splitlines() if line.startswith("VOC07 mAP"))
     assert single_line.split("(")[0] == ddp_line.split("(")[0]  # "VOC07 mAP xx.xx%"

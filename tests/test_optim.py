@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from classification.optim import build_optimizer, param_groups
+from runtime.optim import build_optimizer, param_groups
 
 
 def _names(group: dict) -> set[str]:

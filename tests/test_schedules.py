@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from classification.schedules import build_scheduler, lr_at, scale_lr
+from runtime.schedules import build_scheduler, lr_at, scale_lr
 
 
 @pytest.mark.parametrize("batch,want", [(256, 0.1), (1024, 0.4), (128, 0.05), (8 * 32, 0.1)])
@@ -66,7 +66,7 @@ def test_cosine_ignores_milestones() -> None:
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(schedule="poly"), "'step', 'cosine'"),
+        (dict(schedule="linear"), "'step', 'cosine', 'poly'"),
         (dict(total_steps=0), "total_steps"),
         (dict(warmup_steps=-1), "warmup_steps"),
         (dict(warmup_steps=101), "warmup_steps"),
@@ -86,7 +86,7 @@ def test_lr_at_rejects_negative_step() -> None:
         lr_at(-1, base_lr=0.1, total_steps=10)
 
 
-@pytest.mark.parametrize("schedule", ["step", "cosine"])
+@pytest.mark.parametrize("schedule", ["step", "cosine", "poly"])
 def test_lambda_lr_agrees_with_lr_at_every_step(schedule: str) -> None:
     kw = dict(base_lr=0.4, total_steps=40, warmup_steps=5, schedule=schedule, milestones=[20, 30], gamma=0.1)
     param = torch.nn.Parameter(torch.zeros(1))
@@ -124,3 +124,52 @@ def test_build_scheduler_rejects_zero_base_lr() -> None:
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
     with pytest.raises(ValueError, match="base_lr"):
         build_scheduler(opt, base_lr=0.0, total_steps=10)
+
+
+def test_scale_lr_reference_batch_of_the_task() -> None:
+    # detection / segmentation recipes are written for 16 images: lr 0.02 at 2 x 8 = 16 stays 0.02
+    assert scale_lr(0.02, 16, reference_batch=16) == pytest.approx(0.02)
+    assert scale_lr(0.01, 8, reference_batch=16) == pytest.approx(0.005)
+    with pytest.raises(ValueError, match="reference_batch"):
+        scale_lr(0.1, 8, reference_batch=0)
+
+
+def test_poly_matches_the_formula() -> None:
+    base, lo, total, power = 0.01, 1e-4, 1000, 0.9
+    for step in (0, 1, 250, 999, 1000, 1500):
+        t = min(step / (total - 1), 1.0)  # mmengine's PolyLR span: min_lr at the last iteration
+        want = (base - lo) * (1 - t) ** power + lo
+        got = lr_at(step, base_lr=base, total_steps=total, schedule="poly", power=power, min_lr=lo)
+        assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_poly_after_warmup_starts_at_base_lr() -> None:
+    kw = dict(base_lr=0.1, total_steps=110, warmup_steps=10, schedule="poly", power=0.9, min_lr=0.0)
+    assert lr_at(5, **kw) == pytest.approx(0.05)
+    assert lr_at(10, **kw) == pytest.approx(0.1)
+    assert lr_at(60, **kw) == pytest.approx(0.1 * (1 - 50 / 99) ** 0.9)
+    assert lr_at(109, **kw) == 0.0
+
+
+def test_poly_equals_mmengine_polylr_per_iteration() -> None:
+    """mmseg's ADE20K schedule: mmengine PolyLR(eta_min=1e-4, power=0.9, by_epoch=False)."""
+    pytest.importorskip("mmengine")
+    from mmengine.optim.scheduler import PolyLR
+
+    total, base = 200, 0.01
+    param = torch.nn.Parameter(torch.zeros(1))
+    reference_opt = torch.optim.SGD([param], lr=base)
+    reference = PolyLR(reference_opt, eta_min=1e-4, power=0.9, begin=0, end=total, by_epoch=False)
+    ours_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    ours = build_scheduler(ours_opt, base_lr=base, total_steps=total, schedule="poly", power=0.9, min_lr=1e-4)
+    for _ in range(total):
+        assert ours_opt.param_groups[0]["lr"] == pytest.approx(reference_opt.param_groups[0]["lr"], rel=1e-9, abs=1e-12)
+        reference_opt.step(), ours_opt.step()
+        reference.step(), ours.step()
+
+
+def test_poly_validates_power_and_min_lr() -> None:
+    with pytest.raises(ValueError, match="optim.power"):
+        lr_at(0, base_lr=0.1, total_steps=10, schedule="poly", power=0.0)
+    with pytest.raises(ValueError, match="optim.min_lr"):
+        lr_at(0, base_lr=0.1, total_steps=10, schedule="poly", min_lr=0.5)

@@ -66,3 +66,14 @@ def test_matches_a_per_class_recount_over_several_images():
     r = m.compute()
     miou, macc, aacc = _recount(preds, labels, k, 255)
     assert r["mIoU"] == pytest.approx(miou) and r["mAcc"] == pytest.approx(macc) and r["aAcc"] == pytest.approx(aacc)
+
+
+def test_predictions_outside_the_classes_are_errors():
+    # 255 with 150 classes used to be counted as label*150 + 255, i.e. in the row of the next label
+    m = SegmentationMetric(num_classes=150)
+    with pytest.raises(ValueError, match="prediction value 255 is not a class"):
+        m.update(torch.tensor([[255, 0]]), torch.tensor([[0, 0]]))
+    with pytest.raises(ValueError, match="prediction value -1"):
+        m.update(torch.tensor([[-1, 0]]), torch.tensor([[0, 0]]))
+    m.update(torch.tensor([[255, 0]]), torch.tensor([[255, 0]]))  # where the label is ignored, anything goes
+    assert m.compute()["aAcc"] == 100

@@ -11,7 +11,32 @@ from torchvision.models.segmentation import fcn_resnet50
 
 from segmentation.ade20k import ADE20K, IGNORE_INDEX, ADE20KFormatError
 from segmentation.metrics import SegmentationMetric
-from segmentation.model import build_fcn
+from segmentation.inference import predict, slide_inference, whole_inference
+from segmentation.model import FCNHead, build_fcn
+
+
+def import_mmseg_decode_heads():
+    """mmseg's decode heads, with a stand-in for mmcv's missing compiled ops (``mmcv._ext``)."""
+    import importlib.machinery
+    import sys
+    import types
+    if "mmcv._ext" not in sys.modules:
+        class _MissingOps(types.ModuleType):
+            def __getattr__(self, name):
+                if name.startswith("__"):
+                    raise AttributeError(name)
+
+                def missing(*args, **kwargs):
+                    raise NotImplementedError(f"mmcv._ext.{name}: mmcv's compiled ops are not installed")
+                return missing
+        stub = _MissingOps("mmcv._ext")
+        stub.__spec__ = importlib.machinery.ModuleSpec("mmcv._ext", None)
+        sys.modules["mmcv._ext"] = stub
+    try:
+        from mmseg.models import decode_heads
+    except Exception as e:  # any import failure of the foreign stack means: skip, saying why
+        pytest.skip(f"mmseg cannot be imported ({type(e).__name__}: {e})")
+    return decode_heads
 
 
 def write_pair(root: Path, split: str, name: str, annotation: np.ndarray, mode: str = "L") -> None:
@@ -73,7 +98,7 @@ def test_torchvision_fcn_resnet50_loads_strictly_and_gives_the_same_logits():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    ours = build_fcn("resnet50b", num_classes=7).eval()
+    ours = build_fcn("resnet50b", num_classes=7, head="torchvision").eval()
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.randn(1, 3, 72, 88)
@@ -95,3 +120,145 @@ def test_fcn_on_other_backbones_trains():
     assert model.backbone.layer4[0].conv1.weight.grad is not None
     assert model.backbone.feature_info[-1].stride == 8  # dilated: res5 at 1/8
     assert build_fcn("mobilenet", num_classes=5, aux=False)(torch.randn(1, 3, 64, 64))["out"].shape == (1, 5, 64, 64)
+
+
+def _randomise_bn(module: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+
+
+@pytest.mark.parametrize("in_channels,channels,num_convs,concat_input", [(64, 32, 2, True), (48, 16, 1, False)])
+def test_fcn_head_equals_mmseg_fcn_head(in_channels, channels, num_convs, concat_input):
+    decode_heads = import_mmseg_decode_heads()
+    torch.manual_seed(0)
+    ours = FCNHead(in_channels, channels, 5, num_convs=num_convs, concat_input=concat_input, dropout=0.1)
+    theirs = decode_heads.FCNHead(in_channels=in_channels, channels=channels, num_convs=num_convs,
+                                  concat_input=concat_input, dropout_ratio=0.1, num_classes=5,
+                                  norm_cfg=dict(type="BN", requires_grad=True), align_corners=False)
+    _randomise_bn(ours)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, in_channels, 9, 11)
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs([x]), atol=1e-5, rtol=1e-5)
+    # training mode: batch statistics and dropout; equal with equal dropout draws
+    ours.train(), theirs.train()
+    torch.manual_seed(1)
+    a = ours(x)
+    torch.manual_seed(1)
+    b = theirs([x])
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # mmseg's initialisation of the classifier: N(0, 0.01), bias 0
+    assert ours.conv_seg.bias.abs().max() == 0 and 0.005 < float(FCNHead(512, 512, 150).conv_seg.weight.detach().std()) < 0.015
+
+
+def test_build_fcn_mmseg_head_layout():
+    model = build_fcn("resnet18d", num_classes=5, channels=32, aux_channels=16)
+    keys = model.state_dict().keys()
+    for k in ("classifier.convs.0.conv.weight", "classifier.convs.1.bn.running_var", "classifier.conv_cat.conv.weight",
+              "classifier.conv_seg.bias", "aux_classifier.convs.0.conv.weight", "aux_classifier.conv_seg.weight"):
+        assert k in keys
+    assert not any(k.startswith("aux_classifier.conv_cat") or k.startswith("aux_classifier.convs.1") for k in keys)
+    assert model.classifier.conv_cat.conv.in_channels == 512 + 32  # res5 of resnet18 + channels
+    assert model.aux_classifier.convs[0].conv.in_channels == 256 and model.classifier.dropout.p == 0.1
+    out = model.eval()(torch.randn(1, 3, 40, 48))
+    assert out["out"].shape == out["aux"].shape == (1, 5, 40, 48)
+    assert build_fcn("resnet18d", num_classes=5, aux=False, channels=8).aux_classifier is None
+    with pytest.raises(ValueError, match="FCN head 'deeplab'"):
+        build_fcn("resnet18d", head="deeplab")
+
+
+def test_ade20k_layout_with_own_classes_and_errors(ade, tmp_path):
+    # reduce_zero_label=False: PNGs hold 0..K-1 and 255
+    root = tmp_path / "other" / "ADEChallengeData2016"
+    ann = np.full((8, 10), 2, np.uint8)
+    ann[:, :3] = 255
+    write_pair(root, "training", "a", ann)
+    write_pair(root, "training", "b", np.zeros((8, 10), np.uint8))
+    ds = ADE20K(root, "train", num_classes=3, reduce_zero_label=False)
+    mask = ds[0][1]
+    assert mask[:, :3].eq(255).all() and mask[:, 3:].eq(2).all()
+    assert len(ADE20K(root, "train", num_classes=3, reduce_zero_label=False, max_images=1)) == 1
+    with pytest.raises(ADE20KFormatError, match=r"a.png: value 2 is not a class: expected 0..1 or 255"):
+        ADE20K(root, "train", num_classes=2, reduce_zero_label=False)[0]
+    # reduce_zero_label with 3 classes: 0..3 allowed, 0 ignored; 255 is out of range
+    with pytest.raises(ADE20KFormatError, match=r"a.png: value 255 is not a class: expected 0..3"):
+        ADE20K(root, "train", num_classes=3)[0]
+    assert ADE20K(root, "train", num_classes=3)[1][1].eq(255).all()
+    # size mismatch, unreadable image, empty split
+    Image.fromarray(np.zeros((9, 10), np.uint8)).save(root / "annotations" / "training" / "b.png")
+    with pytest.raises(ADE20KFormatError, match=r"b.png: annotation is 10x9, its image b.jpg 10x8"):
+        ds[1]
+    (root / "images" / "training" / "a.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ADE20KFormatError, match=r"a.jpg: cannot read the image"):
+        ds[0]
+    (root / "images" / "validation").mkdir(parents=True)
+    (root / "annotations" / "validation").mkdir(parents=True)
+    with pytest.raises(ADE20KFormatError, match=r"images/validation: no .jpg images \(empty split 'val'\)"):
+        ADE20K(root, "val")
+
+
+class ConvSegmenter(torch.nn.Module):
+    """A tiny "segmenter": one conv at full resolution (kernel 1: local, translation- and flip-equivariant;
+    kernel 3 with a random, asymmetric weight: uses context and is not flip-equivariant)."""
+
+    def __init__(self, kernel_size: int, num_classes: int = 4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, num_classes, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x):
+        return {"out": self.conv(x)}
+
+
+def test_slide_inference_equals_whole_and_mmseg():
+    x = torch.randn(2, 3, 23, 37)
+    context = ConvSegmenter(3)
+    whole = whole_inference(context, x, 4)
+    # one window covering the image (or larger: it shrinks to the image) = whole-image inference
+    torch.testing.assert_close(slide_inference(context, x, (23, 37), (10, 10), 4), whole)
+    torch.testing.assert_close(slide_inference(context, x, (64, 64), (32, 32), 4), whole)
+    # a local model: overlapping windows averaged give the whole-image logits again
+    local = ConvSegmenter(1)
+    torch.testing.assert_close(slide_inference(local, x, (10, 16), (7, 9), 4), whole_inference(local, x, 4))
+    # against mmseg's EncoderDecoder.slide_inference on the same model (window grid, count matrix)
+    from types import SimpleNamespace
+    import_mmseg_decode_heads()
+    from mmseg.models.segmentors import EncoderDecoder
+    fake = SimpleNamespace(test_cfg=SimpleNamespace(crop_size=(10, 16), stride=(7, 9)), out_channels=4,
+                           encode_decode=lambda crop, metas: context(crop)["out"])
+    theirs = EncoderDecoder.slide_inference(fake, x, [dict()])
+    torch.testing.assert_close(slide_inference(context, x, (10, 16), (7, 9), 4), theirs)
+    assert not torch.allclose(theirs, whole)  # windows cut the context: the test above is not trivial
+
+
+def test_predict_flip_and_scales_average_probabilities_at_label_size():
+    x = torch.randn(1, 3, 20, 30)
+    local = ConvSegmenter(1)
+    # one view: logits resized to the label size
+    torch.testing.assert_close(predict(local, x, (20, 30)), whole_inference(local, x))
+    resized = predict(local, x, (40, 60))
+    assert resized.shape == (1, 4, 40, 60)
+    # a flip-equivariant model: the flipped view equals the plain one -> mean probability = its softmax
+    torch.testing.assert_close(predict(local, x, (20, 30), flip=True), local(x)["out"].softmax(1))
+    # a model that is not flip-equivariant: the mirrored view's output is flipped back before averaging
+    context = ConvSegmenter(3)
+    expected = (context(x)["out"].softmax(1) + context(x.flip(-1))["out"].flip(-1).softmax(1)) / 2
+    got = predict(context, x, (20, 30), flip=True)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, context(x)["out"].softmax(1), atol=1e-3)
+    # scales of the (long, short) bound: 0.5 x (60, 20) -> the 20x30 image resized into (30, 10) = 10x15
+    half = torch.nn.functional.interpolate(x, size=(10, 15), mode="bilinear", align_corners=False)
+    up = lambda t: torch.nn.functional.interpolate(t, size=(20, 30), mode="bilinear", align_corners=False)
+    expected = (up(context(half)["out"]).softmax(1) + context(x)["out"].softmax(1)) / 2
+    got = predict(context, x, (20, 30), scales=(0.5, 1.0), base_scale=(60, 20))
+    torch.testing.assert_close(got, expected)
+    got = predict(context, x, (20, 30), mode="slide", crop_size=(12, 12), stride=(8, 8), scales=(0.5, 1.0),
+                  base_scale=(60, 20), num_classes=4)
+    assert got.shape == (1, 4, 20, 30) and torch.allclose(got.sum(1), torch.ones(1, 20, 30))

@@ -9,7 +9,7 @@ import torch
 import classification.train as train_mod
 from backbones import create_backbone, load_state_dict, read_metadata, save_weights
 from classification.config import Config
-from classification.logger import read_records
+from runtime.logger import read_records
 from classification.train import TrainingDiverged, evaluate_checkpoint, train
 from runtime.config import load_config
 
@@ -223,3 +223,43 @@ def test_evaluate_hflip_tta_averages_probabilities():
     plain = evaluate(net, loader, torch.device("cpu"), nullcontext, channels_last=False)
     with torch.no_grad():
         assert plain["loss"] == pytest.approx(torch.nn.functional.cross_entropy(net(images), labels).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("pipeline,workers", [("samples", 2), ("tensor", 0)])
+def test_resume_inside_an_epoch_is_exact(tmp_path, monkeypatch, pipeline, workers):
+    """train.checkpoint_every: a crash right after the step-4 checkpoint (epoch 1 has 6 steps), then
+    train.resume=auto == uninterrupted, bit for bit (augmentation, mixup and persistent workers included)."""
+    extra = ("train.mixup_alpha=0.2", f"data.workers={workers}", "train.epochs=2", f"data.pipeline={pipeline}",
+             "train.checkpoint_every=4")
+    full = tiny(tmp_path, *extra, name="full")
+    train(full)
+    original = train_mod.save_checkpoint
+
+    def crash_after_step_4(state, path):
+        original(state, path)
+        if state["step"] == 4:
+            raise _Interrupt
+    monkeypatch.setattr(train_mod, "save_checkpoint", crash_after_step_4)
+    with pytest.raises(_Interrupt):
+        train(tiny(tmp_path, *extra, name="part"))
+    monkeypatch.setattr(train_mod, "save_checkpoint", original)
+    assert torch.load(Path(tmp_path / "part" / "last.pth"), weights_only=True)["step"] == 4
+    train(tiny(tmp_path, *extra, "train.resume=auto", name="part"))
+    a = load_state_dict(Path(full.output_dir) / "model.safetensors")
+    b = load_state_dict(tmp_path / "part" / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_logged_lr_is_the_schedule_at_every_step(tmp_path):
+    """Warm-up from 0 per iteration, then cosine: every logged lr equals runtime.schedules.lr_at."""
+    from runtime.schedules import lr_at
+
+    cfg = tiny(tmp_path, "train.log_every=1", "train.epochs=2")
+    train(cfg)
+    records = read_records(Path(cfg.output_dir) / "metrics.jsonl", "train")
+    base = 0.4 * 16 / 256
+    assert [r["step"] for r in records] == list(range(1, 13))
+    for r in records:  # logged after step r["step"]: the lr of the next step
+        assert r["lr"] == pytest.approx(lr_at(r["step"], base_lr=base, total_steps=12, warmup_steps=3,
+                                              schedule="cosine"), abs=1e-12)

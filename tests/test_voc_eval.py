@@ -151,3 +151,123 @@ def test_matches_the_devkit_procedure_on_random_detections(seed, use_07):
     expected = [_devkit_ap(preds, truth, c, 0.5, use_07) for c in range(num_classes)]
     np.testing.assert_allclose(res["ap"], expected, rtol=1e-12, atol=1e-12)
     assert 0 < res["mAP"] < 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The devkit's results format: comp4_det_<split>_<class>.txt, and scoring a folder of them
+
+from detection.voc import VOCFormatError
+from detection.voc_eval import read_voc_results, results_path, score_voc_results, write_voc_results
+from test_voc import write_image, write_set  # tests/ is on sys.path (pytest prepend mode, no __init__.py)
+
+CLASSES = ("dog", "person", "chair")
+
+
+def test_results_round_trip_is_exact(tmp_path):
+    rng = np.random.default_rng(0)
+    detections = {}
+    for image_id in ("000001", "2008_000002", "000003"):
+        n = 12
+        xy = rng.uniform(-0.5, 300, (n, 2))
+        boxes = np.c_[xy, xy + rng.uniform(0.01, 200, (n, 2))].astype(np.float32)  # as loader and detectors hold them
+        boxes[0] = [0, 0, 20, 10]
+        boxes[1] = [0.1, 1e-3, 12.5, 7.25]
+        labels = np.sort(rng.integers(0, len(CLASSES), n))  # read_voc_results groups an image's boxes by class
+        detections[image_id] = VOCBoxes(boxes, labels, scores=rng.random(n).astype(np.float32))
+    written = write_voc_results(tmp_path / "results", detections, CLASSES, split="test")
+    assert [p.name for p in written] == [f"comp4_det_test_{c}.txt" for c in CLASSES]
+    back = read_voc_results(tmp_path / "results", CLASSES, split="test")
+    assert set(back) == set(detections)
+    for image_id, original in detections.items():
+        np.testing.assert_array_equal(back[image_id].boxes, original.boxes.astype(np.float64))
+        assert np.array_equal(back[image_id].boxes.astype(np.float32), original.boxes)  # bit for bit
+        np.testing.assert_array_equal(back[image_id].labels, original.labels)
+        np.testing.assert_array_equal(back[image_id].scores, original.scores.astype(np.float64))
+    # The devkit's 1-based inclusive corners: our [0, 20) x [0, 10) is the VOC box 1..20 x 1..10.
+    first = [line for p in written for line in p.read_text().splitlines() if line.startswith("000001")]
+    box_lines = [line.split()[2:] for line in first]
+    assert ["1.0", "1.0", "20.0", "10.0"] in box_lines
+
+
+def test_results_accept_torchvision_output_dicts(tmp_path):
+    import torch
+
+    out = {"boxes": torch.tensor([[0.0, 0.0, 5.0, 5.0]]), "labels": torch.tensor([1]), "scores": torch.tensor([0.5])}
+    write_voc_results(tmp_path, {"a": out}, CLASSES, split="val", prefix="comp3_det")
+    assert results_path(tmp_path, "person", "val", "comp3_det").read_text() == "a 0.5 1.0 1.0 5.0 5.0\n"
+    with pytest.raises(ValueError, match=r"label 3, outside 0..2.*background"):
+        write_voc_results(tmp_path, {"a": {**out, "labels": torch.tensor([3])}}, CLASSES)
+    with pytest.raises(ValueError, match="whitespace"):
+        write_voc_results(tmp_path, {"a b": out}, CLASSES)
+
+
+@pytest.fixture
+def devkit(tmp_path):
+    """Three images of VOC2007 'test'; the chair is difficult."""
+    root = tmp_path / "VOCdevkit"
+    write_image(root, "2007", "000001", [("dog", 1, 1, 20, 10, 0), ("chair", 30, 5, 60, 40, 1)])
+    write_image(root, "2007", "000002", [("person", 10, 10, 30, 45, 0), ("person", 35, 5, 60, 40, None)])
+    write_image(root, "2007", "000003", [])
+    write_set(root, "2007", "test", ["000001", "000002", "000003"])
+    return root
+
+
+def known_detections() -> dict:
+    """dog: FP then TP (AP 0.5 by both metrics). person: TP, FP, TP over 2 boxes (rec .5 .5 1, prec 1 .5 2/3:
+    area 0.5 + 0.5 * 2/3, VOC07 (6 * 1 + 5 * 2/3) / 11). chair: only hits the difficult box (no AP)."""
+    return {
+        "000001": det([[0, 0, 20, 10], [29, 4, 60, 40]], [0, 2], [0.9, 0.4]),
+        "000002": det([[9, 9, 30, 45], [0, 0, 5, 5], [34, 4, 60, 40]], [1, 1, 1], [0.9, 0.8, 0.7]),
+        "000003": det([[1, 1, 30, 30]], [0], [0.95]),
+    }
+
+
+PERSON_AREA, PERSON_07 = 0.5 + 0.5 * 2 / 3, (6 + 5 * 2 / 3) / 11
+
+
+def test_score_results_folder_by_hand(devkit, tmp_path):
+    write_voc_results(tmp_path / "res", known_detections(), CLASSES)
+    res = score_voc_results(devkit, 2007, "test", tmp_path / "res", classes=CLASSES)
+    assert res["metric"] == "voc07"
+    assert res["ap_per_class"]["dog"] == pytest.approx(0.5)
+    assert res["ap_per_class"]["person"] == pytest.approx(PERSON_07)
+    assert np.isnan(res["ap_per_class"]["chair"]) and res["num_gt"] == {"dog": 1, "person": 2, "chair": 0}
+    assert res["map_voc07"] == pytest.approx((0.5 + PERSON_07) / 2)
+    assert res["map_area"] == pytest.approx((0.5 + PERSON_AREA) / 2)
+    area = score_voc_results(devkit, "2007", "test", tmp_path / "res", classes=CLASSES, use_07_metric=False)
+    assert area["metric"] == "area" and area["ap_per_class"]["person"] == pytest.approx(PERSON_AREA)
+    assert area["map_voc07"] == res["map_voc07"]
+    # The same numbers as evaluate_voc on the arrays, without the files in between.
+    dets = known_detections()
+    truth = [gt([[0, 0, 20, 10], [29, 4, 60, 40]], [0, 2], [0, 1]),
+             gt([[9, 9, 30, 45], [34, 4, 60, 40]], [1, 1]), gt([], [])]
+    direct = evaluate_voc([dets[i] for i in ("000001", "000002", "000003")], truth, 3)
+    assert res["map_voc07"] == direct["mAP"]
+
+
+def test_devkit_written_lines_and_missing_class_files(devkit, tmp_path, caplog):
+    res_dir = tmp_path / "res"
+    res_dir.mkdir()
+    # As py-faster-rcnn writes them ('{:.3f} {:.1f} ...'); no person or chair file at all.
+    (res_dir / "comp4_det_test_dog.txt").write_text("000003 0.950 2.0 2.0 30.0 30.0\n000001 0.900 1.0 1.0 20.0 10.0\n")
+    with caplog.at_level("WARNING", logger="detection.voc_eval"):
+        res = score_voc_results(devkit, "2007", "test", res_dir, classes=CLASSES)
+    assert res["ap_per_class"]["dog"] == pytest.approx(0.5) and res["ap_per_class"]["person"] == 0.0
+    assert res["map_voc07"] == pytest.approx(0.25)
+    missing = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("comp4_det_test_person.txt not found" in m for m in missing)
+
+
+def test_results_errors_name_file_and_line(devkit, tmp_path):
+    res_dir = tmp_path / "res"
+    write_voc_results(res_dir, known_detections(), CLASSES)
+    dog = res_dir / "comp4_det_test_dog.txt"
+    dog.write_text(dog.read_text() + "000002 0.5 1 1 20\n")
+    with pytest.raises(VOCFormatError, match=r"comp4_det_test_dog.txt, line 3: 5 fields, expected 6"):
+        score_voc_results(devkit, "2007", "test", res_dir, classes=CLASSES)
+    dog.write_text("000002 high 1 1 20 10\n")
+    with pytest.raises(VOCFormatError, match=r"comp4_det_test_dog.txt, line 1: score and corners must be numbers"):
+        read_voc_results(res_dir, CLASSES)
+    dog.write_text("000002 0.5 1 1 20 10\n\n004242 0.5 1 1 20 10\n")
+    with pytest.raises(VOCFormatError, match=r"comp4_det_test_dog.txt, line 3: image '004242' is not in the test"):
+        score_voc_results(devkit, "2007", "test", res_dir, classes=CLASSES)

@@ -32,14 +32,35 @@ def test_suite_checkpoint_and_ddp_prefix(tmp_path):
     _same_state(model, create_backbone("resnet18d", num_classes=10, weights=str(tmp_path / "ckpt.pth")))
 
 
-def test_finetune_head_is_reinitialised(tmp_path):
+def test_finetune_head_is_reinitialised_when_asked(tmp_path):
     model = create_backbone("resnet18d", num_classes=1000)
     save_weights(model, tmp_path / "in1k.safetensors")
-    tuned = create_backbone("resnet18d", num_classes=5, weights=str(tmp_path / "in1k.safetensors"))
+    tuned = create_backbone("resnet18d", num_classes=5, weights=str(tmp_path / "in1k.safetensors"), new_head=True)
     assert tuned.fc.weight.shape == (5, 512)
     assert torch.equal(tuned.layer4[1].conv2.weight, model.layer4[1].conv2.weight)
-    headless = create_backbone("resnet18d", num_classes=0, weights=str(tmp_path / "in1k.safetensors"))
+    headless = create_backbone("resnet18d", num_classes=0, weights=str(tmp_path / "in1k.safetensors"), new_head=True)
     assert torch.equal(headless.conv1[0].weight, model.conv1[0].weight)
+
+
+def test_classifier_of_another_size_is_an_error_naming_both_sizes(tmp_path):
+    """Before: silently a random head (a distillation teacher or `tricks eval` then scored noise)."""
+    save_weights(create_backbone("resnet18d", num_classes=1000), tmp_path / "in1k.safetensors")
+    with pytest.raises(ValueError, match=r"1000-class classifier but the model has a 5-class one"):
+        create_backbone("resnet18d", num_classes=5, weights=str(tmp_path / "in1k.safetensors"))
+    with pytest.raises(ValueError, match=r"1000-class classifier but the model has none"):
+        create_backbone("resnet18d", num_classes=0, weights=str(tmp_path / "in1k.safetensors"))
+
+
+def test_one_channel_stem_spreads_over_rgb_exactly(tmp_path):
+    """Fashion-MNIST (1 channel) weights in a 3-channel network: the same output on a grey image as 3 channels."""
+    grey = create_backbone("resnet18d", num_classes=10, in_chans=1).eval()
+    save_weights(grey, tmp_path / "grey.safetensors")
+    with pytest.raises(ValueError, match="shape mismatches"):
+        create_backbone("resnet18d", num_classes=10, in_chans=3, weights=str(tmp_path / "grey.safetensors"))
+    rgb = create_backbone("resnet18d", num_classes=10, in_chans=3, weights=str(tmp_path / "grey.safetensors"),
+                          adapt_input=True).eval()
+    x = torch.randn(2, 1, 64, 64)
+    torch.testing.assert_close(rgb(x.expand(-1, 3, -1, -1)), grey(x), rtol=1e-5, atol=1e-5)
 
 
 def test_wrong_architecture_lists_keys(tmp_path):

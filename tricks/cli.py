@@ -67,41 +67,99 @@ def _setup_logging() -> None:
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def _load_config(schema: type, path: Optional[str], overrides: Sequence[str]):
+def _split_config(path: Optional[str], overrides: Sequence[str]) -> tuple[Optional[str], list[str]]:
     """``CONFIG`` is optional: ``tricks train model.name=resnet18d ...`` starts from the defaults."""
-    from runtime.config import load_config
-
     if path is not None and "=" in path and not path.endswith((".yaml", ".yml")):
-        path, overrides = None, [path, *overrides]
-    return load_config(path, schema, overrides)
+        return None, [path, *overrides]
+    return path, list(overrides)
 
 
-def _load_classification_config(path: Optional[str], overrides: Sequence[str]):
-    from classification.config import Config
+# task -> (schema "module:Class", {engine: ("module", train function, eval function)})
+TASKS: dict[str, tuple[str, dict[str, tuple[str, str, str]]]] = {
+    "classification": ("classification.config:Config", {"torch": ("classification.train", "train", "evaluate_checkpoint")}),
+    "detection": ("detection.config:DetectionConfig", {
+        "torch": ("detection.train", "train_detector", "evaluate_checkpoint"),
+        "detectron2": ("detection.d2_engine", "train", "evaluate")}),
+    "segmentation": ("segmentation.config:SegmentationConfig", {
+        "torch": ("segmentation.train", "train", "evaluate_checkpoint"),
+        "mmseg": ("segmentation.mmseg_engine", "train", "evaluate")}),
+}
 
-    return _load_config(Config, path, overrides)
+
+def load_task_config(path: Optional[str], overrides: Sequence[str]):
+    """The config of ``path`` + overrides in the schema of its ``task`` key (classification if unset)."""
+    import importlib
+
+    from runtime.config import ConfigError, load_config, read_top_level
+
+    path, overrides = _split_config(path, overrides)
+    task = read_top_level(path, overrides, "task") or "classification"
+    if task not in TASKS:
+        raise ConfigError(f"task={task!r} ({path or 'command line'}): one of {', '.join(TASKS)}")
+    module, cls = TASKS[task][0].split(":")
+    return load_config(path, getattr(importlib.import_module(module), cls), overrides)
+
+
+def _engine(cfg, verb: str) -> Callable:
+    """The train (``verb="train"``) or eval function of the config's task and engine (imported lazily)."""
+    import importlib
+
+    engine = getattr(cfg, "engine", "torch")
+    module, train_fn, eval_fn = TASKS[cfg.task][1][engine]
+    return getattr(importlib.import_module(module), train_fn if verb == "train" else eval_fn)
+
+
+def _report(cfg, metrics: dict) -> None:
+    """The result of a run or an evaluation as the task reports it."""
+    if cfg.task == "classification":
+        if "top1" in metrics:
+            print(f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['images']} images)")
+    elif cfg.task == "detection":
+        print(_table([(name, f"{ap:.2f}") for name, ap in metrics["AP"].items()], ("class", "AP %")))
+        print(f"VOC07 mAP {metrics['mAP']:.2f}%  ({metrics.get('images', '?')} images)")
+    else:
+        if isinstance(metrics.get("IoU"), dict):
+            print(_table([(name, f"{iou:.2f}") for name, iou in metrics["IoU"].items()], ("class", "IoU %")))
+        print(f"mIoU {metrics['mIoU']:.2f}%  mAcc {metrics['mAcc']:.2f}%  aAcc {metrics['aAcc']:.2f}%")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     _setup_logging()
-    from classification.train import train
-
-    cfg = _load_classification_config(args.config, args.overrides)
-    metrics = train(cfg)
-    if "top1" in metrics:
-        print(f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['images']} images)  "
-              f"-> {cfg.output_dir}")
+    cfg = load_task_config(args.config, args.overrides)
+    metrics = _engine(cfg, "train")(cfg)
+    _report(cfg, metrics)
+    print(f"-> {cfg.output_dir}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     _setup_logging()
-    from classification.train import evaluate_checkpoint
+    cfg = load_task_config(args.config, args.overrides)
+    metrics = _engine(cfg, "eval")(cfg, args.checkpoint)
+    _report(cfg, metrics)
+    if cfg.task == "classification" and "loss" in metrics:
+        print(f"loss {metrics['loss']:.4f}")
+    if args.write_results:
+        if cfg.task != "detection" or "predictions" not in metrics:
+            raise SystemExit("tricks eval --write-results: detection runs of engine=torch write the VOC results format")
+        from detection.voc import build_voc
+        from detection.voc_eval import write_voc_results
 
-    cfg = _load_classification_config(args.config, args.overrides)
-    m = evaluate_checkpoint(cfg, args.checkpoint)
-    print(f"top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}  ({m['images']} images)")
+        test_set = build_voc(cfg.data.root, cfg.data.test_splits, classes=cfg.data.classes)
+        ids = [test_set.ids[i] if hasattr(test_set, "ids") else _voc_id(test_set, i) for i in range(len(test_set))]
+        detections = {ids[i]: boxes for i, boxes in metrics["predictions"].items()}
+        split = cfg.data.test_splits.split("+")[0].partition("-")[2]
+        files = write_voc_results(args.write_results, detections, test_set.classes, split=split)
+        print(f"wrote {len(files)} result files (comp4_det_{split}_<class>.txt) to {args.write_results}")
     return 0
+
+
+def _voc_id(dataset, index: int) -> str:
+    import bisect
+
+    part = bisect.bisect_right(dataset.cumulative_sizes, index)
+    offset = dataset.cumulative_sizes[part - 1] if part else 0
+    return dataset.datasets[part].ids[index - offset]
 
 
 DEMO_CONFIG = "configs/classification/fashion_mnist/resnet18d_1xb128_efficient-cosine-ls_fashion-mnist.yaml"
@@ -112,75 +170,89 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     config = Path(__file__).resolve().parent.parent / DEMO_CONFIG
-    print(f"== backbones: Table 5 ==")
+    print("== backbones: Table 5 ==")
     cmd_backbones(argparse.Namespace(table5=True, filter=""))
     print(f"\n== classification: {config.name} ==")
     return cmd_train(argparse.Namespace(config=str(config), overrides=list(args.overrides)))
 
 
-def _add_classification(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a classifier: tricks train CONFIG [key=value ...]")
-    p.add_argument("config", help="YAML file (configs/classification/...)")
+def _add_run_commands(sub: argparse._SubParsersAction) -> None:
+    tasks = "; ".join(f"{task} (engine: {', '.join(engines)})" for task, (_, engines) in TASKS.items())
+    epilog = f"The config's `task` and `engine` keys pick the trainer. Tasks: {tasks}."
+    p = sub.add_parser("train", help="train: tricks train CONFIG [key=value ...] (classification, detection, "
+                       "segmentation)", epilog=epilog)
+    p.add_argument("config", help="YAML file (configs/<task>/...), or the first key=value to start from defaults")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=2 optim.lr=0.2")
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint: tricks eval CONFIG CHECKPOINT [key=value ...]")
+    p = sub.add_parser("eval", help="evaluate a checkpoint: tricks eval CONFIG CHECKPOINT [key=value ...]",
+                       epilog=epilog)
     p.add_argument("config")
-    p.add_argument("checkpoint", help=".pth (suite, timm, torchvision) or .safetensors")
+    p.add_argument("checkpoint", help="classification: .pth/.safetensors (suite, timm, torchvision); detection / "
+                   "segmentation: model_final.pth or last.pth of a run (mmseg/detectron2: their checkpoints)")
     p.add_argument("overrides", nargs="*")
+    p.add_argument("--write-results", metavar="DIR", help="detection: also write the detections in the VOC results "
+                   "format (comp4_det_<split>_<class>.txt) for tricks voc-eval")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("demo", help="the main job: the pipeline on the embedded Fashion-MNIST")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the demo's config")
     p.set_defaults(func=cmd_demo)
 
 
-def _load_detection_config(path: Optional[str], overrides: Sequence[str]):
-    from detection.config import DetectionConfig
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="write the embedded datasets (Fashion-MNIST scenes) in ADE20K / VOC layouts")
+    kinds = data.add_subparsers(dest="data_command", required=True, metavar="DATASET")
+    scenes = kinds.add_parser("fashion-scenes", help="Fashion-MNIST scenes in the ADE20K layout (segmentation)")
+    scenes.add_argument("--out", required=True, help="the ADEChallengeData2016 folder to write")
+    scenes.add_argument("--train", type=int, default=2000)
+    scenes.add_argument("--val", type=int, default=500)
+    scenes.add_argument("--seed", type=int, default=0)
+    scenes.add_argument("--size", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))
+    scenes.set_defaults(func=_run_fashion_scenes)
+    voc = kinds.add_parser("fashion-voc", help="Fashion-MNIST scenes in the VOCdevkit layout (detection)")
+    voc.add_argument("--out", required=True, help="the folder to hold VOCdevkit/")
+    voc.add_argument("--train", type=int, default=2000)
+    voc.add_argument("--test", type=int, default=500)
+    voc.add_argument("--seed", type=int, default=0)
+    voc.add_argument("--size", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))
+    voc.set_defaults(func=_run_fashion_voc)
 
-    return _load_config(DetectionConfig, path, overrides)
 
+def _run_fashion_scenes(args: argparse.Namespace) -> int:
+    from segmentation.scenes import write_fashion_scenes
 
-def cmd_detection_train(args: argparse.Namespace) -> int:
-    _setup_logging()
-    from detection.train import train_detector
-
-    cfg = _load_detection_config(args.config, args.overrides)
-    metrics = train_detector(cfg)
-    print(f"VOC07 mAP {metrics['mAP']:.2f}%  ({metrics['images']} images)  -> {cfg.output_dir}")
+    out = write_fashion_scenes(args.out, args.train, args.val, canvas=args.size, seed=args.seed)
+    print(f"wrote {args.train} training and {args.val} validation scenes to {out} "
+          "(data.root; num_classes 11, reduce_zero_label true)")
     return 0
 
 
-def cmd_detection_eval(args: argparse.Namespace) -> int:
-    _setup_logging()
-    from detection.train import evaluate_checkpoint
+def _run_fashion_voc(args: argparse.Namespace) -> int:
+    from detection.scenes import write_fashion_voc
 
-    cfg = _load_detection_config(args.config, args.overrides)
-    metrics = evaluate_checkpoint(cfg, args.checkpoint)
-    print(_table([(name, f"{ap:.2f}") for name, ap in metrics["AP"].items()], ("class", "AP %")))
-    print(f"VOC07 mAP {metrics['mAP']:.2f}%  ({metrics['images']} images)")
+    devkit = write_fashion_voc(args.out, args.train, args.test, canvas=args.size, seed=args.seed)
+    print(f"wrote {args.train} trainval and {args.test} test scenes to {devkit} "
+          f"(splits 2007-trainval / 2007-test; classes {devkit / 'classes.txt'})")
     return 0
 
 
-def _add_detection(sub: argparse._SubParsersAction) -> None:
-    det = sub.add_parser("detection", help="Faster R-CNN on PASCAL VOC (torchvision engine): train | eval")
-    det_sub = det.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = det_sub.add_parser("train", help="tricks detection train CONFIG [key=value ...]")
-    p.add_argument("config", help="YAML file (configs/detection/...)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_iter=100 data.root=/data/VOCdevkit")
-    p.set_defaults(func=cmd_detection_train)
-    p = det_sub.add_parser("eval", help="VOC07 mAP of a detector: tricks detection eval CONFIG CHECKPOINT")
-    p.add_argument("config")
-    p.add_argument("checkpoint", help="model_final.pth or last.pth of a detection run")
-    p.add_argument("overrides", nargs="*")
-    p.set_defaults(func=cmd_detection_eval)
+def _add_task_tools(sub: argparse._SubParsersAction) -> None:
+    from detection.cli import add_subcommands as add_detection_tools
+    from segmentation.cli import add_subcommands as add_segmentation_tools
+
+    add_detection_tools(sub)      # voc-eval
+    add_segmentation_tools(sub)   # seg-eval
 
 
 # Each entry adds its subcommand; later jobs append theirs here.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_backbones, _add_classification,
-                                                                   _add_detection]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_backbones, _add_run_commands, _add_data,
+                                                                   _add_task_tools]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tricks", description="Bag of Tricks for image classification and transfer.")
+    tasks = "; ".join(f"{task} (engines: {', '.join(engines)})" for task, (_, engines) in TASKS.items())
+    parser = argparse.ArgumentParser(prog="tricks", description="Bag of Tricks for image classification and transfer.",
+                                     epilog=f"tricks train / eval run every task; the config's `task` and `engine` "
+                                            f"keys pick the trainer. Tasks: {tasks}.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)

@@ -1,4 +1,5 @@
-"""Learning-rate schedules as pure functions of the optimizer step (He et al. 2019, §3.1 and §5.1).
+"""Learning-rate schedules as pure functions of the optimizer step (He et al. 2019, §3.1 and §5.1; the poly
+decay of DeepLab/mmsegmentation for segmentation).
 
 Steps count optimizer updates from 0. ``lr_at`` is the single definition; ``build_scheduler`` wraps it in
 a ``LambdaLR`` so the position in the schedule is saved and restored with ``state_dict``.
@@ -12,18 +13,24 @@ import torch
 
 __all__ = ["SCHEDULES", "scale_lr", "lr_at", "build_scheduler"]
 
-SCHEDULES = ("step", "cosine")
+SCHEDULES = ("step", "cosine", "poly")
 
 
-def scale_lr(lr_per_256: float, global_batch: int) -> float:
-    """Linear scaling rule: ``lr_per_256 * global_batch / 256`` (0.1 at batch 1024 -> 0.4)."""
+def scale_lr(lr: float, global_batch: int, reference_batch: int = 256) -> float:
+    """Linear scaling rule (§3.1): ``lr * global_batch / reference_batch``.
+
+    Each task declares its reference batch: 256 images for classification (the paper: 0.1 per 256, so 0.4
+    at 1024), 16 for detection and segmentation (detectron2's and mmsegmentation's recipes are written for
+    16 images per step)."""
     if global_batch <= 0:
         raise ValueError(f"scale_lr: global_batch must be > 0 images, got {global_batch}")
-    return lr_per_256 * global_batch / 256
+    if reference_batch <= 0:
+        raise ValueError(f"scale_lr: reference_batch must be > 0 images, got {reference_batch}")
+    return lr * global_batch / reference_batch
 
 
 def _validate(base_lr: float, total_steps: int, warmup_steps: int, schedule: str,
-              milestones: Sequence[int], gamma: float) -> None:
+              milestones: Sequence[int], gamma: float, power: float = 1.0, min_lr: float = 0.0) -> None:
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r} (optim.schedule); valid: "
                          + ", ".join(repr(s) for s in SCHEDULES))
@@ -38,10 +45,14 @@ def _validate(base_lr: float, total_steps: int, warmup_steps: int, schedule: str
         raise ValueError(f"milestones must be non-negative and increasing (in steps), got {list(milestones)}")
     if gamma <= 0:
         raise ValueError(f"gamma must be > 0, got {gamma} (optim.gamma)")
+    if power <= 0:
+        raise ValueError(f"power must be > 0, got {power} (optim.power)")
+    if not 0 <= min_lr <= base_lr:
+        raise ValueError(f"min_lr must be in [0, base_lr={base_lr}], got {min_lr} (optim.min_lr)")
 
 
 def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int = 0, schedule: str = "step",
-          milestones: Sequence[int] = (), gamma: float = 0.1) -> float:
+          milestones: Sequence[int] = (), gamma: float = 0.1, power: float = 0.9, min_lr: float = 0.0) -> float:
     """Learning rate for optimizer step ``step`` (0-based).
 
     Warmup (``step < warmup_steps``): ``base_lr * step / warmup_steps``, linear from 0 as in the paper
@@ -55,8 +66,11 @@ def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int = 0,
       * ``"cosine"``: ``0.5 * (1 + cos(pi * t / T)) * base_lr`` with ``t = step - warmup_steps``,
         ``T = total_steps - warmup_steps``; it reaches 0 at ``total_steps`` and stays there.
         ``milestones`` and ``gamma`` are ignored.
+      * ``"poly"``: ``(base_lr - min_lr) * (1 - t / (T - 1)) ** power + min_lr`` with the same ``t``, ``T``:
+        mmengine's ``PolyLR`` (``eta_min=min_lr``, by iteration; power 0.9, min 1e-4 in mmseg's recipes),
+        whose span ends one step early, so the last iteration runs at ``min_lr``.
     """
-    _validate(base_lr, total_steps, warmup_steps, schedule, milestones, gamma)
+    _validate(base_lr, total_steps, warmup_steps, schedule, milestones, gamma, power, min_lr)
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     if step < warmup_steps:
@@ -66,12 +80,15 @@ def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int = 0,
     decay_steps = total_steps - warmup_steps
     # Clamped: past the end the cosine would rise again; with no decay steps the run is already over.
     progress = min((step - warmup_steps) / decay_steps, 1.0) if decay_steps > 0 else 1.0
+    if schedule == "poly":  # mmengine's span: the last iteration (total_steps - 1) runs at min_lr
+        progress = min((step - warmup_steps) / (decay_steps - 1), 1.0) if decay_steps > 1 else 1.0
+        return (base_lr - min_lr) * (1.0 - progress) ** power + min_lr
     return 0.5 * (1.0 + math.cos(math.pi * progress)) * base_lr
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, *, base_lr: float, total_steps: int, warmup_steps: int = 0,
-                    schedule: str = "step", milestones: Sequence[int] = (),
-                    gamma: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+                    schedule: str = "step", milestones: Sequence[int] = (), gamma: float = 0.1,
+                    power: float = 0.9, min_lr: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` following ``lr_at``; call ``scheduler.step()`` after every ``optimizer.step()``.
 
     ``LambdaLR`` multiplies each group's initial lr by the lambda, so build the optimizer with
@@ -81,10 +98,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, base_lr: float, total_s
     if base_lr <= 0:
         raise ValueError(f"build_scheduler: base_lr must be > 0 (the lambda returns lr / base_lr), got {base_lr}")
     milestones = tuple(milestones)
-    _validate(base_lr, total_steps, warmup_steps, schedule, milestones, gamma)  # fail now, not at step()
+    _validate(base_lr, total_steps, warmup_steps, schedule, milestones, gamma, power, min_lr)  # fail now, not at step()
 
     def factor(step: int) -> float:
         return lr_at(step, base_lr=base_lr, total_steps=total_steps, warmup_steps=warmup_steps,
-                     schedule=schedule, milestones=milestones, gamma=gamma) / base_lr
+                     schedule=schedule, milestones=milestones, gamma=gamma, power=power, min_lr=min_lr) / base_lr
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -39,6 +39,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                            "or remove it to start from scratch") from e
 
 
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                   scaler: torch.amp.GradScaler, **extra: Any) -> dict[str, Any]:
+    """What every trainer's checkpoint holds (``extra``: position, RNG states, metrics, config)."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), **extra}
+
+
 def restore_training_state(ckpt: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                            scheduler: Any, scaler: torch.amp.GradScaler) -> None:
     """Load what every trainer's checkpoint holds: model, optimizer, schedule and loss-scaler states."""
@@ -85,3 +92,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((python[0], tuple(python[1]), python[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """RNG states of every rank (rank order), so a resumed DDP run continues every stream exactly.
+    A collective: every rank must call it."""
+    state = rng_state()
+    if not torch.distributed.is_initialized():
+        return [state]
+    states: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def restore_rng_states(states: list[dict[str, Any]], rank: int, world_size: int) -> None:
+    """Restore this rank's stream from ``gather_rng_states``' list. Resuming with another number of
+    processes is allowed (the weights, optimizer and position are exact) but the random streams cannot
+    be: warn and continue, in every task."""
+    if len(states) == world_size:
+        set_rng_state(states[rank])
+    else:
+        log.warning("resuming with %d processes from a run with %d: the model, optimizer and position are "
+                    "restored, the random streams are not (augmentation differs from an uninterrupted run)",
+                    world_size, len(states))

@@ -1,0 +1,122 @@
+"""Data loading pieces every trainer shares: worker counts, per-sample seeds, resuming inside an epoch.
+
+Exact resume with persistent workers: the augmentation of a sample is a function of (seed, epoch, rank,
+index) alone. ``SeededSampler`` yields ``(index, sample_seed)`` pairs and ``SeededDataset`` runs the
+wrapped dataset (its transforms draw from torch's RNG, as torchvision.transforms.v2 does) under that seed,
+inside ``torch.random.fork_rng`` so the caller's stream is untouched. So it does not matter which worker
+loads a sample, whether workers persist across epochs, or where in the epoch a run resumed.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from collections import defaultdict
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+def default_workers(requested: int = -1) -> int:
+    """``requested`` if >= 0, else DataLoader workers per process from the CPUs this process may use
+    divided by the processes on this machine (torchrun's LOCAL_WORLD_SIZE), one left for the main
+    process, at most 8."""
+    if requested >= 0:
+        return requested
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cpus = os.cpu_count() or 1
+    per_process = cpus // max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
+    return max(min(per_process - 1, 8), 0)
+
+
+def sample_seed(seed: int, epoch: int, rank: int, index: int) -> int:
+    """A 63-bit seed, a hash of (seed, epoch, rank, index)."""
+    return int(np.random.SeedSequence([seed, epoch, rank, index]).generate_state(2, np.uint32).astype(np.uint64)
+               .dot(np.array([1 << 31, 1], dtype=np.uint64)))
+
+
+class SeededSampler(Sampler[tuple[int, int]]):
+    """``(index, seed)`` pairs in the order of ``sampler`` (e.g. a ``DistributedSampler``); ``set_epoch``
+    reaches both."""
+
+    def __init__(self, sampler: Sampler[int], seed: int, rank: int = 0):
+        self.sampler, self.seed, self.rank, self.epoch = sampler, seed, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in self.sampler:
+            yield index, sample_seed(self.seed, self.epoch, self.rank, index)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class SeededDataset(Dataset):
+    """Items of ``dataset`` keyed by ``(index, seed)``: loaded and augmented under ``torch.manual_seed(seed)``."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+class GroupedBatchSampler(Sampler[list]):
+    """Batches whose items share a group (aspect ratio wider / taller than 1, as torchvision's detection
+    references and detectron2 group them), in the order the items come from ``sampler``: an item joins
+    its group's buffer, and a full buffer is a batch. Incomplete buffers at the end of an epoch are
+    dropped (their items come back in other epochs). ``sampler`` may yield ``(index, seed)`` pairs."""
+
+    def __init__(self, sampler: Sampler, group_ids: Sequence[int], batch_size: int):
+        self.sampler, self.group_ids, self.batch_size = sampler, list(group_ids), batch_size
+
+    def __iter__(self):
+        buffers: dict[int, list] = defaultdict(list)
+        for item in self.sampler:
+            index = item[0] if isinstance(item, tuple) else item
+            buffer = buffers[self.group_ids[index]]
+            buffer.append(item)
+            if len(buffer) == self.batch_size:
+                yield list(buffer)
+                buffer.clear()
+
+    def __len__(self) -> int:  # an upper bound is not allowed here: the exact count of full batches
+        counts: dict[int, int] = defaultdict(int)
+        for item in self.sampler:
+            counts[self.group_ids[item[0] if isinstance(item, tuple) else item]] += 1
+        return sum(c // self.batch_size for c in counts.values())
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+
+class SkipBatches(Sampler[list]):
+    """The wrapped batch sampler without its first ``skip`` batches: resuming inside an epoch without
+    loading what the interrupted run already used. ``skip`` stays until it is set again (a DataLoader with
+    workers starts its batch sampler twice per ``iter``): set it back to 0 for the next epoch."""
+
+    def __init__(self, batch_sampler: Sampler[list]):
+        self.batch_sampler, self.skip = batch_sampler, 0
+
+    def __iter__(self):
+        return itertools.islice(iter(self.batch_sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch) if hasattr(self.batch_sampler, "set_epoch") else None

@@ -1,0 +1,441 @@
+"""The mmsegmentation engine: mmseg's FCN-D8 recipe on a registry backbone, driven by mmengine's Runner.
+
+mmsegmentation's own config ``fcn/fcn_r50-d8_4xb4-80k_ade20k-512x512.py`` (shipped in the wheel) is the
+starting point; ``build_mmseg_config`` replaces its ResNetV1c by ``TricksBackbone`` (our
+``backbones.create_backbone`` returning the ``(res2, res3, res4, res5)`` tuple mmseg's heads index) and
+writes our ``SegmentationConfig`` into it: heads, data, SGD with linear lr scaling per 16 images, poly
+decay, iterations, checkpoints, seed and AMP. mmengine then runs the loop, evaluation (mmseg's
+``IoUMetric``) and resume; there is no second copy of its trainer here.
+
+This is the only module of the suite that imports mmseg / mmengine / mmcv, and only inside functions::
+
+    metrics = train(cfg)                      # {"mIoU", "mAcc", "aAcc"} in percent
+    metrics = evaluate(cfg, "runs/.../iter_80000.pth")
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import sys
+import types
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from backbones import create_backbone
+from runtime.config import dump_config
+
+from .config import SegmentationConfig
+
+log = logging.getLogger("segmentation")
+
+INSTALL_HINT = "install it with `pip install -e '.[segmentation]'` (or `bash scripts/setup.sh`)"
+# The recipe this engine follows, relative to the mmsegmentation wheel's ``.mim/configs`` folder.
+BASE_RECIPE = "fcn/fcn_r50-d8_4xb4-80k_ade20k-512x512.py"
+ADE20K_NUM_CLASSES = 150
+FEATURE_NAMES = ("res2", "res3", "res4", "res5")
+
+
+# ---------------------------------------------------------------------------------------------- imports
+class _MissingOps(types.ModuleType):
+    """Stand-in for mmcv's compiled ``mmcv._ext`` (absent from mmcv-lite): every op exists as a name, so
+    ``mmcv.utils.ext_loader`` accepts the module, but raises when called. The dilated FCN calls none."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # importlib and pickle probe dunders; they must stay missing
+            raise AttributeError(name)
+
+        def missing(*args, **kwargs):
+            raise NotImplementedError(
+                f"mmcv op {name!r} needs mmcv's compiled extension, which mmcv-lite lacks. Use a model without "
+                "it (the FCN recipe needs none) or build mmcv with ops (see DEPENDENCIES.md, 'Full' route).")
+
+        return missing
+
+
+def _install_ops_stand_in() -> None:
+    if "mmcv._ext" in sys.modules or importlib.util.find_spec("mmcv._ext") is not None:
+        return  # a real mmcv build with ops, or the stand-in already
+    stand_in = _MissingOps("mmcv._ext")
+    # A spec with no loader: mmengine's mmcv_full_available() then (correctly) reports no compiled ops.
+    stand_in.__spec__ = importlib.machinery.ModuleSpec("mmcv._ext", None)
+    sys.modules["mmcv._ext"] = stand_in
+
+
+def import_mmseg() -> types.SimpleNamespace:
+    """Import mmsegmentation, mmengine and mmcv (installing the ``mmcv._ext`` stand-in when mmcv has no
+    compiled ops) and return them as ``.mmseg``, ``.mmengine``, ``.mmcv``.
+
+    Raises ImportError naming the install command when one of them is missing.
+    """
+    try:
+        import mmcv
+        import mmengine
+    except ImportError as e:
+        raise ImportError(f"the mmseg engine needs mmengine and mmcv ({e}): {INSTALL_HINT}") from e
+    _install_ops_stand_in()
+    try:
+        import mmseg
+        import mmseg.datasets  # noqa: F401  the registries fill as these packages import
+        import mmseg.evaluation  # noqa: F401
+        import mmseg.models  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"the mmseg engine needs mmsegmentation 1.2.2 ({e}): {INSTALL_HINT}") from e
+    return types.SimpleNamespace(mmseg=mmseg, mmengine=mmengine, mmcv=mmcv)
+
+
+# ---------------------------------------------------------------------------------------------- backbone
+class TricksBackbone(nn.Module):
+    """A registry backbone as an mmseg backbone: ``forward(x)`` returns the tuple of feature maps
+    ``out_indices`` selects from ``("res2", "res3", "res4", "res5")``; mmseg heads pick one by ``in_index``
+    (FCN-D8: 3 = res5 for the decode head, 2 = res4 for the auxiliary head, as with ResNetV1c).
+
+    ``weights`` (our ``model.safetensors``, timm or torchvision files) are loaded here, at build time;
+    the module has no ``init_weights``, so mmengine's initialisation leaves them alone.
+    """
+
+    def __init__(self, name: str, weights: Optional[str] = None, output_stride: int = 8, frozen_stages: int = -1,
+                 norm_eval: bool = False, in_chans: int = 3, out_indices: Sequence[int] = (0, 1, 2, 3),
+                 norm_layer: Optional[str] = None, channels_last: bool = False, **kwargs: Any):
+        super().__init__()
+        self.body = create_backbone(name, weights=weights, num_classes=0, in_chans=in_chans, new_head=True, adapt_input=True,
+                                    output_stride=output_stride, frozen_stages=frozen_stages,
+                                    norm_layer=norm_layer, norm_eval=norm_eval, **kwargs)
+        infos = {f.name: f for f in self.body.feature_info}
+        self.out_names = [FEATURE_NAMES[i] for i in out_indices]
+        missing = [n for n in self.out_names if n not in infos]
+        if missing:
+            raise ValueError(f"backbone {name!r} has no feature {missing}: it declares {sorted(infos)}")
+        self.feature_info = [infos[n] for n in self.out_names]
+        self.channels_last = channels_last
+        if channels_last:
+            self.body.to(memory_format=torch.channels_last)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        features = self.body.forward_features(x)
+        return tuple(features[n] for n in self.out_names)
+
+
+def register_modules() -> types.SimpleNamespace:
+    """Import mmseg (``import_mmseg``) and register ``TricksBackbone`` in its MODELS and the CPU bf16
+    optimizer wrapper in its OPTIM_WRAPPERS. Idempotent: a second call re-registers the same classes."""
+    mm = import_mmseg()
+    from mmseg.registry import MODELS, OPTIM_WRAPPERS
+    MODELS.register_module(name="TricksBackbone", module=TricksBackbone, force=True)
+    OPTIM_WRAPPERS.register_module(name="CPUAutocastOptimWrapper", module=_cpu_autocast_wrapper_class(),
+                                   force=True)
+    return mm
+
+
+_CPU_AUTOCAST_WRAPPER: Optional[type] = None
+
+
+def _cpu_autocast_wrapper_class() -> type:
+    # mmengine's AmpOptimWrapper refuses to run without a GPU, yet bf16 autocast is the fast way to train on
+    # a CPU (about 2.2x for ResNet-50 here). bf16 keeps fp32's exponent range, so no loss scaling is needed:
+    # the plain OptimWrapper with an autocast context is enough. Built once, on first use (mmengine is lazy).
+    global _CPU_AUTOCAST_WRAPPER
+    if _CPU_AUTOCAST_WRAPPER is None:
+        from mmengine.optim import OptimWrapper
+
+        class CPUAutocastOptimWrapper(OptimWrapper):
+            """OptimWrapper whose forward and loss run under CPU bf16 autocast."""
+
+            @contextlib.contextmanager
+            def optim_context(self, model: nn.Module):
+                with super().optim_context(model), torch.autocast("cpu", dtype=torch.bfloat16):
+                    yield
+
+        _CPU_AUTOCAST_WRAPPER = CPUAutocastOptimWrapper
+    return _CPU_AUTOCAST_WRAPPER
+
+
+# ---------------------------------------------------------------------------------------------- config
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _data_root(root: str) -> str:
+    # As segmentation.ade20k: the ADEChallengeData2016 folder or its parent.
+    nested = Path(root) / "ADEChallengeData2016"
+    return str(nested if nested.is_dir() else Path(root))
+
+
+def _class_names(cfg: SegmentationConfig) -> Optional[list[str]]:
+    names = cfg.data.class_names
+    if names is not None and len(names) != cfg.data.num_classes:
+        raise ValueError(f"data.class_names has {len(names)} names but data.num_classes is {cfg.data.num_classes}")
+    if cfg.data.num_classes == ADE20K_NUM_CLASSES and names is None:
+        return None  # ADE20KDataset's own names and palette
+    return list(names) if names is not None else [f"class_{i}" for i in range(cfg.data.num_classes)]
+
+
+def _dataset(cfg: SegmentationConfig, split: str, pipeline: list[dict]) -> dict:
+    names = _class_names(cfg)
+    common = dict(data_root=_data_root(cfg.data.root), pipeline=pipeline, reduce_zero_label=cfg.data.reduce_zero_label,
+                  data_prefix=dict(img_path=f"images/{split}", seg_map_path=f"annotations/{split}"))
+    if cfg.data.max_images > 0:
+        common["indices"] = cfg.data.max_images
+    if names is None:
+        return dict(type="ADE20KDataset", **common)
+    # ADE20KDataset maps any other class list onto a subset of its 150 names (and refuses unknown names), so
+    # another dataset in the ADE20K layout uses the base class with the same file suffixes and its own classes.
+    # The palette is fixed (seeded), as mmseg draws one for classes without colours.
+    palette = torch.randint(0, 256, (len(names), 3), generator=torch.Generator().manual_seed(42)).tolist()
+    return dict(type="BaseSegDataset", img_suffix=".jpg", seg_map_suffix=".png",
+                metainfo=dict(classes=tuple(names), palette=palette), **common)
+
+
+def _workers(cfg: SegmentationConfig) -> int:
+    return cfg.data.workers if cfg.data.workers >= 0 else min(4, os.cpu_count() or 1)
+
+
+def _loader(cfg: SegmentationConfig, base: dict, dataset: dict, batch_size: int) -> dict:
+    workers = _workers(cfg)
+    return {**base, "batch_size": batch_size, "num_workers": workers, "persistent_workers": workers > 0,
+            "dataset": dataset}
+
+
+def _optim_wrapper(cfg: SegmentationConfig, lr: float, on_cuda: bool) -> dict:
+    wrapper = dict(type="OptimWrapper", clip_grad=None, accumulative_counts=cfg.train.accum_steps,
+                   optimizer=dict(type="SGD", lr=lr, momentum=cfg.optim.momentum,
+                                  weight_decay=cfg.optim.weight_decay))
+    if cfg.optim.no_bias_decay:  # the paper's rule: biases and norm-layer parameters get no weight decay
+        wrapper["paramwise_cfg"] = dict(bias_decay_mult=0.0, norm_decay_mult=0.0)
+    if cfg.train.precision == "fp16":
+        if not on_cuda:
+            raise ValueError("train.precision=fp16 needs a GPU (mmengine's AmpOptimWrapper); on a CPU use bf16 or fp32")
+        wrapper.update(type="AmpOptimWrapper", loss_scale="dynamic")
+    elif cfg.train.precision == "bf16":
+        wrapper.update(type="AmpOptimWrapper", dtype="bfloat16") if on_cuda else wrapper.update(
+            type="CPUAutocastOptimWrapper")
+    return wrapper
+
+
+def build_mmseg_config(cfg: SegmentationConfig):
+    """mmseg's ``fcn_r50-d8_4xb4-80k_ade20k-512x512`` recipe as an ``mmengine.Config``, with ``cfg`` written in.
+
+    The model's backbone becomes ``TricksBackbone(cfg.model.backbone, ...)``; head widths, classes,
+    dropout and the auxiliary loss weight (0 = no auxiliary head) come from ``cfg.model``; normalisation
+    is mmseg's SyncBN under DDP on CUDA with ``model.sync_bn``, BN otherwise. Image mean/std are
+    ``data.mean``/``data.std`` (or the backbone's default) times 255, mmseg's pixel scale. SGD's lr and
+    the poly schedule's floor are per 16 images, scaled by the global batch (batch_size x world x accum).
+    """
+    mm = register_modules()
+    Config = mm.mmengine.Config
+    if cfg.eval.flip or list(cfg.eval.scales) != [1.0]:
+        raise ValueError("eval.flip / eval.scales (test-time augmentation) are not wired into the mmseg engine; "
+                         "use eval.flip=false eval.scales=[1.0], or engine=torch")
+    if cfg.model.head != "fcn":
+        raise ValueError(f"model.head={cfg.model.head!r} is the torch engine's head; the mmseg engine runs mmseg's "
+                         "FCNHead: set model.head=fcn")
+    recipe = Path(mm.mmseg.__file__).parent / ".mim" / "configs" / BASE_RECIPE
+    if not recipe.is_file():
+        raise FileNotFoundError(f"{recipe} not found: the mmsegmentation wheel ships its configs there; "
+                                f"reinstall it: {INSTALL_HINT}")
+    mc = Config.fromfile(str(recipe))
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+
+    world = _world_size()
+    on_cuda = torch.cuda.is_available()
+    sync_bn = m.sync_bn and world > 1 and on_cuda
+    norm_cfg = dict(type="SyncBN" if sync_bn else "BN", requires_grad=True)
+
+    # Channels and the default normalisation, read from a parameter-less (meta device) copy of the backbone.
+    with torch.device("meta"):
+        probe = create_backbone(m.backbone, num_classes=0, in_chans=m.in_chans, output_stride=m.output_stride,
+                                **m.kwargs)
+    channels = {f.name: f.channels for f in probe.feature_info}
+    mean = d.mean if d.mean is not None else probe.default_cfg["mean"]
+    std = d.std if d.std is not None else probe.default_cfg["std"]
+    crop = tuple(d.crop_size)
+
+    preprocessor = dict(mc.data_preprocessor, size=crop, mean=[255 * v for v in mean], std=[255 * v for v in std])
+    mc.data_preprocessor = preprocessor
+    mc.model.data_preprocessor = preprocessor
+    mc.model.pretrained = None  # ResNetV1c's ImageNet download; our weights load inside TricksBackbone
+    mc.model.backbone = dict(type="TricksBackbone", name=m.backbone, weights=m.weights, output_stride=m.output_stride,
+                             frozen_stages=m.frozen_stages, norm_eval=False, in_chans=m.in_chans,
+                             out_indices=(0, 1, 2, 3), norm_layer="syncbatchnorm" if sync_bn else None,
+                             channels_last=m.channels_last, **m.kwargs)
+    mc.norm_cfg, mc.crop_size, mc.data_root = norm_cfg, crop, _data_root(d.root)  # the recipe's own variables
+    mc.model.decode_head.update(in_channels=channels["res5"], in_index=3, channels=m.channels,
+                                num_classes=d.num_classes, dropout_ratio=m.dropout, norm_cfg=norm_cfg)
+    if m.aux_weight > 0:
+        mc.model.auxiliary_head.update(in_channels=channels["res4"], in_index=2, channels=m.aux_channels,
+                                       num_classes=d.num_classes, dropout_ratio=m.dropout, norm_cfg=norm_cfg)
+        mc.model.auxiliary_head.loss_decode.loss_weight = m.aux_weight
+    else:
+        mc.model.auxiliary_head = None
+    if cfg.eval.mode == "slide":
+        mc.model.test_cfg = dict(mode="slide", crop_size=tuple(cfg.eval.crop_size), stride=tuple(cfg.eval.stride))
+    else:
+        mc.model.test_cfg = dict(mode="whole")
+
+    train_pipeline = [
+        dict(type="LoadImageFromFile"),
+        dict(type="LoadAnnotations"),  # reduce_zero_label: from the dataset
+        dict(type="RandomResize", scale=tuple(d.scale), ratio_range=tuple(d.ratio_range), keep_ratio=True),
+        dict(type="RandomCrop", crop_size=crop, cat_max_ratio=d.cat_max_ratio),
+        dict(type="RandomFlip", prob=d.hflip),
+        *([dict(type="PhotoMetricDistortion")] if d.photometric else []),
+        dict(type="PackSegInputs"),
+    ]
+    test_pipeline = [
+        dict(type="LoadImageFromFile"),
+        dict(type="Resize", scale=tuple(d.scale), keep_ratio=True),
+        dict(type="LoadAnnotations"),  # reduce_zero_label: from the dataset
+        dict(type="PackSegInputs"),
+    ]
+    mc.train_pipeline, mc.test_pipeline = train_pipeline, test_pipeline
+    mc.train_dataloader = _loader(cfg, mc.train_dataloader, _dataset(cfg, d.train_split, train_pipeline), t.batch_size)
+    mc.val_dataloader = _loader(cfg, mc.val_dataloader, _dataset(cfg, d.val_split, test_pipeline), 1)
+    mc.test_dataloader = mc.val_dataloader
+    mc.val_evaluator = dict(type="IoUMetric", iou_metrics=["mIoU"], ignore_index=255)
+    mc.test_evaluator = mc.val_evaluator
+
+    global_batch = t.batch_size * world * t.accum_steps
+    lr, min_lr = o.lr * global_batch / 16, o.min_lr * global_batch / 16  # linear scaling, per 16 images
+    mc.optimizer = dict(type="SGD", lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    mc.optim_wrapper = _optim_wrapper(cfg, lr, on_cuda)
+    poly = dict(type="PolyLR", eta_min=min_lr, power=o.power, begin=o.warmup_iters, end=t.max_iter, by_epoch=False)
+    warmup = [dict(type="LinearLR", start_factor=1e-6, begin=0, end=o.warmup_iters, by_epoch=False)] \
+        if o.warmup_iters > 0 else []
+    mc.param_scheduler = [*warmup, poly]
+    mc.train_cfg = dict(type="IterBasedTrainLoop", max_iters=t.max_iter,
+                        val_interval=t.eval_every if t.eval_every > 0 else t.max_iter)
+    mc.default_hooks.checkpoint.update(by_epoch=False, interval=t.checkpoint_every, save_last=True)
+    mc.default_hooks.logger.interval = t.log_every
+    mc.randomness = dict(seed=t.seed)
+    mc.env_cfg.dist_cfg = dict(backend="nccl" if on_cuda else "gloo")
+    mc.launcher = "pytorch" if world > 1 else "none"
+    mc.work_dir = cfg.output_dir
+    # The visualizer (which writes the run's scalars.json) is a process-wide singleton looked up by name; the
+    # recipe's fixed name would make a second run in the same process log into the first run's folder.
+    # Without it, the Runner names it after the run (config name + timestamp).
+    mc.visualizer.pop("name", None)
+    mc.resume, mc.load_from = _resume(cfg)
+    return mc
+
+
+def _resume(cfg: SegmentationConfig) -> tuple[bool, Optional[str]]:
+    """(resume, load_from) for mmengine: ``auto`` = the work dir's last checkpoint, if any."""
+    resume = cfg.train.resume
+    if resume is None:
+        return False, None
+    if resume == "auto":
+        return True, None  # mmengine finds <work_dir>/last_checkpoint itself (and starts afresh without it)
+    if not Path(resume).is_file():
+        raise FileNotFoundError(f"train.resume={resume!r}: no such checkpoint (use 'auto' or a .pth of this engine)")
+    return True, resume
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+@contextlib.contextmanager
+def _trusted_checkpoints(*trusted: str | os.PathLike | None):
+    """Let mmengine load its own checkpoints (in or below the ``trusted`` folders / files) on torch>=2.6.
+
+    torch>=2.6 ``torch.load`` is weights_only by default and refuses mmengine's checkpoints ("Unsupported
+    global ... HistoryBuffer"). Allow-listing globals is no fix: a HistoryBuffer pickles bound methods through
+    ``builtins.getattr``, which would open weights_only loading to arbitrary calls. So, while this context is
+    active, mmengine's local-file loader passes ``weights_only=False`` for the run's own files (its work dir,
+    the checkpoint the caller named) and keeps torch's default for every other file. torch.load itself and
+    every other caller are untouched.
+    """
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    roots = [Path(t).resolve() for t in trusted if t is not None]
+    default_loader = CheckpointLoader._schemes[""]
+
+    def load_from_local_run(filename, map_location):  # mmengine logs the name after "load_from_"
+        path = Path(os.path.expanduser(filename)).resolve()
+        if not any(path == root or root in path.parents for root in roots):
+            return default_loader(filename, map_location)
+        if not path.is_file():
+            raise FileNotFoundError(f"{filename} can not be found.")
+        return torch.load(path, map_location=map_location, weights_only=False)
+
+    CheckpointLoader.register_scheme("", load_from_local_run, force=True)
+    try:
+        yield
+    finally:
+        CheckpointLoader.register_scheme("", default_loader, force=True)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def _runner(cfg: SegmentationConfig):
+    """mmengine's Runner for ``cfg`` and a hook that keeps the last validation metrics."""
+    mc = build_mmseg_config(cfg)
+    from mmengine.hooks import Hook
+    from mmengine.runner import Runner
+
+    class LastMetrics(Hook):
+        priority = "LOWEST"
+
+        def __init__(self):
+            self.metrics: Optional[dict] = None
+
+        def after_val_epoch(self, runner, metrics=None):
+            self.metrics = dict(metrics or {})
+
+        def after_test_epoch(self, runner, metrics=None):
+            self.metrics = dict(metrics or {})
+
+    runner = Runner.from_cfg(mc)
+    recorder = LastMetrics()
+    runner.register_hook(recorder)
+    return runner, recorder
+
+
+def _summary(metrics: dict) -> dict[str, float]:
+    missing = [k for k in ("mIoU", "mAcc", "aAcc") if k not in metrics]
+    if missing:
+        raise RuntimeError(f"mmseg's evaluation returned {sorted(metrics)}, without {missing}")
+    # IoUMetric rounds to 0.01 (percent).
+    return {k: float(metrics[k]) for k in ("mIoU", "mAcc", "aAcc")}
+
+
+def train(cfg: SegmentationConfig) -> dict[str, float]:
+    """Train with mmengine's Runner and return the final validation ``{"mIoU", "mAcc", "aAcc"}`` (percent).
+
+    Writes ``<output_dir>/config.yaml`` (our config) and mmengine's work dir: ``iter_N.pth`` checkpoints,
+    ``last_checkpoint``, logs and its resolved config. ``train.resume`` = ``auto`` (the work dir's last
+    checkpoint) or a checkpoint path continues at its saved iteration; a finished run is only evaluated.
+    """
+    if cfg.engine != "mmseg":
+        raise ValueError(f"engine={cfg.engine!r}: the mmseg engine runs configs with engine: mmseg")
+    dump_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    runner, recorder = _runner(cfg)
+    with _trusted_checkpoints(cfg.output_dir, _resume(cfg)[1]):
+        runner.train()
+        if recorder.metrics is None:  # resumed at max_iter: no iteration ran, so no validation either
+            runner.val()
+    return _summary(recorder.metrics)
+
+
+def evaluate(cfg: SegmentationConfig, checkpoint: str) -> dict[str, float]:
+    """``{"mIoU", "mAcc", "aAcc"}`` (percent) of ``checkpoint`` on ``data.val_split`` through mmengine's test loop.
+
+    ``checkpoint`` must be one this engine wrote (mmengine's ``iter_N.pth``: EncoderDecoder with
+    ``TricksBackbone``), loaded strictly: the torch engine's FCN state dicts have other module names and
+    are refused with the list of missing keys.
+    """
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint!r} not found")
+    # Without resume (and load_from), Runner.test() loads nothing itself: the strict load here is the only one.
+    runner, recorder = _runner(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=None)))
+    with _trusted_checkpoints(cfg.output_dir, checkpoint):
+        runner.load_checkpoint(str(checkpoint), strict=True)
+        metrics = runner.test()
+    return _summary(metrics if metrics else recorder.metrics)
+

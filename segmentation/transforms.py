@@ -1,0 +1,281 @@
+"""mmsegmentation's ADE20K training pipeline on ``(tv_tensors.Image uint8 [3, H, W], tv_tensors.Mask [H, W])``.
+
+As ``mmseg/configs/_base_/datasets/ade20k.py`` runs it (after ``LoadAnnotations(reduce_zero_label=True)``,
+which ``segmentation.ade20k`` already did):
+
+1. ``RandomResize(scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True)``: the scale times
+   r ~ U[0.5, 2.0], truncated to ints, then mmcv's keep-ratio rule ``f = min(long / max(h, w),
+   short / min(h, w))``, new size ``int(side * f + 0.5)``; bilinear for the image (no antialias, as
+   cv2's ``INTER_LINEAR``), nearest for the mask;
+2. ``RandomCrop(crop_size, cat_max_ratio=0.75)``: re-drawn up to 10 times while one class (255 left
+   out) covers ``>= 0.75`` of the crop's labelled pixels or only one class is present;
+3. ``RandomFlip(prob=0.5)``: torchvision's ``RandomHorizontalFlip``;
+4. ``PhotoMetricDistortion``: on uint8 as mmseg (OpenCV's uint8 HSV conversions reproduced from its
+   reference code; tested against mmseg on equal draws);
+5. padding to the crop size (image 0, mask 255) as mmseg's ``SegDataPreProcessor`` does per batch.
+
+Every random draw comes from torch's global generator (``torch.rand`` / ``torch.randint``), so seeding
+torch before a call fixes the whole sample. Normalisation is left to the trainer (on the device).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+IGNORE_INDEX = 255
+
+
+def rescale_size(height: int, width: int, scale: Sequence[float]) -> tuple[int, int]:
+    """mmcv's ``rescale_size`` with a (long, short) bound: the largest ratio-keeping size inside it.
+    Returns ``(new_height, new_width)``."""
+    long_edge, short_edge = max(scale), min(scale)
+    factor = min(long_edge / max(height, width), short_edge / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def _image_size(flat_inputs: list[Any]) -> tuple[int, int]:
+    for inpt in flat_inputs:
+        if isinstance(inpt, (tv_tensors.Image, tv_tensors.Mask)):
+            return tuple(inpt.shape[-2:])
+    raise TypeError("segmentation transforms expect a tv_tensors.Image or tv_tensors.Mask in the sample")
+
+
+def _resize(inpt: Any, size: tuple[int, int]) -> Any:
+    if isinstance(inpt, tv_tensors.Mask):  # nearest, as cv2's INTER_NEAREST (floor of the scaled index)
+        return F.resize(inpt, list(size), interpolation=v2.InterpolationMode.NEAREST)
+    # antialias=False: mmcv resizes with cv2 INTER_LINEAR, which does not low-pass when shrinking
+    return F.resize(inpt, list(size), interpolation=v2.InterpolationMode.BILINEAR, antialias=False)
+
+
+class RandomResize(v2.Transform):
+    """mmcv ``RandomResize(scale, ratio_range, keep_ratio=True)``: image bilinear, mask nearest."""
+
+    _transformed_types = (tv_tensors.Image, tv_tensors.Mask)
+
+    def __init__(self, scale: Sequence[int] = (2048, 512), ratio_range: Sequence[float] = (0.5, 2.0)):
+        super().__init__()
+        self.scale, self.ratio_range = tuple(scale), tuple(ratio_range)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        lo, hi = self.ratio_range
+        ratio = float(torch.rand(())) * (hi - lo) + lo
+        target = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
+        return {"size": rescale_size(*_image_size(flat_inputs), target)}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return _resize(inpt, params["size"])
+
+
+class KeepRatioResize(v2.Transform):
+    """mmcv ``Resize(scale, keep_ratio=True)`` of the image only (evaluation: labels keep their size)."""
+
+    _transformed_types = (tv_tensors.Image,)
+
+    def __init__(self, scale: Sequence[int] = (2048, 512)):
+        super().__init__()
+        self.scale = tuple(scale)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        return {"size": rescale_size(*_image_size(flat_inputs), self.scale)}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return _resize(inpt, params["size"])
+
+
+class CatMaxRatioCrop(v2.Transform):
+    """mmseg ``RandomCrop(crop_size, cat_max_ratio, ignore_index)``: a ``crop_size`` (h, w) window (the
+    whole side where the image is smaller), re-drawn up to 10 times unless more than one class is in it
+    and the largest covers less than ``cat_max_ratio`` of its non-ignored pixels; after 10 failures the
+    11th draw is kept unchecked, as mmseg does."""
+
+    _transformed_types = (tv_tensors.Image, tv_tensors.Mask)
+
+    def __init__(self, crop_size: Sequence[int] = (512, 512), cat_max_ratio: float = 0.75,
+                 ignore_index: int = IGNORE_INDEX):
+        super().__init__()
+        self.crop_size, self.cat_max_ratio, self.ignore_index = tuple(crop_size), cat_max_ratio, ignore_index
+
+    def _draw(self, height: int, width: int) -> tuple[int, int, int, int]:
+        margin_h, margin_w = max(height - self.crop_size[0], 0), max(width - self.crop_size[1], 0)
+        top = int(torch.randint(0, margin_h + 1, ()))
+        left = int(torch.randint(0, margin_w + 1, ()))
+        return top, min(top + self.crop_size[0], height), left, min(left + self.crop_size[1], width)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = _image_size(flat_inputs)
+        box = self._draw(height, width)
+        masks = [x for x in flat_inputs if isinstance(x, tv_tensors.Mask)]
+        if self.cat_max_ratio < 1 and masks:
+            for _ in range(10):
+                y1, y2, x1, x2 = box
+                crop = masks[0][..., y1:y2, x1:x2]
+                _, counts = torch.unique(crop[crop != self.ignore_index], return_counts=True)
+                if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+                    break
+                box = self._draw(height, width)
+        return {"box": box}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        y1, y2, x1, x2 = params["box"]
+        return F.crop(inpt, y1, x1, y2 - y1, x2 - x1)
+
+
+class PadTo(v2.Transform):
+    """Pad at the right and bottom to ``size`` (h, w): image with 0, mask with 255 (mmseg's
+    ``SegDataPreProcessor(pad_val=0, seg_pad_val=255)``)."""
+
+    _transformed_types = (tv_tensors.Image, tv_tensors.Mask)
+
+    def __init__(self, size: Sequence[int] = (512, 512), fill: int = 0, mask_fill: int = IGNORE_INDEX):
+        super().__init__()
+        self.size, self.fill, self.mask_fill = tuple(size), fill, mask_fill
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = _image_size(flat_inputs)
+        return {"padding": [0, 0, max(self.size[1] - width, 0), max(self.size[0] - height, 0)]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not any(params["padding"]):
+            return inpt
+        fill = self.mask_fill if isinstance(inpt, tv_tensors.Mask) else self.fill
+        return F.pad(inpt, params["padding"], fill=fill)
+
+
+# --- PhotoMetricDistortion -------------------------------------------------------------------------------
+# Written here because torchvision's ColorJitter works in float HSV with its own formulas; mmseg converts
+# uint8 with OpenCV (H in 0..179, fixed-point tables) and truncates after each step. Reproducing that
+# keeps our training inputs equal to mmseg's on equal draws.
+
+_HSV_SHIFT = 12
+_SDIV = torch.tensor([0] + [round((255 << _HSV_SHIFT) / i) for i in range(1, 256)], dtype=torch.int64)
+_HDIV = torch.tensor([0] + [round((180 << _HSV_SHIFT) / (6 * i)) for i in range(1, 256)], dtype=torch.int64)
+
+
+def rgb_to_hsv_u8(image: Tensor) -> Tensor:
+    """OpenCV ``COLOR_RGB2HSV`` on uint8 [3, H, W]: H in 0..179 (degrees / 2), S, V in 0..255."""
+    r, g, b = image.to(torch.int64).unbind(0)
+    v = torch.maximum(torch.maximum(r, g), b)
+    diff = v - torch.minimum(torch.minimum(r, g), b)
+    half = 1 << (_HSV_SHIFT - 1)
+    s = (diff * _SDIV[v] + half) >> _HSV_SHIFT
+    h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+    h = (h * _HDIV[diff] + half) >> _HSV_SHIFT
+    h = torch.where(h < 0, h + 180, h)
+    return torch.stack([h, s, v]).to(torch.uint8)
+
+
+def hsv_to_rgb_u8(hsv: Tensor) -> Tensor:
+    """OpenCV ``COLOR_HSV2RGB`` on uint8 [3, H, W] as its scalar code computes it: float32 arithmetic with
+    ``1 - s*h`` fused, rounded half to even. OpenCV's SIMD path, which it takes for full vector blocks of
+    a row, truncates instead, so mmseg's own output differs from this by one level at some pixels
+    depending on their position in the row; this follows the position-independent scalar code."""
+    h, s, v = hsv.to(torch.float32).unbind(0)
+    s, v = s * torch.tensor(1 / 255, dtype=torch.float32), v * torch.tensor(1 / 255, dtype=torch.float32)
+    h = torch.fmod(h * (torch.tensor(6.0) / 180), 6.0)
+    sector = torch.floor(h)
+    frac = h - sector
+    sector = sector.to(torch.int64)
+
+    def one_minus(a: Tensor, b: Tensor) -> Tensor:  # 1 - a*b fused (as OpenCV's build): a*b exact in float64
+        return (1 - a.double() * b.double()).float()
+
+    tab = torch.stack([v, v * (1 - s), v * one_minus(s, frac), v * one_minus(s, 1 - frac)])  # v, p, q, t
+    # (r, g, b) indices into tab per sector, from OpenCV's sector_data {b, g, r}
+    order = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])
+    rgb = torch.gather(tab, 0, order[sector].permute(2, 0, 1))
+    rgb = torch.where(s == 0, v.expand_as(rgb), rgb)
+    return torch.round(rgb * 255).clamp(0, 255).to(torch.uint8)
+
+
+def _convert(x: Tensor, alpha: float = 1.0, beta: float = 0.0) -> Tensor:
+    """mmseg's ``convert``: float32 ``x * alpha + beta``, clipped to 0..255, truncated to uint8."""
+    return (x.to(torch.float32) * alpha + beta).clamp(0, 255).to(torch.uint8)
+
+
+def draw_photometric_params(brightness_delta: int = 32, contrast_range: Sequence[float] = (0.5, 1.5),
+                            saturation_range: Sequence[float] = (0.5, 1.5), hue_delta: int = 18) -> dict:
+    """The draws of one ``PhotoMetricDistortion`` call (``None`` = step skipped), from torch's RNG.
+
+    The hue shift is an integer in ``[-hue_delta, hue_delta)``: mmseg calls ``numpy.random.randint(-18, 18)``
+    whose upper bound is exclusive."""
+    def uniform(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), dtype=torch.float64))
+
+    def coin() -> bool:
+        return bool(torch.randint(0, 2, ()))
+
+    # drawn in the order mmseg draws them, so a numpy.random stand-in backed by torch replays mmseg exactly
+    params = {"brightness": uniform(-brightness_delta, brightness_delta) if coin() else None}
+    params["contrast_first"] = coin()
+    contrast = (uniform(*contrast_range) if coin() else None) if params["contrast_first"] else None
+    params["saturation"] = uniform(*saturation_range) if coin() else None
+    params["hue"] = int(torch.randint(-hue_delta, hue_delta, ())) if coin() else None
+    if not params["contrast_first"]:
+        contrast = uniform(*contrast_range) if coin() else None
+    params["contrast"] = contrast
+    return params
+
+
+def photometric_distortion(image: Tensor, params: dict) -> Tensor:
+    """mmseg's ``PhotoMetricDistortion.transform`` on an RGB uint8 [3, H, W] image with fixed draws."""
+    if params["brightness"] is not None:
+        image = _convert(image, beta=params["brightness"])
+    if params["contrast_first"] and params["contrast"] is not None:
+        image = _convert(image, alpha=params["contrast"])
+    if params["saturation"] is not None:
+        hsv = rgb_to_hsv_u8(image)
+        hsv[1] = _convert(hsv[1], alpha=params["saturation"])
+        image = hsv_to_rgb_u8(hsv)
+    if params["hue"] is not None:
+        hsv = rgb_to_hsv_u8(image)
+        hsv[0] = ((hsv[0].to(torch.int64) + params["hue"]) % 180).to(torch.uint8)
+        image = hsv_to_rgb_u8(hsv)
+    if not params["contrast_first"] and params["contrast"] is not None:
+        image = _convert(image, alpha=params["contrast"])
+    return image
+
+
+class PhotoMetricDistortion(v2.Transform):
+    """mmseg ``PhotoMetricDistortion`` (brightness +-32, contrast 0.5-1.5 before or after the HSV steps,
+    saturation 0.5-1.5, hue +-18; each with probability 0.5) on the uint8 image; masks pass through."""
+
+    _transformed_types = (tv_tensors.Image,)
+
+    def __init__(self, brightness_delta: int = 32, contrast_range: Sequence[float] = (0.5, 1.5),
+                 saturation_range: Sequence[float] = (0.5, 1.5), hue_delta: int = 18):
+        super().__init__()
+        self.ranges = dict(brightness_delta=brightness_delta, contrast_range=tuple(contrast_range),
+                           saturation_range=tuple(saturation_range), hue_delta=hue_delta)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        return draw_photometric_params(**self.ranges)
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if inpt.dtype != torch.uint8:
+            raise TypeError(f"PhotoMetricDistortion works on uint8 images (as mmseg), got {inpt.dtype}")
+        return tv_tensors.wrap(photometric_distortion(inpt.as_subclass(Tensor), params), like=inpt)
+
+
+def build_train_transform(data_cfg) -> v2.Compose:
+    """mmseg's ADE20K training pipeline from a ``SegDataConfig`` (scale, ratio_range, crop_size,
+    cat_max_ratio, hflip, photometric); call as ``image, mask = transform(image, mask)``."""
+    steps = [
+        RandomResize(data_cfg.scale, data_cfg.ratio_range),
+        CatMaxRatioCrop(data_cfg.crop_size, data_cfg.cat_max_ratio),
+        v2.RandomHorizontalFlip(p=data_cfg.hflip),
+    ]
+    if data_cfg.photometric:
+        steps.append(PhotoMetricDistortion())
+    steps.append(PadTo(data_cfg.crop_size))
+    return v2.Compose(steps)
+
+
+def build_eval_transform(data_cfg) -> v2.Compose:
+    """mmseg's test pipeline: the image resized into ``data_cfg.scale`` keeping its ratio; the label keeps
+    its original size (predictions are resized back to it)."""
+    return v2.Compose([KeepRatioResize(data_cfg.scale)])

@@ -1,0 +1,278 @@
+"""The detectron2 engine (detection/d2_engine.py) on a tiny VOC devkit written in tmp_path."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from detection import d2_engine
+from detection import voc as voc_data
+from detection.config import DetectionConfig
+from runtime.config import load_config
+
+try:
+    d2_engine.import_detectron2()
+except ImportError as e:  # pragma: no cover - depends on the machine
+    pytest.skip(f"detectron2 cannot be imported: {e}", allow_module_level=True)
+
+CLASSES = ["cat", "dog", "person"]
+
+
+def _object_xml(name: str, box, difficult: bool) -> str:
+    x1, y1, x2, y2 = box
+    # <pose>/<truncated>/<difficult> present: detectron2's parse_rec needs all three.
+    return (f"<object><name>{name}</name><pose>Unspecified</pose><truncated>0</truncated>"
+            f"<difficult>{int(difficult)}</difficult><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin>"
+            f"<xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>")
+
+
+def write_devkit(root: Path, splits: dict[str, list[str]], seed: int = 0, images: bool = True,
+                 size_range=(64, 128)) -> dict[str, list]:
+    """A VOCdevkit/VOC2007 with random images, 1-3 boxes each (1-based inclusive corners), a few difficult."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = root / "VOCdevkit" / "VOC2007"
+    for sub in ("Annotations", "ImageSets/Main", "JPEGImages"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    objects = {}
+    for image_id in sorted({i for ids in splits.values() for i in ids}):
+        w, h = (int(v) for v in rng.integers(*size_range, size=2))
+        pixels = rng.integers(0, 60, size=(h, w, 3), dtype=np.uint8)
+        objs = []
+        for k in range(int(rng.integers(1, 4))):
+            bw, bh = int(rng.integers(12, w // 2)), int(rng.integers(12, h // 2))
+            x1, y1 = int(rng.integers(1, w - bw)), int(rng.integers(1, h - bh))
+            box = (x1, y1, x1 + bw - 1, y1 + bh - 1)
+            cls = CLASSES[int(rng.integers(len(CLASSES)))] if k else CLASSES[len(objects) % len(CLASSES)]
+            objs.append((cls, box, bool(k == 2)))  # every third box difficult
+            pixels[y1 - 1:box[3], x1 - 1:box[2]] = 80 + 60 * CLASSES.index(cls)
+        objects[image_id] = objs
+        if images:
+            Image.fromarray(pixels).save(base / "JPEGImages" / f"{image_id}.jpg")
+        (base / "Annotations" / f"{image_id}.xml").write_text(
+            f"<annotation><folder>VOC2007</folder><filename>{image_id}.jpg</filename><size><width>{w}</width>"
+            f"<height>{h}</height><depth>3</depth></size><segmented>0</segmented>"
+            + "".join(_object_xml(*o) for o in objs) + "</annotation>")
+    for split, ids in splits.items():
+        (base / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return objects
+
+
+def tiny_config(root: Path, out: Path, *overrides: str) -> DetectionConfig:
+    return load_config(None, DetectionConfig, [
+        "engine=detectron2", "model.backbone=resnet18d", "model.norm=batchnorm", "model.frozen_stages=0",
+        "model.min_size_train=[64, 96]", "model.min_size_test=80", "model.max_size=128",
+        f"data.root={root}", "data.train_splits=2007-trainval", "data.test_splits=2007-test",
+        f"data.classes=[{', '.join(CLASSES)}]", "data.workers=0",
+        "optim.lr=0.01", "optim.warmup_iters=1", "optim.milestones=[100]",
+        "train.max_iter=2", "train.batch_size=2", "train.log_every=1", "train.checkpoint_every=100",
+        f"output_dir={out}", *overrides])
+
+
+@pytest.fixture
+def small_heads(monkeypatch):
+    """detectron2's recipe with narrow heads and few proposals: the same code paths, ~10x less CPU."""
+    build = d2_engine.build_d2_config
+
+    def build_small(cfg):
+        d2 = build(cfg)
+        d2.MODEL.FPN.OUT_CHANNELS = 32
+        d2.MODEL.ROI_BOX_HEAD.FC_DIM = 64
+        d2.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 32
+        d2.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 64
+        for key in ("PRE_NMS_TOPK_TRAIN", "PRE_NMS_TOPK_TEST", "POST_NMS_TOPK_TRAIN", "POST_NMS_TOPK_TEST"):
+            d2.MODEL.RPN[key] = 50
+        return d2
+
+    monkeypatch.setattr(d2_engine, "build_d2_config", build_small)
+
+
+@pytest.fixture(scope="module")
+def devkit(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("voc")
+    write_devkit(root, {"trainval": ["000001", "000002", "000003", "000004"], "test": ["000005", "000006"]})
+    return root
+
+
+def test_import_is_repeatable_and_shims_installed():
+    d2_engine.import_detectron2()
+    d2_engine.register_d2_components()
+    d2_engine.register_d2_components()  # idempotent
+    from detectron2.modeling import BACKBONE_REGISTRY, ROI_HEADS_REGISTRY
+    from PIL import Image
+
+    assert d2_engine.FPN_BACKBONE in BACKBONE_REGISTRY and d2_engine.C4_ROI_HEADS in ROI_HEADS_REGISTRY
+    assert np.int is int and Image.LINEAR == Image.Resampling.BILINEAR
+
+
+def test_missing_detectron2_names_the_install_command(monkeypatch):
+    for name in [n for n in sys.modules if n == "detectron2" or n.startswith("detectron2.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "detectron2", None)  # "not installed"
+    with pytest.raises(ImportError, match="scripts/setup.sh"):
+        d2_engine.import_detectron2()
+
+
+def test_shipped_configs_build(tmp_path):
+    for arch in ("fpn", "c4"):
+        path = Path(__file__).parents[1] / f"configs/detection/faster-rcnn_resnet50d-{arch}_8xb2-18k_voc0712_detectron2.yaml"
+        cfg = load_config(path, DetectionConfig, [f"output_dir={tmp_path}"])
+        d2 = d2_engine.build_d2_config(cfg)
+        assert cfg.engine == "detectron2" and cfg.model.arch == arch
+        assert d2.SOLVER.MAX_ITER == 18000 and d2.SOLVER.STEPS == (12000, 16000) and d2.SOLVER.WARMUP_ITERS == 100
+        assert d2.MODEL.ROI_HEADS.NUM_CLASSES == 20 and d2.INPUT.MIN_SIZE_TEST == 800
+        assert d2.MODEL.ROI_HEADS.NAME == ("StandardROIHeads" if arch == "fpn" else d2_engine.C4_ROI_HEADS)
+
+
+def test_d2_config_follows_recipe(devkit, tmp_path):
+    cfg = tiny_config(devkit, tmp_path, "train.batch_size=4", "optim.lr=0.02", "train.eval_every=5")
+    d2 = d2_engine.build_d2_config(cfg)
+    assert d2.SOLVER.IMS_PER_BATCH == 4 and d2.SOLVER.BASE_LR == pytest.approx(0.02 * 4 / 16)
+    assert d2.MODEL.ROI_HEADS.NUM_CLASSES == 3 and d2.INPUT.FORMAT == "RGB"
+    assert d2.MODEL.RPN.IN_FEATURES == ["p2", "p3", "p4", "p5", "p6"] and d2.MODEL.RPN.POST_NMS_TOPK_TRAIN == 1000
+    from backbones import IMAGENET_MEAN, IMAGENET_STD  # the backbone's default, RGB, on 0-255
+
+    assert d2.MODEL.PIXEL_MEAN == pytest.approx([255 * v for v in IMAGENET_MEAN])
+    assert d2.MODEL.PIXEL_STD == pytest.approx([255 * v for v in IMAGENET_STD])
+    assert d2.INPUT.MIN_SIZE_TRAIN == (64, 96) and d2.TEST.EVAL_PERIOD == 5 and d2.SOLVER.STEPS == (100,)
+    with pytest.raises(ValueError, match="bf16"):
+        d2_engine.build_d2_config(tiny_config(devkit, tmp_path, "train.precision=bf16"))
+    # The train set drops difficult boxes, the test set keeps them (flagged).
+    from detectron2.data import DatasetCatalog
+
+    train = DatasetCatalog.get(d2.DATASETS.TRAIN[0])
+    test = DatasetCatalog.get(d2.DATASETS.TEST[0])
+    assert [r["image_id"] for r in test] == ["000005", "000006"] and len(train) == 4
+    assert not any(a["difficult"] for r in train for a in r["annotations"])
+    first = voc_data.build_voc(devkit, "2007-test", classes=CLASSES).annotation(0)
+    assert [a["bbox"] for a in test[0]["annotations"]] == first.boxes.tolist()
+    assert Path(test[0]["file_name"]).is_file()
+
+
+@pytest.mark.parametrize("arch", ["fpn", "c4"])
+def test_backbone_output_shape_matches_features(devkit, tmp_path, arch):
+    d2 = d2_engine.build_d2_config(tiny_config(devkit, tmp_path, f"model.arch={arch}"))
+    from detectron2.modeling import build_backbone
+
+    backbone = build_backbone(d2).eval()
+    x = torch.randn(1, 3, 128, 192)  # a multiple of 64 (p6): every stride exact
+    with torch.no_grad():
+        feats = backbone(x)
+    shapes = backbone.output_shape()
+    assert set(feats) == set(shapes)
+    for name, t in feats.items():
+        assert t.shape[1] == shapes[name].channels and 128 // t.shape[2] == shapes[name].stride, name
+    if arch == "fpn":
+        bottom = backbone.bottom_up
+        assert backbone.size_divisibility == 32 and set(feats) == {"p2", "p3", "p4", "p5", "p6"}
+        with torch.no_grad():
+            res = bottom(x)
+        assert {k: (v.shape[1], 192 // v.shape[3]) for k, v in res.items()} == \
+            {k: (s.channels, s.stride) for k, s in bottom.output_shape().items()} == \
+            {"res2": (64, 4), "res3": (128, 8), "res4": (256, 16), "res5": (512, 32)}
+    else:  # res4 only; res5 belongs to the box head
+        assert set(feats) == {"res4"} and shapes["res4"].channels == 256 and shapes["res4"].stride == 16
+
+
+def test_train_evaluate_resume(devkit, tmp_path, small_heads):
+    cfg = tiny_config(devkit, tmp_path / "run")
+    metrics = d2_engine.train(cfg)
+    assert set(metrics["AP"]) == set(CLASSES) and metrics["images"] == 2
+    assert 0 <= metrics["mAP"] <= 100 and all(np.isnan(v) or 0 <= v <= 100 for v in metrics["AP"].values())
+    final = tmp_path / "run" / "model_final.pth"
+    assert final.is_file() and (tmp_path / "run" / "last_checkpoint").read_text().strip() == "model_final.pth"
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+    # Resume: a longer schedule continues after the saved iteration (1, 0-based) and runs one more step.
+    longer = tiny_config(devkit, tmp_path / "run", "train.max_iter=3", "train.resume=auto")
+    trainer = d2_engine.build_trainer(longer, resume="auto")
+    assert trainer.start_iter == 2
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    saved = torch.load(final, map_location="cpu", weights_only=False)["model"]
+    assert all(torch.equal(before[k], saved[k]) for k in saved)
+    trainer.train()
+    assert trainer.iter == 3
+    assert torch.load(final, map_location="cpu", weights_only=False)["iteration"] == 2
+
+    again = d2_engine.evaluate(cfg, str(final))
+    assert set(again) == set(metrics) and again["images"] == 2
+
+
+def test_c4_trains_one_step(devkit, tmp_path, small_heads):
+    cfg = tiny_config(devkit, tmp_path, "model.arch=c4", "train.max_iter=1")
+    metrics = d2_engine.train(cfg)
+    assert set(metrics["AP"]) == set(CLASSES) and metrics["images"] == 2
+
+
+def _detections(objects: dict, rng) -> dict:
+    """Per image: jittered copies of its boxes and random boxes, half-pixel corners and distinct 3-decimal
+    scores, so detectron2's text files (score %.3f, corners %.1f) carry them exactly."""
+    n = sum(3 * len(objs) + 3 for objs in objects.values())
+    scores = iter(rng.permutation(np.arange(1, 1000))[:n] / 1000)
+    out = {}
+    for image_id, objs in objects.items():
+        boxes, labels = [], []
+        for cls, (x1, y1, x2, y2), _ in objs:
+            for _ in range(3):
+                j = rng.integers(-6, 7, size=4) / 2
+                boxes.append([x1 - 1 + j[0], y1 - 1 + j[1], x2 + j[2], y2 + j[3]])
+                labels.append(CLASSES.index(cls) if rng.random() < 0.8 else int(rng.integers(3)))
+        for _ in range(3):
+            x, y = rng.integers(0, 60, size=2) / 2
+            boxes.append([x, y, x + 20 + rng.integers(0, 40) / 2, y + 20 + rng.integers(0, 40) / 2])
+            labels.append(int(rng.integers(3)))
+        out[image_id] = (np.array(boxes), np.array(labels), np.array([next(scores) for _ in labels]))
+    return out
+
+
+def test_evaluator_agrees_with_detectron2(tmp_path):
+    from detectron2.evaluation import PascalVOCDetectionEvaluator
+    from detectron2.evaluation.pascal_voc_evaluation import voc_eval
+    from detectron2.structures import Boxes, Instances
+
+    ids = [f"{i:06d}" for i in range(1, 9)]  # >= 2 ids: detectron2's np.loadtxt breaks on one
+    objects = write_devkit(tmp_path, {"test": ids}, seed=3, images=False)
+    cfg = tiny_config(tmp_path, tmp_path / "out")
+    name = d2_engine.register_voc(cfg, "2007-test", train=False)
+    ours = d2_engine.build_voc_evaluator(name)
+    theirs = PascalVOCDetectionEvaluator(name)
+    detections = _detections(objects, np.random.default_rng(0))
+    for evaluator in (ours, theirs):
+        evaluator.reset()
+        for image_id, (boxes, labels, scores) in detections.items():
+            inst = Instances((128, 128), pred_boxes=Boxes(torch.tensor(boxes, dtype=torch.float32)),
+                             scores=torch.tensor(scores, dtype=torch.float32), pred_classes=torch.tensor(labels))
+            evaluator.process([{"image_id": image_id}], [{"instances": inst}])
+    result = ours.evaluate()
+    assert result["bbox"]["AP50"] == pytest.approx(theirs.evaluate()["bbox"]["AP50"], abs=1e-9)
+
+    # Per class, both metrics, against detectron2's voc_eval on the same detections.
+    dets = tmp_path / "dets"
+    dets.mkdir()
+    for c, cls in enumerate(CLASSES):
+        (dets / f"{cls}.txt").write_text("\n".join(
+            f"{i} {s:.3f} {b[0] + 1:.1f} {b[1] + 1:.1f} {b[2]:.1f} {b[3]:.1f}"
+            for i, (boxes, labels, scores) in detections.items() for b, l, s in zip(boxes, labels, scores) if l == c))
+    devkit = tmp_path / "VOCdevkit" / "VOC2007"
+    for cls in CLASSES:
+        args = (str(dets / "{}.txt"), str(devkit / "Annotations" / "{}.xml"),
+                str(devkit / "ImageSets" / "Main" / "test.txt"), cls)
+        _, _, ap07 = voc_eval(*args, ovthresh=0.5, use_07_metric=True)
+        _, _, ap_area = voc_eval(*args, ovthresh=0.5, use_07_metric=False)
+        assert result["bbox"][f"AP50-{cls}"] == pytest.approx(100 * ap07, abs=1e-9), cls
+        assert result["voc"][f"AP50_area-{cls}"] == pytest.approx(100 * ap_area, abs=1e-9), cls
+    assert 0 < result["bbox"]["AP50"] < 100  # a test that can tell right from wrong
+
+
+def test_missing_checkpoint_is_a_clear_error(devkit, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        d2_engine.evaluate(tiny_config(devkit, tmp_path), str(tmp_path / "nope.pth"))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(pytest.main([os.path.abspath(__file__), "-q"]))

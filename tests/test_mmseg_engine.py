@@ -1,0 +1,146 @@
+"""The mmseg engine: our metric equals mmseg's IoUMetric, the registered backbone keeps its declared
+features, and a tiny run in the exact ADE20K layout trains, evaluates and resumes through mmengine's Runner."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from runtime.config import load_config
+from segmentation.config import SegmentationConfig
+from segmentation.metrics import SegmentationMetric
+
+mmseg_engine = pytest.importorskip("segmentation.mmseg_engine")
+try:
+    mmseg_engine.register_modules()
+except ImportError as e:  # mmsegmentation is an optional extra
+    pytest.skip(f"mmsegmentation cannot be imported: {e}", allow_module_level=True)
+
+
+def test_metric_equals_mmseg_iou_metric():
+    from mmseg.evaluation import IoUMetric
+
+    rng = np.random.default_rng(0)
+    k, ours = 5, SegmentationMetric(num_classes=5)
+    mmseg_metric = IoUMetric(iou_metrics=["mIoU"], ignore_index=255)
+    mmseg_metric.dataset_meta = dict(classes=[f"c{i}" for i in range(k)])
+    for _ in range(3):
+        label = torch.from_numpy(rng.integers(0, k - 1, (1, 17, 23)))  # class k-1 never labelled
+        label[torch.from_numpy(rng.random((1, 17, 23)) < 0.25)] = 255
+        pred = torch.from_numpy(rng.integers(0, k, (1, 17, 23)))
+        ours.update(pred, label)
+        mmseg_metric.process({}, [dict(pred_sem_seg=dict(data=pred), gt_sem_seg=dict(data=label))])
+    expected = ours.compute()
+
+    # compute_metrics() reports percentages rounded to 0.01; the areas it sums give the exact values.
+    reported = mmseg_metric.compute_metrics(mmseg_metric.results)
+    for key in ("mIoU", "mAcc", "aAcc"):
+        assert reported[key] == pytest.approx(round(expected[key], 2), abs=1e-9)
+    inter, union, pred_area, label_area = (sum(x) for x in zip(*mmseg_metric.results))
+    exact = IoUMetric.total_area_to_metrics(inter, union, pred_area, label_area, ["mIoU"])
+    assert 100 * np.nanmean(exact["IoU"]) == pytest.approx(expected["mIoU"], abs=1e-6)
+    assert 100 * np.nanmean(exact["Acc"]) == pytest.approx(expected["mAcc"], abs=1e-6)
+    assert 100 * float(exact["aAcc"]) == pytest.approx(expected["aAcc"], abs=1e-6)
+
+
+def test_registered_backbone_returns_its_declared_features():
+    from mmseg.registry import MODELS
+
+    mmseg_engine.register_modules()  # a second registration is harmless
+    backbone = MODELS.build(dict(type="TricksBackbone", name="resnet18d", width_mult=0.25))
+    features = backbone(torch.randn(2, 3, 64, 64))
+    assert [f.name for f in backbone.feature_info] == ["res2", "res3", "res4", "res5"]
+    assert [(f.channels, f.stride) for f in backbone.feature_info] == [(16, 4), (32, 8), (64, 8), (128, 8)]
+    for feature, info in zip(features, backbone.feature_info):
+        assert feature.shape == (2, info.channels, 64 // info.stride, 64 // info.stride)
+    heads_input = MODELS.build(dict(type="TricksBackbone", name="resnet18d", width_mult=0.25, out_indices=(2, 3)))
+    assert [f.name for f in heads_input.feature_info] == ["res4", "res5"]
+
+
+def _write_ade20k(root, sizes: dict[str, int], num_classes: int) -> None:
+    """ADEChallengeData2016 layout: RGB JPEG images, uint8 PNG annotations with 0 = other, 1..K classes."""
+    rng = np.random.default_rng(0)
+    prefix = {"training": "ADE_train", "validation": "ADE_val"}
+    for split, count in sizes.items():
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        for i in range(count):
+            h, w = 64, 80
+            annotation = np.zeros((h, w), np.uint8)
+            for c in range(1, num_classes + 1):  # vertical bands of each class, "other" in the rest
+                annotation[:, (c - 1) * w // num_classes: c * w // num_classes - 4] = c
+            image = (rng.integers(0, 60, (h, w, 3)) + 60 * annotation[..., None]).astype(np.uint8)
+            name = f"{prefix[split]}_{i + 1:08d}"
+            Image.fromarray(image, "RGB").save(root / "images" / split / f"{name}.jpg")
+            Image.fromarray(annotation).save(root / "annotations" / split / f"{name}.png")
+
+
+def _scalars(work_dir) -> list[dict]:
+    """mmengine's JSON log records of the most recent run in ``work_dir``."""
+    newest = max(work_dir.glob("*/vis_data/scalars.json"), key=lambda p: p.stat().st_mtime)
+    return [json.loads(line) for line in newest.read_text().splitlines()]
+
+
+def test_tiny_run_trains_evaluates_and_resumes(tmp_path):
+    root = tmp_path / "ADEChallengeData2016"
+    _write_ade20k(root, {"training": 4, "validation": 2}, num_classes=3)
+    out = tmp_path / "run"
+    overrides = [
+        "engine=mmseg", f"data.root={tmp_path}", f"output_dir={out}",
+        "model.backbone=resnet18d", "model.kwargs={width_mult: 0.25}", "model.channels=16", "model.aux_channels=8",
+        "data.num_classes=3", "data.scale=[80, 64]", "data.crop_size=[64, 64]", "data.workers=0",
+        "train.batch_size=2", "train.max_iter=2", "train.eval_every=0", "train.checkpoint_every=2",
+        "train.log_every=1",
+    ]
+    cfg = load_config(None, SegmentationConfig, overrides)
+    metrics = mmseg_engine.train(cfg)
+    assert set(metrics) == {"mIoU", "mAcc", "aAcc"}
+    assert all(0 <= v <= 100 and math.isfinite(v) for v in metrics.values())
+    checkpoint = out / "iter_2.pth"
+    assert checkpoint.is_file() and (out / "config.yaml").is_file()
+
+    # The checkpoint holds the weights that were just validated: evaluating it gives the same numbers.
+    assert mmseg_engine.evaluate(cfg, str(checkpoint)) == metrics
+
+    # Resume continues at iteration 2 (one more step, under CPU bf16 autocast) and validates again.
+    resumed_cfg = load_config(None, SegmentationConfig, [*overrides, "train.max_iter=3", "train.checkpoint_every=1",
+                                                         "train.resume=auto", "train.precision=bf16"])
+    resumed = mmseg_engine.train(resumed_cfg)
+    assert set(resumed) == {"mIoU", "mAcc", "aAcc"}
+    assert (out / "iter_3.pth").is_file()
+    train_steps = [r["step"] for r in _scalars(out) if "loss" in r]
+    assert train_steps == [3]
+
+
+def test_config_follows_the_recipe_with_ours_written_in():
+    cfg = load_config(None, SegmentationConfig, ["engine=mmseg", "model.backbone=resnet18d", "train.batch_size=8",
+                                                  "train.accum_steps=2", "optim.warmup_iters=10", "model.aux_weight=0",
+                                                  "data.num_classes=2", "data.class_names=[road, car]"])
+    mc = mmseg_engine.build_mmseg_config(cfg)
+    assert mc.model.backbone.type == "TricksBackbone" and mc.model.auxiliary_head is None
+    assert mc.model.decode_head.in_channels == 512 and mc.model.decode_head.num_classes == 2
+    assert mc.model.decode_head.norm_cfg.type == "BN"  # SyncBN only under DDP on CUDA
+    assert mc.data_preprocessor.mean == pytest.approx([123.68, 116.779, 103.939])
+    assert mc.optim_wrapper.optimizer.lr == pytest.approx(0.01 * 16 / 16)  # 8 images x 2 accumulation steps
+    assert mc.optim_wrapper.accumulative_counts == 2
+    assert [s.type for s in mc.param_scheduler] == ["LinearLR", "PolyLR"]
+    assert mc.param_scheduler[1].eta_min == pytest.approx(1e-4)
+    assert mc.train_dataloader.dataset.type == "BaseSegDataset"
+    assert mc.train_dataloader.dataset.metainfo.classes == ("road", "car")
+
+
+def test_shipped_config_is_the_80k_ade20k_recipe():
+    configs = Path(__file__).parents[1] / "configs" / "segmentation"
+    cfg = load_config(configs / "fcn_resnet50d-d8_4xb4-80k_ade20k-512x512_mmseg.yaml", SegmentationConfig)
+    assert cfg.engine == "mmseg"
+    assert cfg.model.weights.endswith("resnet50d_8xb128_efficient-cosine-ls_imagenet/model.safetensors")
+    mc = mmseg_engine.build_mmseg_config(cfg)
+    assert mc.train_dataloader.dataset.type == "ADE20KDataset" and mc.train_dataloader.batch_size == 4
+    assert mc.train_cfg.max_iters == 80000 and mc.train_cfg.val_interval == 8000
+    assert mc.model.backbone.name == "resnet50d" and mc.model.decode_head.in_channels == 2048
+    assert mc.model.auxiliary_head.in_channels == 1024 and mc.model.auxiliary_head.loss_decode.loss_weight == 0.4

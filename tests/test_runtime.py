@@ -1,0 +1,138 @@
+"""runtime/: the pieces every trainer shares (step, precision, data seeding, logging, resume)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+
+from runtime.checkpoint import restore_rng_states, rng_state
+from runtime.data import (GroupedBatchSampler, SeededDataset, SeededSampler, SkipBatches, default_workers,
+                          sample_seed)
+from runtime.logger import format_duration, reduce_mean
+from runtime.precision import setup_precision
+from runtime.schedules import build_scheduler
+from runtime.step import OptimizerStep, TrainingDiverged
+
+
+def test_eta_does_not_wrap_at_24_hours():
+    assert format_duration(30 * 3600 + 61) == "30:01:01"
+    assert format_duration(59) == "0:00:59"
+    assert format_duration(-5) == "0:00:00"
+
+
+def test_reduce_mean_single_process():
+    assert reduce_mean({"loss": torch.tensor(6.0), "aux": torch.tensor(3.0)}, count=3) == {"aux": 1.0, "loss": 2.0}
+    assert reduce_mean({}) == {}
+
+
+def _stepper(precision: str, max_nonfinite: int = 3, accum: int = 1):
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = build_scheduler(opt, base_lr=0.1, total_steps=100)
+    prec = setup_precision(precision, torch.device("cpu"))
+    return model, OptimizerStep(opt, sched, prec.scaler, accum_steps=accum, max_nonfinite=max_nonfinite), prec
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_nonfinite_steps_are_skipped_and_a_streak_stops_the_run(precision):
+    """One policy in every task and precision; fp16 used to have no stop in detection."""
+    model, stepper, prec = _stepper(precision)
+    before = [p.detach().clone() for p in model.parameters()]
+    for k in range(3):
+        with prec.autocast():
+            loss = model(torch.full((2, 4), float("nan"))).float().mean()
+        stepper.backward(loss)
+        assert stepper.step(loss) is False
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # no update
+        if k < 2:
+            stepper.check_diverged("here", "last.pth")
+    assert stepper.scheduler.last_epoch == 3  # the schedule counts iterations, skipped or not
+    with pytest.raises(TrainingDiverged, match="3 steps in a row"):
+        stepper.check_diverged("here", "last.pth")
+
+
+def test_finite_step_resets_the_streak():
+    model, stepper, _ = _stepper("fp32")
+    stepper.nonfinite_streak = 2
+    loss = model(torch.ones(2, 4)).mean()
+    stepper.backward(loss)
+    assert stepper.step(loss) is True and stepper.nonfinite_streak == 0
+    assert stepper.state_dict() == {"nonfinite_streak": 0}
+
+
+def test_gradient_accumulation_equals_the_full_batch():
+    """1 x batch 16 == 8 micro-batches of 2 accumulated (a model without batch statistics), to 1e-6."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    full, step_full, _ = _stepper("fp32")
+    accum, step_accum, _ = _stepper("fp32", accum=8)
+    accum.load_state_dict(full.state_dict())
+    loss = torch.nn.functional.mse_loss(full(x), y)
+    step_full.backward(loss)
+    step_full.step(loss)
+    total = torch.zeros(())
+    for micro in range(8):
+        part = torch.nn.functional.mse_loss(accum(x[2 * micro:2 * micro + 2]), y[2 * micro:2 * micro + 2])
+        with step_accum.no_sync(accum, micro):
+            step_accum.backward(part)
+        total += part.detach() / 8
+    step_accum.step(total)
+    for a, b in zip(full.parameters(), accum.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_default_workers(monkeypatch):
+    assert default_workers(3) == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_workers(-1) == 1          # 16 CPUs / 8 processes, one left for the main process
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert default_workers(-1) == 8          # capped
+
+
+class _Noise(Dataset):
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        return torch.rand(3) + i
+
+
+def test_sample_augmentation_depends_only_on_seed_epoch_rank_index():
+    """Exact resume with persistent workers: any worker count, any start position, the same samples."""
+    sampler = SeededSampler(DistributedSampler(range(12), num_replicas=1, rank=0, shuffle=True, seed=1), seed=1)
+
+    def epoch_batches(workers: int, skip: int, epoch: int):
+        batches = SkipBatches(BatchSampler(sampler, 3, drop_last=True))
+        sampler.set_epoch(epoch)
+        batches.skip = skip
+        loader = DataLoader(SeededDataset(_Noise()), batch_sampler=batches, num_workers=workers,
+                            generator=torch.Generator().manual_seed(0))
+        return [b for b in loader]
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    full = epoch_batches(0, 0, epoch=2)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's stream is untouched
+    resumed = epoch_batches(2, 2, epoch=2)
+    assert len(resumed) == 2 and all(torch.equal(a, b) for a, b in zip(full[2:], resumed))
+    other_epoch = epoch_batches(0, 0, epoch=3)
+    assert not torch.equal(torch.cat(full).sort(0).values, torch.cat(other_epoch).sort(0).values)
+    assert sample_seed(0, 1, 0, 5) != sample_seed(0, 1, 1, 5)  # ranks differ
+
+
+def test_grouped_batches_share_a_group_and_keep_the_order():
+    group = [i % 2 for i in range(10)]
+    batches = list(GroupedBatchSampler(list(range(10)), group, 2))
+    assert batches == [[0, 2], [1, 3], [4, 6], [5, 7]]  # 8 and 9 wait in half-full buffers: dropped
+    assert all(len({group[i] for i in b}) == 1 for b in batches)
+    assert len(GroupedBatchSampler(list(range(10)), group, 2)) == len(batches) == 4
+    pairs = list(GroupedBatchSampler([(i, 100 + i) for i in range(4)], [0, 1, 0, 1], 2))
+    assert pairs == [[(0, 100), (2, 102)], [(1, 101), (3, 103)]]
+
+
+def test_resuming_with_another_process_count_warns_and_continues(caplog):
+    states = [rng_state(), rng_state()]
+    with caplog.at_level("WARNING"):
+        restore_rng_states(states, rank=0, world_size=1)  # no IndexError
+    assert "resuming with 1 processes from a run with 2" in caplog.text

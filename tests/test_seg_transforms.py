@@ -1,0 +1,184 @@
+"""The ADE20K training pipeline against mmseg/mmcv's own transforms on equal random draws, OpenCV's uint8
+HSV conversions, and the determinism the trainer relies on (seed torch -> same sample)."""
+from __future__ import annotations
+
+import importlib.machinery
+import sys
+import types
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torchvision import tv_tensors
+
+from segmentation.transforms import (CatMaxRatioCrop, PhotoMetricDistortion, RandomResize, build_eval_transform,
+                                     build_train_transform, draw_photometric_params, hsv_to_rgb_u8,
+                                     photometric_distortion, rescale_size, rgb_to_hsv_u8)
+
+
+def import_mmseg_transforms():
+    """mmseg's transforms module, with a stand-in for mmcv's missing compiled ops (``mmcv._ext``)."""
+    if "mmcv._ext" not in sys.modules:
+        class _MissingOps(types.ModuleType):
+            def __getattr__(self, name):
+                if name.startswith("__"):
+                    raise AttributeError(name)
+
+                def missing(*args, **kwargs):
+                    raise NotImplementedError(f"mmcv._ext.{name}: mmcv's compiled ops are not installed")
+                return missing
+        stub = _MissingOps("mmcv._ext")
+        stub.__spec__ = importlib.machinery.ModuleSpec("mmcv._ext", None)
+        sys.modules["mmcv._ext"] = stub
+    try:
+        from mmseg.datasets.transforms import transforms
+    except Exception as e:  # any import failure of the foreign stack means: skip, saying why
+        pytest.skip(f"mmseg cannot be imported ({type(e).__name__}: {e})")
+    return transforms
+
+
+class TorchBackedNumpyRandom:
+    """``numpy.random``'s ``randint`` / ``uniform`` / ``random_sample`` drawn from torch, the way our
+    transforms draw, so mmseg's code and ours see the same numbers after the same ``torch.manual_seed``."""
+
+    @staticmethod
+    def randint(low, high=None, size=None):
+        low, high = (0, low) if high is None else (low, high)
+        return int(torch.randint(low, high, ()))
+
+    @staticmethod
+    def uniform(low=0.0, high=1.0, size=None):
+        return low + (high - low) * float(torch.rand((), dtype=torch.float64))
+
+
+def sample(h=37, w=53, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    image = tv_tensors.Image(torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g))
+    mask = tv_tensors.Mask(torch.randint(0, 4, (h, w), generator=g))
+    return image, mask
+
+
+def _opencv_scalar(cv2, image: np.ndarray, code: int) -> np.ndarray:
+    """cv2.cvtColor on one pixel per row (a column image): OpenCV's scalar reference path only."""
+    return cv2.cvtColor(np.ascontiguousarray(image.reshape(-1, 1, 3)), code).reshape(image.shape)
+
+
+def test_uint8_hsv_equals_opencv():
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (256, 512, 3), dtype=np.uint8)
+    ours = rgb_to_hsv_u8(torch.from_numpy(rgb).permute(2, 0, 1)).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(ours, cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV))
+    hsv = np.stack([rng.integers(0, 180, (256, 512)), rng.integers(0, 256, (256, 512)),
+                    rng.integers(0, 256, (256, 512))], -1).astype(np.uint8)
+    ours = hsv_to_rgb_u8(torch.from_numpy(hsv).permute(2, 0, 1)).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(ours, _opencv_scalar(cv2, hsv, cv2.COLOR_HSV2RGB))
+    # OpenCV's vectorised path (whole rows) rounds differently: at most one level apart
+    assert np.abs(ours.astype(int) - cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)).max() <= 1
+
+
+def test_photometric_distortion_equals_mmseg_on_equal_draws(monkeypatch):
+    import cv2
+    mmseg_transforms = import_mmseg_transforms()
+    monkeypatch.setattr(mmseg_transforms, "random", TorchBackedNumpyRandom)
+    monkeypatch.setattr(mmseg_transforms.mmcv, "hsv2bgr",
+                        lambda img: _opencv_scalar(cv2, img, cv2.COLOR_HSV2BGR))
+    theirs = mmseg_transforms.PhotoMetricDistortion()
+    image, _ = sample(24, 40)
+    steps_seen = set()
+    for seed in range(24):
+        torch.manual_seed(seed)
+        params = draw_photometric_params()
+        steps_seen |= {k for k, v in params.items() if v not in (None, False)}
+        ours = photometric_distortion(image.as_subclass(torch.Tensor), params)
+        torch.manual_seed(seed)
+        bgr = np.ascontiguousarray(image.permute(1, 2, 0).numpy()[..., ::-1])
+        ref = theirs.transform({"img": bgr})["img"][..., ::-1]
+        np.testing.assert_array_equal(ours.permute(1, 2, 0).numpy(), ref, err_msg=f"seed {seed}: {params}")
+    assert steps_seen == {"brightness", "contrast_first", "contrast", "saturation", "hue"}
+    # the transform wrapper draws the same numbers and leaves the mask alone
+    torch.manual_seed(3)
+    out_image, out_mask = PhotoMetricDistortion()(*sample(24, 40))
+    torch.manual_seed(3)
+    expected = photometric_distortion(image.as_subclass(torch.Tensor), draw_photometric_params())
+    assert torch.equal(out_image, expected) and isinstance(out_image, tv_tensors.Image)
+    assert torch.equal(out_mask, sample(24, 40)[1])
+
+
+def test_random_resize_follows_mmcv_rescale_rule():
+    from mmcv.image import rescale_size as mmcv_rescale_size
+    image, mask = sample(37, 53)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        ratio = float(torch.rand(())) * 1.5 + 0.5
+        bound = (int(2048 * ratio), int(512 * ratio))
+        w, h = mmcv_rescale_size((53, 37), bound)
+        torch.manual_seed(seed)
+        out_image, out_mask = RandomResize((2048, 512), (0.5, 2.0))(image, mask)
+        assert out_image.shape == (3, h, w) and out_mask.shape == (h, w)
+        assert set(out_mask.unique().tolist()) <= set(mask.unique().tolist())  # nearest: no new values
+    assert rescale_size(100, 400, (2048, 512)) == (512, 2048) and rescale_size(1000, 500, (2048, 512)) == (1024, 512)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cat_max_ratio_crop_equals_mmseg_on_equal_draws(seed, monkeypatch):
+    mmseg_transforms = import_mmseg_transforms()
+    # A mask where most windows are dominated by class 0, so re-draws happen.
+    mask = torch.zeros(40, 60, dtype=torch.int64)
+    mask[30:, 45:] = 1
+    mask[:6, :6] = 255
+    mask[:3, 50:] = 2
+    image = tv_tensors.Image(torch.arange(3 * 40 * 60, dtype=torch.int64).reshape(3, 40, 60).to(torch.uint8))
+    torch.manual_seed(seed)
+    ours_image, ours_mask = CatMaxRatioCrop((16, 20), 0.75)(image, tv_tensors.Mask(mask))
+    monkeypatch.setattr(np.random, "randint", TorchBackedNumpyRandom.randint)
+    torch.manual_seed(seed)
+    ref = mmseg_transforms.RandomCrop((16, 20), cat_max_ratio=0.75).transform(
+        {"img": image.permute(1, 2, 0).numpy(), "gt_seg_map": mask.numpy(), "seg_fields": ["gt_seg_map"]})
+    np.testing.assert_array_equal(ours_mask.numpy(), ref["gt_seg_map"])
+    np.testing.assert_array_equal(ours_image.permute(1, 2, 0).numpy(), ref["img"])
+
+
+def test_crop_redraws_until_no_class_dominates():
+    mask = torch.zeros(64, 64, dtype=torch.int64)
+    mask[:, 56:] = 1  # only a window touching the right strip has two classes
+    crop = CatMaxRatioCrop((16, 16), 0.75)
+    hits = 0
+    for seed in range(40):
+        torch.manual_seed(seed)
+        out = crop(tv_tensors.Mask(mask))
+        counts = torch.bincount(out.flatten(), minlength=2)
+        hits += bool(counts.min() > 0 and counts.max() / counts.sum() < 0.75)
+    # one draw succeeds with p = 5/49; eleven draws with 1 - (44/49)^11 ~ 0.7; without re-draws ~4 of 40
+    assert hits >= 20
+
+
+def test_train_pipeline_is_deterministic_padded_and_sized():
+    cfg = SimpleNamespace(scale=[256, 64], ratio_range=[0.5, 2.0], crop_size=[48, 64], cat_max_ratio=0.75,
+                          hflip=0.5, photometric=True)
+    transform = build_train_transform(cfg)
+    image, mask = sample(30, 50)
+    shapes = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        a_image, a_mask = transform(image, mask)
+        torch.manual_seed(seed)
+        b_image, b_mask = transform(image, mask)
+        assert torch.equal(a_image, b_image) and torch.equal(a_mask, b_mask)
+        assert a_image.shape == (3, 48, 64) and a_mask.shape == (48, 64) and a_image.dtype == torch.uint8
+        assert isinstance(a_image, tv_tensors.Image) and isinstance(a_mask, tv_tensors.Mask)
+        shapes.add(tuple(a_mask.shape))
+    # a small image (scale bound 64 short side x 0.5 -> 32 rows < 48) is padded: image 0, mask 255
+    torch.manual_seed(0)
+    cfg.ratio_range = [0.5, 0.5]
+    out_image, out_mask = build_train_transform(cfg)(image, mask)
+    assert out_mask[32:].eq(255).all() and out_image[:, 32:].eq(0).all()
+    assert out_mask[:32, :53].le(3).all() and out_mask[:, 53:].eq(255).all()  # 50 * 32/30 -> 53
+
+
+def test_eval_transform_resizes_the_image_only():
+    cfg = SimpleNamespace(scale=[2048, 512])
+    image, mask = sample(30, 50)
+    out_image, out_mask = build_eval_transform(cfg)(image, mask)
+    assert out_image.shape == (3, 512, 853) and torch.equal(out_mask, mask)  # 512/30 * 50 = 853.3
