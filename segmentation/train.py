@@ -1,0 +1,413 @@
+"""The plain-PyTorch segmentation engine: dilated FCN on a registry backbone, trained on a dataset in the
+ADE20K layout and evaluated with mmseg's mIoU/mAcc/aAcc, top to bottom.
+
+``train(cfg)`` is one readable function in the shape of the classification trainer, iteration-based as
+mmseg runs it: set-up (devices, data, model, SGD, poly schedule, AMP, DDP, resume) once, then the loop.
+Linear lr scaling per 16 images (``runtime.schedules.scale_lr``), poly decay per iteration, AMP,
+SyncBN under DDP on CUDA, atomic checkpoints, and ``train.resume=auto`` that continues exactly (model,
+optimizer, schedule, scaler, non-finite streak, every rank's RNG, the batch inside the epoch).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from backbones import create_backbone
+from runtime.checkpoint import (gather_rng_states, load_checkpoint, resolve_resume, restore_rng_states,
+                                restore_training_state, save_checkpoint, training_state)
+from runtime.config import dump_config, to_dict
+from runtime.data import SeededDataset, SeededSampler, SkipBatches, default_workers
+from runtime.distributed import DistInfo, ShardSampler, all_reduce_sum, cleanup_distributed, init_distributed
+from runtime.logger import Progress, RunLogger, plot_run, reduce_mean
+from runtime.optim import build_optimizer
+from runtime.precision import autocast_for, setup_precision
+from runtime.schedules import build_scheduler, scale_lr
+from runtime.step import OptimizerStep, TrainingDiverged
+
+from .ade20k import ADE20K, IGNORE_INDEX
+from .config import SegmentationConfig
+from .inference import predict
+from .metrics import SegmentationMetric
+from .model import FCN, build_fcn
+from .transforms import build_eval_transform, build_train_transform
+
+log = logging.getLogger("segmentation")
+
+REFERENCE_BATCH = 16  # optim.lr and optim.min_lr are per 16 images (mmseg's recipes: 4 devices x 4)
+
+__all__ = ["train", "evaluate", "evaluate_checkpoint", "build_model", "TrainingDiverged", "REFERENCE_BATCH"]
+
+
+# ---- pieces ---------------------------------------------------------------------------------------------
+
+def build_model(cfg: SegmentationConfig, dist_info: Optional[DistInfo] = None, pretrained: bool = True) -> FCN:
+    """The FCN of ``cfg.model`` (backbone weights loaded unless ``pretrained=False``); SyncBN when the
+    run is DDP on CUDA and ``model.sync_bn`` (torch's SyncBatchNorm has no CPU kernel: BN there)."""
+    m = cfg.model
+    sync = m.sync_bn and dist_info is not None and dist_info.distributed and dist_info.device.type == "cuda"
+    return build_fcn(m.backbone, cfg.data.num_classes, weights=m.weights if pretrained else None, head=m.head,
+                     channels=m.channels, aux_channels=m.aux_channels, aux=m.aux_weight > 0, dropout=m.dropout,
+                     output_stride=m.output_stride, frozen_stages=m.frozen_stages,
+                     norm_layer="syncbatchnorm" if sync else None, in_chans=m.in_chans, **m.kwargs)
+
+
+def normalization(cfg: SegmentationConfig) -> tuple[list[float], list[float]]:
+    """``data.mean``/``data.std`` (0-1 scale), or the backbone's defaults (read from a copy built on the
+    meta device: no memory, no random numbers drawn)."""
+    mean, std = cfg.data.mean, cfg.data.std
+    if mean is None or std is None:
+        with torch.device("meta"):
+            probe = create_backbone(cfg.model.backbone, num_classes=0, in_chans=cfg.model.in_chans, **cfg.model.kwargs)
+        mean, std = mean or probe.default_cfg["mean"], std or probe.default_cfg["std"]
+    mean, std = list(mean), list(std)
+    if not len(mean) == len(std) == cfg.model.in_chans:
+        raise ValueError(f"data.mean ({len(mean)} values) and data.std ({len(std)} values) must have one value "
+                         f"per input channel (model.in_chans={cfg.model.in_chans})")
+    return mean, std
+
+
+class Normalize(nn.Module):
+    """uint8 images [N, C, H, W] -> float ``(x / 255 - mean) / std`` on the device (the workers ship uint8:
+    a quarter of float32's bytes)."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return (images.float() / 255 - self.mean) / self.std
+
+
+def class_names(cfg: SegmentationConfig) -> list[str]:
+    names = cfg.data.class_names
+    if names is None:
+        return [f"class_{i}" for i in range(cfg.data.num_classes)]
+    if len(names) != cfg.data.num_classes:
+        raise ValueError(f"data.class_names has {len(names)} names but data.num_classes is {cfg.data.num_classes}")
+    return list(names)
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """A fixed colour per class ([K, 3] uint8; seeded as the mmseg engine's), black for ignored pixels."""
+    return torch.randint(0, 256, (num_classes, 3), generator=torch.Generator().manual_seed(42)).numpy().astype(np.uint8)
+
+
+def _dataset(cfg: SegmentationConfig, split: str, transforms=None) -> ADE20K:
+    d = cfg.data
+    return ADE20K(d.root, split, transforms, num_classes=d.num_classes, reduce_zero_label=d.reduce_zero_label,
+                  max_images=d.max_images)
+
+
+def _collate_train(batch: list) -> tuple[Tensor, Tensor]:
+    images, masks = zip(*batch)  # all padded to the crop size by the train transform
+    labels = torch.stack([m.as_subclass(Tensor) for m in masks])
+    # uint8 through the workers where the classes fit (0..254 and 255 = ignore)
+    return torch.stack([im.as_subclass(Tensor) for im in images]), \
+        labels.to(torch.uint8) if labels.max() <= 255 and labels.min() >= 0 else labels
+
+
+class _EvalImages(Dataset):
+    """``(network-size image, label, original image)`` of the validation split: the eval transform resizes
+    the image only; the label keeps its size (predictions are resized back to it)."""
+
+    def __init__(self, dataset: ADE20K, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, mask = self.dataset[index]
+        resized, _ = self.transform(image, mask)
+        return resized.as_subclass(Tensor), mask.as_subclass(Tensor), image.as_subclass(Tensor)
+
+
+def _first(batch: list):
+    return batch[0]
+
+
+def build_train_loader(cfg: SegmentationConfig, dist_info: DistInfo) -> tuple[DataLoader, SeededSampler]:
+    """The training loader (batches ``(uint8 images, labels)``) and its sampler.
+
+    The order is a ``DistributedSampler``'s (a function of seed and epoch, also for one process), each
+    sample is augmented under its own seed (``SeededDataset``), and ``loader.batch_sampler.skip`` leaves
+    out the batches a resumed run already used: so a resumed run sees the same batches. The loader has its
+    own generator: starting it draws nothing from the (checkpointed) training RNG. Set
+    ``loader.batch_sampler.skip`` before ``iter(loader)`` and clear it after.
+    """
+    t = cfg.train
+    dataset = _dataset(cfg, cfg.data.train_split, build_train_transform(cfg.data))
+    sampler = SeededSampler(DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
+                                               shuffle=True, seed=t.seed, drop_last=True), t.seed, dist_info.rank)
+    workers = default_workers(cfg.data.workers)
+    loader = DataLoader(SeededDataset(dataset), batch_sampler=SkipBatches(
+                            torch.utils.data.BatchSampler(sampler, t.batch_size, drop_last=True)),
+                        num_workers=workers, collate_fn=_collate_train, pin_memory=dist_info.device.type == "cuda",
+                        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(t.seed))
+    return loader, sampler
+
+
+def _overlay(image: Tensor, pred: Tensor, label: Tensor, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """[H, 2W, 3] uint8: the prediction colour-blended over the image | the ground truth, blended the same
+    way (ignored pixels left as the image)."""
+    rgb = image.permute(1, 2, 0).cpu().numpy().astype(np.float32)
+    panels = []
+    for classes in (pred.cpu().numpy(), label.cpu().numpy()):
+        valid = classes != IGNORE_INDEX
+        colour = colours[np.where(valid, classes, 0)].astype(np.float32)
+        blended = np.where(valid[..., None], (1 - alpha) * rgb + alpha * colour, rgb)
+        panels.append(blended.round().clip(0, 255).astype(np.uint8))
+    return np.concatenate(panels, axis=1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, cfg: SegmentationConfig, dist_info: DistInfo, autocast=None,
+             overlays_dir: Optional[Path] = None) -> dict[str, Any]:
+    """mIoU, mAcc, aAcc (%) and per-class IoU of ``model`` on ``data.val_split``.
+
+    One image at a time (sizes differ) through the eval transform and ``inference.predict`` with
+    ``cfg.eval`` (whole/slide, scales, flip); images are sharded over ranks and the confusion matrix is
+    summed over them, so every rank returns the same result. ``eval.scales`` are factors of the image as
+    the eval transform sized it (into ``data.scale``). PNG overlays of the first ``eval.overlays`` images
+    go to ``overlays_dir``.
+    """
+    from PIL import Image
+
+    device, e = dist_info.device, cfg.eval
+    autocast = autocast or autocast_for(cfg.train.precision, device)
+    dataset = _EvalImages(_dataset(cfg, cfg.data.val_split), build_eval_transform(cfg.data))
+    indices = list(ShardSampler(len(dataset), dist_info.rank, dist_info.world_size))
+    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1, collate_fn=_first,
+                        num_workers=min(default_workers(cfg.data.workers), 2),
+                        generator=torch.Generator().manual_seed(0))  # never draws from the training RNG
+    normalize = Normalize(*normalization(cfg)).to(device)
+    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    colours = palette(cfg.data.num_classes)
+    if overlays_dir is not None and e.overlays > 0:
+        overlays_dir.mkdir(parents=True, exist_ok=True)
+    metric = SegmentationMetric(cfg.data.num_classes, IGNORE_INDEX)
+    was_training = model.training
+    model.eval()
+    try:
+        for index, (image, label, original) in zip(indices, loader):
+            x = normalize(image[None].to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+            with autocast():
+                scores = predict(model, x, label.shape[-2:], mode=e.mode, crop_size=e.crop_size, stride=e.stride,
+                                 scales=e.scales, flip=e.flip, num_classes=cfg.data.num_classes)
+            pred = scores[0].argmax(0)
+            label = label.to(device)
+            metric.update(pred, label)
+            if overlays_dir is not None and index < e.overlays:
+                Image.fromarray(_overlay(original, pred, label, colours)).save(overlays_dir / f"{index:05d}.png")
+    finally:
+        model.train(was_training)
+    k = cfg.data.num_classes
+    confusion = metric.confusion if metric.confusion is not None else torch.zeros(k, k, dtype=torch.int64, device=device)
+    metric.confusion = all_reduce_sum(confusion)
+    result = metric.compute()
+    return {"mIoU": result["mIoU"], "mAcc": result["mAcc"], "aAcc": result["aAcc"],
+            "IoU": dict(zip(class_names(cfg), result["IoU"])), "images": len(dataset)}
+
+
+def iou_table(metrics: dict[str, Any]) -> str:
+    """Per-class IoU as a text table (absent classes: "-"), then the summary line."""
+    width = max([len(name) for name in metrics["IoU"]] + [5])
+    rows = [f"{'class':<{width}}  IoU (%)"]
+    rows += [f"{name:<{width}}  " + ("      -" if math.isnan(v) else f"{v:7.2f}") for name, v in metrics["IoU"].items()]
+    rows.append(f"mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  aAcc {metrics['aAcc']:.2f}  "
+                f"({metrics['images']} images)")
+    return "\n".join(rows)
+
+
+def _val_record(metrics: dict[str, Any]) -> dict[str, Any]:
+    record = {k: metrics[k] for k in ("mIoU", "mAcc", "aAcc", "images")}
+    record.update({f"IoU/{name}": v for name, v in metrics["IoU"].items() if not math.isnan(v)})
+    return record
+
+
+# ---- training -------------------------------------------------------------------------------------------
+
+def train(cfg: SegmentationConfig) -> dict[str, Any]:
+    """Train ``cfg.model`` on ``cfg.data`` for ``train.max_iter`` iterations; returns the final evaluation
+    ``{"mIoU", "mAcc", "aAcc", "IoU": {class: %}, "images"}``. Writes config.yaml, metrics.jsonl,
+    last.pth, model_final.pth, overlays/ and plots under ``output_dir``."""
+    dist_info = init_distributed()
+    try:
+        return _train(cfg, dist_info)
+    finally:
+        cleanup_distributed()
+
+
+def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
+    t, o = cfg.train, cfg.optim
+    device, is_main, out = dist_info.device, dist_info.is_main, Path(cfg.output_dir)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+    if t.max_iter < 1 or t.batch_size < 1 or t.accum_steps < 1:
+        raise ValueError("train.max_iter, train.batch_size and train.accum_steps must be >= 1")
+    torch.manual_seed(t.seed + dist_info.rank)
+    precision = setup_precision(t.precision, device)
+
+    # ---- data -------------------------------------------------------------------------------------------
+    loader, sampler = build_train_loader(cfg, dist_info)
+    batches_per_epoch = len(loader)
+    if batches_per_epoch == 0:
+        raise ValueError(f"the training split ({len(sampler)} images per process) is smaller than one batch "
+                         f"({t.batch_size} images): lower train.batch_size or add data")
+    normalize = Normalize(*normalization(cfg)).to(device)
+    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+
+    # ---- model, optimizer, schedule ------------------------------------------------------------------
+    model = build_model(cfg, dist_info).to(device, memory_format=memory_format)
+    global_batch = t.batch_size * dist_info.world_size * t.accum_steps
+    base_lr = scale_lr(o.lr, global_batch, REFERENCE_BATCH)  # linear scaling, mmseg's 16-image reference
+    min_lr = scale_lr(o.min_lr, global_batch, REFERENCE_BATCH)
+    optimizer = build_optimizer(model, lr=base_lr, momentum=o.momentum, nesterov=False,  # mmseg's plain SGD
+                                weight_decay=o.weight_decay, no_bias_decay=o.no_bias_decay)
+    scheduler = build_scheduler(optimizer, base_lr=base_lr, total_steps=t.max_iter, warmup_steps=o.warmup_iters,
+                                schedule="poly", power=o.power, min_lr=min_lr)
+    stepper = OptimizerStep(optimizer, scheduler, precision.scaler, accum_steps=t.accum_steps,
+                            max_nonfinite=t.max_nonfinite)
+
+    def criterion(outputs: dict[str, Tensor], labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-entropy on "out" + aux_weight x the same on "aux" (255 ignored); returns (total, aux)."""
+        loss = F.cross_entropy(outputs["out"].float(), labels, ignore_index=IGNORE_INDEX)
+        aux = F.cross_entropy(outputs["aux"].float(), labels, ignore_index=IGNORE_INDEX) if "aux" in outputs \
+            else torch.zeros((), device=labels.device)
+        return loss + cfg.model.aux_weight * aux, aux
+
+    # ---- resume: weights, optimizer, schedule, scaler, streak, every rank's RNG, the iteration --------
+    step = 0
+    metrics: dict[str, Any] = {}
+    resume_path = resolve_resume(t.resume, out)
+    if resume_path is not None:
+        ckpt = load_checkpoint(resume_path)
+        restore_training_state(ckpt, model, optimizer, scheduler, precision.scaler)
+        stepper.load_state_dict(ckpt.get("stepper", {}))
+        step = ckpt["iteration"]
+        metrics = dict(ckpt.get("metrics") or {})  # a finished run resumed again reports its result
+        restore_rng_states(ckpt["rng"], dist_info.rank, dist_info.world_size)
+        if is_main:
+            log.info("resumed from %s at iteration %d", resume_path, step)
+
+    train_model: nn.Module = model
+    if dist_info.distributed:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    logger = RunLogger(out, enabled=is_main)
+    if is_main:
+        log.info("FCN-%s on %s: %d train images, %d classes, %d process(es) x %d images x %d accumulation = %d "
+                 "global batch, lr %.4g (poly to %.4g), %d iterations", cfg.model.backbone, cfg.data.root,
+                 len(sampler) * dist_info.world_size, cfg.data.num_classes, dist_info.world_size, t.batch_size,
+                 t.accum_steps, global_batch, base_lr, min_lr, t.max_iter)
+
+    def checkpoint() -> None:
+        """last.pth: every rank gathers its RNG state, rank 0 writes (atomically)."""
+        rngs = gather_rng_states()
+        if is_main:
+            save_checkpoint(training_state(model, optimizer, scheduler, precision.scaler, iteration=step,
+                                           metrics=metrics, rng=rngs, stepper=stepper.state_dict(),
+                                           config=to_dict(cfg)), out / "last.pth")
+
+    def run_eval() -> dict[str, Any]:
+        result = evaluate(model, cfg, dist_info, precision.autocast, out / "overlays" if is_main else None)
+        logger.log("val", step, **_val_record(result))
+        if is_main:
+            log.info("iteration %d: mIoU %.2f%%, mAcc %.2f%%, aAcc %.2f%% (%d images)", step, result["mIoU"],
+                     result["mAcc"], result["aAcc"], result["images"])
+        return result
+
+    # ---- the loop: iterations; a new epoch (same order as an uninterrupted run) when the loader ends ----
+    batches_done = step * t.accum_steps
+    epoch = batches_done // batches_per_epoch
+    sampler.set_epoch(epoch)
+    loader.batch_sampler.skip = batches_done % batches_per_epoch  # resuming inside an epoch
+    batches = iter(loader) if step < t.max_iter else None  # (a finished run starts no workers)
+    loader.batch_sampler.skip = 0
+    progress = Progress(t.max_iter, step, enabled=is_main, logger=log)
+    sums = {"loss": torch.zeros((), device=device), "aux_loss": torch.zeros((), device=device)}
+    stepped_count = 0
+    train_model.train()
+    while step < t.max_iter:
+        step_loss, step_aux = torch.zeros((), device=device), torch.zeros((), device=device)
+        for micro in range(t.accum_steps):
+            try:
+                images, labels = next(batches)
+            except StopIteration:
+                epoch += 1
+                sampler.set_epoch(epoch)
+                batches = iter(loader)
+                images, labels = next(batches)
+            images = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+            labels = labels.to(device, non_blocking=True).long()
+            with stepper.no_sync(train_model, micro):
+                with precision.autocast():
+                    outputs = train_model(images)
+                loss, aux = criterion(outputs, labels)
+                stepper.backward(loss)
+            step_loss += loss.detach() / t.accum_steps
+            step_aux += aux.detach() / t.accum_steps
+        lr = optimizer.param_groups[0]["lr"]  # the lr this step uses (lr_at(step)); logged below
+        stepped = stepper.step(step_loss)
+        step += 1
+        progress.update(global_batch)
+        stepper.check_diverged(f"iteration {step}", str(out / "last.pth"))
+        if stepped:
+            sums["loss"] += step_loss
+            sums["aux_loss"] += step_aux
+            stepped_count += 1
+        if step % t.log_every == 0 or step == t.max_iter:
+            # The only host sync of the losses: here, every log_every iterations.
+            means = reduce_mean(sums, stepped_count) if stepped_count else {k: float("nan") for k in sums}
+            shown = progress.report(step, loss=means["loss"], aux_loss=means["aux_loss"], lr=lr)
+            logger.log("train", step, epoch=step * t.accum_steps / batches_per_epoch, lr=lr,
+                       img_per_s=shown["img_per_s"], **means)
+            for value in sums.values():
+                value.zero_()
+            stepped_count = 0
+        if (t.eval_every and step % t.eval_every == 0) or step == t.max_iter:
+            metrics = run_eval()
+            train_model.train()
+        if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_iter:
+            checkpoint()  # after the evaluation: a finished run's checkpoint holds its result
+    progress.close()
+    if not metrics:  # resumed at the end from a checkpoint written before its evaluation
+        metrics = run_eval()
+
+    if is_main:
+        log.info("per-class IoU at iteration %d:\n%s", step, iou_table(metrics))
+        torch.save(model.state_dict(), out / "model_final.pth")
+        plot_run(out, val_metrics=(("mIoU", "mIoU"),), val_x="step", val_title="validation mIoU (%)")
+        log.info("wrote %s, %s, overlays and plots", out / "model_final.pth", out / "metrics.jsonl")
+    logger.close()
+    return metrics
+
+
+def evaluate_checkpoint(cfg: SegmentationConfig, checkpoint: str) -> dict[str, Any]:
+    """mIoU/mAcc/aAcc and per-class IoU of a saved FCN (``model_final.pth``, or ``last.pth`` whose state
+    dict is under "model"); overlays go to ``<output_dir>/overlays``."""
+    dist_info = init_distributed()
+    try:
+        model = build_model(cfg, pretrained=False)  # every weight comes from the checkpoint
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"] if isinstance(state, dict) and "model" in state else state)
+        memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        model = model.to(dist_info.device, memory_format=memory_format)
+        metrics = evaluate(model, cfg, dist_info,
+                           overlays_dir=Path(cfg.output_dir) / "overlays" if dist_info.is_main else None)
+        if dist_info.is_main:
+            log.info("%s:\n%s", checkpoint, iou_table(metrics))
+        return metrics
+    finally:
+        cleanup_distributed()

@@ -1,0 +1,181 @@
+"""The plain-PyTorch segmentation engine (segmentation/train.py) on a tiny dataset in the ADE20K layout:
+a short run and its files, exact resume (bit for bit, with and without workers), the poly schedule as
+logged, and the evaluation against an independent numpy recount."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import segmentation.train as seg_train
+from runtime.distributed import DistInfo
+from runtime.schedules import lr_at, scale_lr
+from segmentation.config import (SegDataConfig, SegEvalConfig, SegModelConfig, SegOptimConfig, SegmentationConfig,
+                                 SegTrainConfig)
+
+NUM_CLASSES = 4  # annotation values 1..4 (0 = "other", ignored: reduce_zero_label)
+GREY_STEP = 50   # the image's grey level is GREY_STEP x the annotation value: the label is readable from it
+
+
+def write_tiny_ade(root: Path, n_train: int = 6, n_val: int = 3, size=(48, 64), seed: int = 0) -> Path:
+    """Images of vertical bands of annotation values 0..4 (grey GREY_STEP x value, plus noise) in the
+    ADEChallengeData2016 layout."""
+    rng = np.random.default_rng(seed)
+    height, width = size
+    for folder, tag, n in (("training", "train", n_train), ("validation", "val", n_val)):
+        (root / "images" / folder).mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(1, n + 1):
+            cuts = np.sort(rng.choice(np.arange(4, width - 4), 4, replace=False))
+            values = rng.integers(0, NUM_CLASSES + 1, 5)
+            annotation = np.repeat(values[np.searchsorted(cuts, np.arange(width), side="right")][None], height, 0)
+            grey = annotation * GREY_STEP + rng.normal(0, 3, (height, width))
+            image = np.repeat(grey.clip(0, 255).astype(np.uint8)[..., None], 3, 2)
+            Image.fromarray(image).save(root / "images" / folder / f"ADE_{tag}_{i:08d}.jpg", quality=95)
+            Image.fromarray(annotation.astype(np.uint8)).save(root / "annotations" / folder / f"ADE_{tag}_{i:08d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return write_tiny_ade(tmp_path_factory.mktemp("ade") / "ADEChallengeData2016")
+
+
+def tiny_cfg(root: Path, out: Path, *, max_iter: int = 4, workers: int = 0, **train) -> SegmentationConfig:
+    return SegmentationConfig(
+        model=SegModelConfig(backbone="resnet18d", channels=16, aux_channels=8, kwargs={"width_mult": 0.25}),
+        data=SegDataConfig(root=str(root), num_classes=NUM_CLASSES, class_names=["a", "b", "c", "d"],
+                           scale=[64, 48], ratio_range=[0.75, 1.25], crop_size=[32, 40], workers=workers),
+        optim=SegOptimConfig(lr=0.08, warmup_iters=1, min_lr=1e-3),
+        train=SegTrainConfig(**{**dict(max_iter=max_iter, batch_size=2, log_every=1, eval_every=0,
+                                       checkpoint_every=2, resume="auto"), **train}),
+        eval=SegEvalConfig(overlays=2),
+        output_dir=str(out))
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_root, tmp_path_factory):
+    cfg = tiny_cfg(data_root, tmp_path_factory.mktemp("run"))
+    return cfg, seg_train.train(cfg)
+
+
+def _records(out: str, kind: str) -> list[dict]:
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_short_run_trains_evaluates_and_writes_its_files(finished_run):
+    cfg, metrics = finished_run
+    out = Path(cfg.output_dir)
+    assert set(metrics) == {"mIoU", "mAcc", "aAcc", "IoU", "images"}
+    assert metrics["images"] == 3 and list(metrics["IoU"]) == ["a", "b", "c", "d"]
+    assert 0 <= metrics["aAcc"] <= 100 and 0 <= metrics["mIoU"] <= 100
+    for name in ("config.yaml", "metrics.jsonl", "last.pth", "model_final.pth", "loss.png", "lr.png",
+                 "accuracy.png", "overlays/00000.png", "overlays/00001.png"):
+        assert (out / name).is_file(), name
+    assert not (out / "overlays/00002.png").exists()
+    with Image.open(out / "overlays/00000.png") as overlay:
+        assert overlay.size == (2 * 64, 48)  # prediction | ground truth at the label size
+    train_records, val_records = _records(out, "train"), _records(out, "val")
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and r["aux_loss"] > 0 for r in train_records)
+    assert [r["step"] for r in val_records] == [4] and val_records[0]["mIoU"] == pytest.approx(metrics["mIoU"])
+    final = torch.load(out / "model_final.pth", weights_only=True)
+    assert set(final) == set(seg_train.build_model(cfg, pretrained=False).state_dict())
+
+    # a finished run resumed again reports its evaluation without training
+    again = seg_train.train(cfg)
+    assert again["mIoU"] == metrics["mIoU"] and len(_records(out, "train")) == 4
+
+    # evaluate_checkpoint on model_final.pth (bare state dict) and last.pth (under "model") agree with the run
+    for name in ("model_final.pth", "last.pth"):
+        assert seg_train.evaluate_checkpoint(cfg, str(out / name))["mIoU"] == pytest.approx(metrics["mIoU"])
+
+
+def test_logged_lr_follows_the_poly_schedule(finished_run):
+    cfg, _ = finished_run
+    base_lr, min_lr = scale_lr(cfg.optim.lr, 2, 16), scale_lr(cfg.optim.min_lr, 2, 16)
+    logged = [(r["step"], r["lr"]) for r in _records(cfg.output_dir, "train")]
+    # record "step" n (iterations done) logs the lr iteration n - 1 ran at: warm-up from 0, poly, min_lr last
+    expected = [(n, lr_at(n - 1, base_lr=base_lr, total_steps=4, warmup_steps=1, schedule="poly", power=0.9,
+                          min_lr=min_lr)) for n in range(1, 5)]
+    assert logged == pytest.approx(expected, rel=1e-12)
+    assert logged[0][1] == 0 and logged[-1][1] == pytest.approx(min_lr)
+
+
+class _Interrupted(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_interrupted_and_resumed_run_equals_uninterrupted(data_root, tmp_path, monkeypatch, workers):
+    straight = tiny_cfg(data_root, tmp_path / "straight", workers=workers, log_every=2)
+    seg_train.train(straight)
+
+    resumed = tiny_cfg(data_root, tmp_path / "resumed", workers=workers, log_every=2)
+    save = seg_train.save_checkpoint
+
+    def save_then_crash(state, path):
+        save(state, path)
+        if state["iteration"] == 2:  # mid-epoch (3 batches per epoch): the run dies right after its checkpoint
+            raise _Interrupted
+
+    monkeypatch.setattr(seg_train, "save_checkpoint", save_then_crash)
+    with pytest.raises(_Interrupted):
+        seg_train.train(resumed)
+    assert not (tmp_path / "resumed" / "model_final.pth").exists()
+    monkeypatch.setattr(seg_train, "save_checkpoint", save)
+    seg_train.train(resumed)  # train.resume=auto: continues from last.pth at iteration 2
+
+    a = torch.load(tmp_path / "straight" / "model_final.pth", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "model_final.pth", weights_only=True)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    losses = lambda out: [(r["step"], r["loss"]) for r in _records(out, "train")]
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+
+
+class _GreyReader(nn.Module):
+    """A "model" whose logits are a fixed function of the pixels: the class is the annotation value read
+    from the grey level (minus one for reduce_zero_label), except that class 3 is always called class 2."""
+
+    def forward(self, x):
+        grey = x[:, 0] * 255  # data.mean 0, std 1: the network input is the image / 255
+        cls = (grey / GREY_STEP).round().long().clamp(1, NUM_CLASSES) - 1
+        cls = torch.where(cls == 3, torch.full_like(cls, 2), cls)
+        return {"out": nn.functional.one_hot(cls, NUM_CLASSES).permute(0, 3, 1, 2).float() * 10}
+
+
+def test_evaluation_equals_a_numpy_recount(data_root, tmp_path):
+    cfg = tiny_cfg(data_root, tmp_path)
+    cfg.data.mean, cfg.data.std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+    cfg.eval.flip = True  # the mirrored view of a pixel-wise model gives the same scores
+    metrics = seg_train.evaluate(_GreyReader(), cfg, DistInfo(0, 0, 1, torch.device("cpu")), overlays_dir=tmp_path)
+
+    inter, union, labelled = np.zeros(NUM_CLASSES), np.zeros(NUM_CLASSES), np.zeros(NUM_CLASSES)
+    for png in sorted((data_root / "annotations" / "validation").glob("*.png")):
+        annotation = np.array(Image.open(png)).astype(np.int64)
+        grey = np.array(Image.open(data_root / "images" / "validation" / f"{png.stem}.jpg").convert("RGB"))[..., 0]
+        pred = np.clip(np.round(grey.astype(np.float32) / GREY_STEP), 1, NUM_CLASSES).astype(np.int64) - 1
+        pred[pred == 3] = 2
+        label, valid = annotation - 1, annotation > 0
+        for c in range(NUM_CLASSES):
+            p, t = (pred == c) & valid, (label == c) & valid
+            inter[c] += (p & t).sum()
+            union[c] += (p | t).sum()
+            labelled[c] += t.sum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = 100 * inter / union
+    assert metrics["images"] == 3
+    assert metrics["IoU"]["d"] == 0  # class 3 is never predicted
+    assert [metrics["IoU"][k] for k in "abcd"] == pytest.approx(list(iou), nan_ok=True)
+    assert metrics["mIoU"] == pytest.approx(np.nanmean(iou))
+    assert metrics["aAcc"] == pytest.approx(100 * inter.sum() / labelled.sum())
+    assert 0 < metrics["mIoU"] < 100
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["00000.png", "00001.png"]
