@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 
+REFERENCE_BATCH = 256  # optim.lr is per 256 images (the paper's linear scaling rule, §3.1)
+
+
 @dataclass
 class ModelConfig:
     name: str = "resnet50d"                 # registry name (backbones.list_backbones())

@@ -24,6 +24,7 @@ from runtime.checkpoint import (gather_rng_states, load_checkpoint, resolve_resu
                                 restore_training_state, save_checkpoint, training_state)
 from runtime.config import ConfigError, dump_config, to_dict
 from runtime.data import SeededDataset, SeededSampler, SkipBatches, default_workers
+from runtime.data import normalization as resolve_normalization
 from runtime.distributed import DistInfo, ShardSampler, all_reduce_sum, cleanup_distributed, init_distributed
 from runtime.logger import Progress, RunLogger, plot_run, reduce_mean
 from runtime.optim import build_optimizer
@@ -32,14 +33,13 @@ from runtime.schedules import build_scheduler, scale_lr
 from runtime.step import OptimizerStep, TrainingDiverged
 
 from .batch_transforms import BatchAugment
-from .config import Config
+from .config import REFERENCE_BATCH, Config
 from .data import TensorLoader, build_datasets, build_loader, build_tensors, collate_skip_none, resolve_pipeline
 from .losses import ClassificationLoss, mixup, smooth_labels
 
 log = logging.getLogger("classification")
 
 EpochCallback = Callable[[int, dict], None]
-REFERENCE_BATCH = 256  # optim.lr is per 256 images (the paper's linear scaling rule, §3.1)
 
 __all__ = ["train", "evaluate", "evaluate_checkpoint", "TrainingDiverged", "REFERENCE_BATCH"]
 
@@ -64,18 +64,8 @@ def build_model(cfg: Config, num_classes: int) -> Backbone:
 
 
 def normalization(cfg: Config) -> tuple[list[float], list[float]]:
-    """``data.mean``/``data.std``, or the backbone's defaults (read from a copy built on the meta device:
-    no memory, no random numbers drawn)."""
-    mean, std = cfg.data.mean, cfg.data.std
-    if mean is None or std is None:
-        with torch.device("meta"):
-            probe = create_backbone(cfg.model.name, num_classes=0, in_chans=cfg.model.in_chans, **model_kwargs(cfg))
-        mean, std = mean or probe.default_cfg["mean"], std or probe.default_cfg["std"]
-    mean, std = list(mean), list(std)
-    if not len(mean) == len(std) == cfg.model.in_chans:
-        raise ValueError(f"data.mean ({len(mean)} values) and data.std ({len(std)} values) must have one value "
-                         f"per input channel (model.in_chans={cfg.model.in_chans})")
-    return mean, std
+    """``data.mean``/``data.std``, or the backbone's defaults (``runtime.data.normalization``)."""
+    return resolve_normalization(cfg.data.mean, cfg.data.std, cfg.model.name, cfg.model.in_chans, model_kwargs(cfg))
 
 
 @torch.no_grad()
@@ -115,7 +105,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast, channels_
 def build_data(cfg: Config, mean: list[float], std: list[float], dist_info: DistInfo, with_train: bool = True):
     """Loaders and device-side preparation for ``data.pipeline``.
 
-    Returns ``(train_loader, val_loader, train_prepare, val_prepare, seeded_sampler, num_classes)``. Batches
+    Returns ``(train_loader, val_loader, train_prepare, val_prepare, sampler, num_classes)``. Batches
     are ``(images, labels, n_skipped)``; ``*_prepare`` maps loaded images on the device to network input.
     The train order comes from a ``DistributedSampler`` also for one process: it is a function of (seed,
     epoch), and each sample is augmented under its own seed, so a resumed run sees the same batches; drop_last
@@ -125,10 +115,10 @@ def build_data(cfg: Config, mean: list[float], std: list[float], dist_info: Dist
     t, d = cfg.train, cfg.data
     if resolve_pipeline(d) == "tensor":
         (x_train, y_train), (x_val, y_val), num_classes, _ = build_tensors(d)
-        sampler = SeededSampler(DistributedSampler(range(len(y_train)), num_replicas=dist_info.world_size,
-                                                   rank=dist_info.rank, shuffle=True, seed=t.seed, drop_last=True),
-                                t.seed, dist_info.rank)
-        train_loader = TensorLoader(x_train, y_train, t.batch_size, sampler.sampler, drop_last=True)
+        # augmented per batch on the device from the (checkpointed) training RNG: no per-sample seeds
+        sampler = DistributedSampler(range(len(y_train)), num_replicas=dist_info.world_size, rank=dist_info.rank,
+                                     shuffle=True, seed=t.seed, drop_last=True)
+        train_loader = TensorLoader(x_train, y_train, t.batch_size, sampler, drop_last=True)
         val_loader = TensorLoader(x_val, y_val, t.batch_size,
                                   ShardSampler(len(y_val), dist_info.rank, dist_info.world_size))
         train_prepare = BatchAugment(d, mean, std, cfg.model.in_chans, train=True).to(dist_info.device)
@@ -220,8 +210,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
     resume_path = resolve_resume(t.resume, out)
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
-        restore_training_state(ckpt, model, optimizer, scheduler, precision.scaler)
-        stepper.load_state_dict(ckpt.get("stepper", {}))
+        restore_training_state(ckpt, model, stepper)
         step, best_top1 = ckpt["step"], ckpt["best_top1"]
         metrics = dict(ckpt["metrics"])  # a finished run resumed again just re-exports its result
         restore_rng_states(ckpt["rng"], dist_info.rank, dist_info.world_size)
@@ -246,9 +235,8 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         """last.pth (and best.pth): every rank gathers its RNG state, rank 0 writes (atomically)."""
         rngs = gather_rng_states()
         if is_main:
-            state = training_state(model, optimizer, scheduler, precision.scaler, step=step, epoch=epochs_done,
-                                   best_top1=best_top1, metrics=metrics, rng=rngs, stepper=stepper.state_dict(),
-                                   config=to_dict(cfg))
+            state = training_state(model, stepper, step=step, epoch=epochs_done, best_top1=best_top1,
+                                   metrics=metrics, rng=rngs, config=to_dict(cfg))
             save_checkpoint(state, out / "last.pth")
             if best:
                 save_checkpoint(state, out / "best.pth")

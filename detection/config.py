@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 
+REFERENCE_BATCH = 16  # optim.lr is per 16 images (detectron2's recipes), scaled linearly by every engine
+
+
 @dataclass
 class DetModelConfig:
     backbone: str = "resnet50d"              # registry name (backbones.list_backbones())

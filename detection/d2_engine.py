@@ -15,7 +15,7 @@ suite's ``bash scripts/setup.sh`` installs v0.6 without its C++ extension (Faste
 torchvision supplies nms / roi_align), and ``import_detectron2`` installs the few shims that v0.6 needs
 on numpy>=1.24 / Pillow>=10.
 
-Multi-GPU: launch with torchrun, e.g. ``torchrun --nproc-per-node 8 -m tricks detection train CONFIG``
+Multi-GPU: launch with torchrun, e.g. ``torchrun --nproc-per-node 8 -m tricks train CONFIG``
 (or a script calling ``train(cfg)``). ``train`` joins the process group torchrun describes and creates
 the per-machine group that detectron2's ``comm.get_local_rank`` needs (v0.6 makes it only in its own
 ``launch()``). detectron2 wraps the model in DDP with ``device_ids=[local_rank]``, so multi-process
@@ -41,9 +41,11 @@ import torch
 import torch.nn as nn
 
 from runtime.config import dump_config
+from runtime.data import normalization
+from runtime.schedules import scale_lr
 
 from . import voc as voc_data
-from .config import DetectionConfig
+from .config import REFERENCE_BATCH, DetectionConfig
 from .voc_eval import VOCBoxes, evaluate_voc
 
 log = logging.getLogger("detection.d2")
@@ -400,10 +402,10 @@ def build_d2_config(cfg: DetectionConfig):
     d2.MODEL.WEIGHTS = ""  # the backbone loads its own pretrained weights (MODEL.TRICKS.WEIGHTS)
     d2.MODEL.DEVICE = "cuda" if cuda else "cpu"
     # Our backbones take RGB normalised with the classification run's mean/std; detectron2 on 0-255 pixels.
-    default_cfg = _backbone_default_cfg(m.backbone)
+    mean, std = normalization(None, None, m.backbone, 3)
     d2.INPUT.FORMAT = "RGB"
-    d2.MODEL.PIXEL_MEAN = [255.0 * v for v in default_cfg["mean"]]
-    d2.MODEL.PIXEL_STD = [255.0 * v for v in default_cfg["std"]]
+    d2.MODEL.PIXEL_MEAN = [255.0 * v for v in mean]
+    d2.MODEL.PIXEL_STD = [255.0 * v for v in std]
     d2.MODEL.BACKBONE.FREEZE_AT = m.frozen_stages + 1  # informative: our backbone freezes itself
     if m.arch == "fpn":  # Base-RCNN-FPN.yaml
         d2.MODEL.BACKBONE.NAME = FPN_BACKBONE
@@ -443,7 +445,7 @@ def build_d2_config(cfg: DetectionConfig):
     d2.DATALOADER.NUM_WORKERS = cfg.data.workers
     d2.SOLVER.IMS_PER_BATCH = global_batch
     d2.SOLVER.REFERENCE_WORLD_SIZE = 0  # the batch and lr are already the global ones
-    d2.SOLVER.BASE_LR = o.lr * global_batch / 16
+    d2.SOLVER.BASE_LR = scale_lr(o.lr, global_batch, REFERENCE_BATCH)
     d2.SOLVER.MOMENTUM = o.momentum
     d2.SOLVER.WEIGHT_DECAY = o.weight_decay
     d2.SOLVER.WEIGHT_DECAY_NORM = 0.0
@@ -458,13 +460,6 @@ def build_d2_config(cfg: DetectionConfig):
     d2.SEED = t.seed
     d2.OUTPUT_DIR = cfg.output_dir
     return d2
-
-
-def _backbone_default_cfg(name: str) -> dict:
-    from backbones import create_backbone
-
-    with torch.device("meta"):  # only the declared mean/std are needed: build without allocating weights
-        return create_backbone(name, num_classes=0).default_cfg
 
 
 # ------------------------------------------------------------------------------------------------ trainer

@@ -11,7 +11,6 @@ aspect ratio as torchvision's references and detectron2 do.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from runtime.checkpoint import (gather_rng_states, load_checkpoint, resolve_resume, restore_rng_states,
-                                restore_training_state, save_checkpoint, training_state)
+from runtime.checkpoint import (gather_per_rank, gather_rng_states, load_checkpoint, resolve_resume,
+                                restore_rng_states, restore_training_state, save_checkpoint, training_state)
 from runtime.config import dump_config, to_dict
-from runtime.data import GroupedBatchSampler, SeededDataset, SeededSampler, SkipBatches, default_workers
+from runtime.data import EpochStream, GroupedBatchSampler, SeededDataset, SeededSampler, SkipBatches, default_workers
 from runtime.distributed import DistInfo, ShardSampler, cleanup_distributed, init_distributed
 from runtime.logger import Progress, RunLogger, plot_run, reduce_mean
 from runtime.optim import build_optimizer
@@ -30,14 +29,13 @@ from runtime.precision import autocast_for, setup_precision
 from runtime.schedules import build_scheduler, scale_lr
 from runtime.step import OptimizerStep
 
-from .config import DetectionConfig
+from .config import REFERENCE_BATCH, DetectionConfig
 from .model import build_faster_rcnn
 from .voc import build_voc, resolve_classes
 from .voc_eval import VOCBoxes, evaluate_voc
 
 log = logging.getLogger("detection")
 
-REFERENCE_BATCH = 16  # optim.lr is per 16 images (detectron2's recipes), scaled linearly
 
 
 class TrainTransform:
@@ -76,8 +74,9 @@ def build_model(cfg: DetectionConfig, num_classes: int):
 
 @torch.no_grad()
 def evaluate_detector(model, cfg: DetectionConfig, dist_info: DistInfo, dataset=None) -> dict[str, Any]:
-    """VOC07 11-point mAP (%) of ``model`` on ``data.test_splits``, per-class AP included. Images are
-    sharded over ranks; every rank returns the same result. ``dataset``: the test set, if already built
+    """VOC07 11-point mAP (%) of ``model`` on ``data.test_splits``, per-class AP included, and the
+    ``detections`` per image id (for the VOC results format). Images are sharded over ranks; every rank
+    returns the same result. ``dataset``: the test set, if already built
     (its annotations are parsed once per run, not at every evaluation)."""
     if dataset is None:
         dataset = build_test_set(cfg)
@@ -105,10 +104,7 @@ def evaluate_detector(model, cfg: DetectionConfig, dist_info: DistInfo, dataset=
     finally:
         core.transform.min_size = train_sizes
         core.train(was_training)
-    if dist_info.distributed:
-        gathered: list[Any] = [None] * dist_info.world_size
-        torch.distributed.all_gather_object(gathered, predictions)
-        predictions = {k: v for part in gathered for k, v in part.items()}
+    predictions = {k: v for part in gather_per_rank(predictions) for k, v in part.items()}
     truth = []
     for i in range(len(dataset)):
         ann = dataset.annotation(i)
@@ -117,7 +113,7 @@ def evaluate_detector(model, cfg: DetectionConfig, dist_info: DistInfo, dataset=
     result = evaluate_voc([predictions[i] for i in range(len(dataset))], truth, len(classes), use_07_metric=True)
     return {"mAP": 100 * result["mAP"], "images": len(dataset),
             "AP": {name: 100 * float(ap) for name, ap in zip(classes, result["ap"])},
-            "predictions": predictions}
+            "detections": {dataset.image_id(i): predictions[i] for i in range(len(dataset))}}
 
 
 def build_test_set(cfg: DetectionConfig):
@@ -180,49 +176,32 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
     # Position: every rank keeps its own (epoch, batches used in it): aspect grouping gives ranks
     # different numbers of batches per epoch.
     start, epoch, used = 0, 0, 0
-    metrics: dict[str, Any] = {}
     resume = resolve_resume(t.resume, out)
     if resume is not None:
         ckpt = load_checkpoint(resume)
-        restore_training_state(ckpt, model, optimizer, scheduler, precision.scaler)
-        stepper.load_state_dict(ckpt.get("stepper", {}))
+        restore_training_state(ckpt, model, stepper)
         start = ckpt["iteration"]
         restore_rng_states(ckpt["rng"], dist_info.rank, dist_info.world_size)
         positions = ckpt["positions"]
         epoch, used = positions[dist_info.rank] if len(positions) == dist_info.world_size else (positions[0][0] + 1, 0)
-        metrics = ckpt.get("metrics", {})
         if is_main:
             log.info("resumed from %s at iteration %d", resume, start)
+    stream = EpochStream(loader, sampler, epoch, used)
 
     def checkpoint(iteration: int) -> None:
         rngs = gather_rng_states()
-        positions: list[Any] = [(epoch, used)]
-        if dist_info.distributed:
-            positions = [None] * dist_info.world_size
-            torch.distributed.all_gather_object(positions, (epoch, used))
+        positions = gather_per_rank((stream.epoch, stream.used))
         if is_main:
-            save_checkpoint(training_state(model, optimizer, scheduler, precision.scaler, iteration=iteration,
-                                           rng=rngs, positions=positions, stepper=stepper.state_dict(),
-                                           metrics={k: v for k, v in metrics.items() if k != "predictions"},
+            save_checkpoint(training_state(model, stepper, iteration=iteration, rng=rngs, positions=positions,
                                            config=to_dict(cfg)), out / "last.pth")
 
-    sampler.set_epoch(epoch)
-    batches.skip = used
-    stream = iter(loader)
     train_model.train()
     progress = Progress(t.max_iter, start, enabled=is_main, logger=log)
+    metrics: dict[str, Any] = {}
     loss_sums: dict[str, torch.Tensor] = {}
     logged = 0
     for iteration in range(start, t.max_iter):
-        try:
-            images, targets = next(stream)
-        except StopIteration:
-            epoch, used = epoch + 1, 0
-            sampler.set_epoch(epoch)
-            batches.skip = 0
-            stream = iter(loader)
-            images, targets = next(stream)
-        used += 1
+        images, targets = next(stream)
         images = [im.to(device, non_blocking=True).float().div_(255) for im in images]
         targets = [{k: v.to(device, non_blocking=True) for k, v in tg.items()} for tg in targets]
         with precision.autocast():
@@ -252,7 +231,7 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
         if done % t.checkpoint_every == 0 or done == t.max_iter:
             checkpoint(done)
     progress.close()
-    if not metrics or "predictions" not in metrics:  # a finished run resumed again: report its result
+    if not metrics:  # a finished run resumed again: report its result
         metrics = evaluate_detector(model, cfg, dist_info, test_set)
     if is_main:
         torch.save(model.state_dict(), out / "model_final.pth")

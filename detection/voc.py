@@ -262,6 +262,9 @@ class VOCDetection(Dataset):
     def annotation(self, index: int) -> VOCAnnotation:
         return self._annotations[index]
 
+    def image_id(self, index: int) -> str:
+        return self.ids[index]
+
     def __getitem__(self, index: int):
         from PIL import Image
         from torchvision import tv_tensors
@@ -290,8 +293,8 @@ class VOCDetection(Dataset):
 
 
 class VOCConcat(ConcatDataset):
-    """Several VOC sets as one (``2007-trainval+2012-trainval``), with ``annotation(i)``, ``classes`` and
-    ``stats`` like each part."""
+    """Several VOC sets as one (``2007-trainval+2012-trainval``), with ``annotation(i)``, ``image_id(i)``,
+    ``classes`` and ``stats`` like each part."""
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -301,10 +304,18 @@ class VOCConcat(ConcatDataset):
     def stats(self) -> dict[str, int]:
         return {k: sum(d.stats[k] for d in self.datasets) for k in self.datasets[0].stats}
 
-    def annotation(self, index: int) -> VOCAnnotation:
+    def _locate(self, index: int) -> tuple[VOCDetection, int]:
         part = bisect.bisect_right(self.cumulative_sizes, index)
         offset = self.cumulative_sizes[part - 1] if part else 0
-        return self.datasets[part].annotation(index - offset)
+        return self.datasets[part], index - offset
+
+    def annotation(self, index: int) -> VOCAnnotation:
+        dataset, local = self._locate(index)
+        return dataset.annotation(local)
+
+    def image_id(self, index: int) -> str:
+        dataset, local = self._locate(index)
+        return dataset.image_id(local)
 
 
 def build_voc(root: Path | str, splits: str, keep_difficult: bool = True, transforms: Optional[Callable] = None,

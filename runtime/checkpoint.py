@@ -39,20 +39,21 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                            "or remove it to start from scratch") from e
 
 
-def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                   scaler: torch.amp.GradScaler, **extra: Any) -> dict[str, Any]:
-    """What every trainer's checkpoint holds (``extra``: position, RNG states, metrics, config)."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), **extra}
+def training_state(model: torch.nn.Module, stepper: Any, **extra: Any) -> dict[str, Any]:
+    """What every trainer's checkpoint holds: the model and the ``runtime.step.OptimizerStep``'s optimizer,
+    schedule, loss scaler and non-finite streak (``extra``: position, RNG states, metrics, config)."""
+    return {"model": model.state_dict(), "optimizer": stepper.optimizer.state_dict(),
+            "scheduler": stepper.scheduler.state_dict(), "scaler": stepper.scaler.state_dict(),
+            "stepper": stepper.state_dict(), **extra}
 
 
-def restore_training_state(ckpt: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                           scheduler: Any, scaler: torch.amp.GradScaler) -> None:
-    """Load what every trainer's checkpoint holds: model, optimizer, schedule and loss-scaler states."""
+def restore_training_state(ckpt: dict[str, Any], model: torch.nn.Module, stepper: Any) -> None:
+    """Load what ``training_state`` wrote into ``model`` and ``stepper`` (its optimizer, schedule, scaler)."""
     model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
+    stepper.optimizer.load_state_dict(ckpt["optimizer"])
+    stepper.scheduler.load_state_dict(ckpt["scheduler"])
+    stepper.scaler.load_state_dict(ckpt["scaler"])
+    stepper.load_state_dict(ckpt.get("stepper", {}))
 
 
 def resolve_resume(resume: Optional[str], output_dir: Path) -> Optional[Path]:
@@ -94,15 +95,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def gather_per_rank(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (``[obj]`` in a single process). A collective: every rank
+    must call it."""
+    if not torch.distributed.is_initialized():
+        return [obj]
+    objects: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(objects, obj)
+    return objects
+
+
 def gather_rng_states() -> list[dict[str, Any]]:
     """RNG states of every rank (rank order), so a resumed DDP run continues every stream exactly.
     A collective: every rank must call it."""
-    state = rng_state()
-    if not torch.distributed.is_initialized():
-        return [state]
-    states: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(states, state)
-    return states
+    return gather_per_rank(rng_state())
 
 
 def restore_rng_states(states: list[dict[str, Any]], rank: int, world_size: int) -> None:

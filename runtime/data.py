@@ -11,11 +11,28 @@ from __future__ import annotations
 import itertools
 import os
 from collections import defaultdict
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
+
+from backbones import create_backbone
+
+
+def normalization(mean: Optional[Sequence[float]], std: Optional[Sequence[float]], backbone: str, in_chans: int,
+                  builder_kwargs: Optional[dict] = None) -> tuple[list[float], list[float]]:
+    """``data.mean``/``data.std`` (0-1 scale), or the defaults of registry backbone ``backbone`` (read from
+    a copy built on the meta device: no memory, no random numbers drawn); one value per input channel."""
+    if mean is None or std is None:
+        with torch.device("meta"):
+            probe = create_backbone(backbone, num_classes=0, in_chans=in_chans, **(builder_kwargs or {}))
+        mean, std = mean or probe.default_cfg["mean"], std or probe.default_cfg["std"]
+    mean, std = list(mean), list(std)
+    if not len(mean) == len(std) == in_chans:
+        raise ValueError(f"data.mean ({len(mean)} values) and data.std ({len(std)} values) must have one value "
+                         f"per input channel (model.in_chans={in_chans})")
+    return mean, std
 
 
 def default_workers(requested: int = -1) -> int:
@@ -120,3 +137,35 @@ class SkipBatches(Sampler[list]):
 
     def set_epoch(self, epoch: int) -> None:
         self.batch_sampler.set_epoch(epoch) if hasattr(self.batch_sampler, "set_epoch") else None
+
+
+class EpochStream:
+    """Batches of ``loader`` across epochs, for iteration-based loops: starts at epoch ``epoch`` after its
+    first ``used`` batches (resuming inside an epoch), then moves to the next epoch whenever the loader
+    ends. ``epoch`` and ``used`` always name the position of the next batch. ``loader.batch_sampler`` is a
+    ``SkipBatches``; ``sampler.set_epoch`` sets the order (and seeds) of each epoch. Workers start at the
+    first ``next``, so a finished run that is resumed starts none."""
+
+    def __init__(self, loader, sampler, epoch: int = 0, used: int = 0):
+        self.loader, self.sampler, self.epoch, self.used = loader, sampler, epoch, used
+        self._batches = None
+
+    def _start(self) -> None:
+        self.sampler.set_epoch(self.epoch)
+        self.loader.batch_sampler.skip = self.used
+        self._batches = iter(self.loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._batches is None:
+            self._start()
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            self.epoch, self.used = self.epoch + 1, 0
+            self._start()
+            batch = next(self._batches)  # an epoch without a single batch ends the stream
+        self.used += 1
+        return batch

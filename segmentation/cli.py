@@ -1,10 +1,8 @@
-"""Segmentation commands of ``tricks``: scoring label maps and writing the fashion-scene datasets.
+"""``tricks seg-eval``: score PNG label maps against ground truth (pixel accuracy, mIoU as mmseg).
 
-``add_subcommands(subparsers)`` registers (each parser's ``func(args) -> int`` is set as a default)::
+``add_subcommands(subparsers)`` registers (the parser's ``func(args) -> int`` is set as a default)::
 
     tricks seg-eval --gt DIR --pred DIR --num-classes N [--reduce-zero-label] [--ignore-index 255] [--json]
-    tricks data fashion-scenes --out DIR [--train N --val N --seed S --size H W]
-    tricks data fashion-voc --out DIR [--train N --test N --seed S --size H W]
 """
 from __future__ import annotations
 

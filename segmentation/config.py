@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 
+REFERENCE_BATCH = 16  # optim.lr and optim.min_lr are per 16 images (mmseg's recipes: 4 devices x 4), both engines
+
+
 @dataclass
 class SegModelConfig:
     backbone: str = "resnet50d"              # registry name (backbones.list_backbones())

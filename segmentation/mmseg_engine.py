@@ -32,8 +32,10 @@ from torch import Tensor
 
 from backbones import create_backbone
 from runtime.config import dump_config
+from runtime.data import normalization
+from runtime.schedules import scale_lr
 
-from .config import SegmentationConfig
+from .config import REFERENCE_BATCH, SegmentationConfig
 
 log = logging.getLogger("segmentation")
 
@@ -256,8 +258,7 @@ def build_mmseg_config(cfg: SegmentationConfig):
         probe = create_backbone(m.backbone, num_classes=0, in_chans=m.in_chans, output_stride=m.output_stride,
                                 **m.kwargs)
     channels = {f.name: f.channels for f in probe.feature_info}
-    mean = d.mean if d.mean is not None else probe.default_cfg["mean"]
-    std = d.std if d.std is not None else probe.default_cfg["std"]
+    mean, std = normalization(d.mean, d.std, m.backbone, m.in_chans, m.kwargs)
     crop = tuple(d.crop_size)
 
     preprocessor = dict(mc.data_preprocessor, size=crop, mean=[255 * v for v in mean], std=[255 * v for v in std])
@@ -305,7 +306,7 @@ def build_mmseg_config(cfg: SegmentationConfig):
     mc.test_evaluator = mc.val_evaluator
 
     global_batch = t.batch_size * world * t.accum_steps
-    lr, min_lr = o.lr * global_batch / 16, o.min_lr * global_batch / 16  # linear scaling, per 16 images
+    lr, min_lr = scale_lr(o.lr, global_batch, REFERENCE_BATCH), scale_lr(o.min_lr, global_batch, REFERENCE_BATCH)
     mc.optimizer = dict(type="SGD", lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
     mc.optim_wrapper = _optim_wrapper(cfg, lr, on_cuda)
     poly = dict(type="PolyLR", eta_min=min_lr, power=o.power, begin=o.warmup_iters, end=t.max_iter, by_epoch=False)

@@ -22,11 +22,11 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from backbones import create_backbone
 from runtime.checkpoint import (gather_rng_states, load_checkpoint, resolve_resume, restore_rng_states,
                                 restore_training_state, save_checkpoint, training_state)
 from runtime.config import dump_config, to_dict
-from runtime.data import SeededDataset, SeededSampler, SkipBatches, default_workers
+from runtime.data import EpochStream, SeededDataset, SeededSampler, SkipBatches, default_workers
+from runtime.data import normalization as resolve_normalization
 from runtime.distributed import DistInfo, ShardSampler, all_reduce_sum, cleanup_distributed, init_distributed
 from runtime.logger import Progress, RunLogger, plot_run, reduce_mean
 from runtime.optim import build_optimizer
@@ -35,7 +35,7 @@ from runtime.schedules import build_scheduler, scale_lr
 from runtime.step import OptimizerStep, TrainingDiverged
 
 from .ade20k import ADE20K, IGNORE_INDEX
-from .config import SegmentationConfig
+from .config import REFERENCE_BATCH, SegmentationConfig
 from .inference import predict
 from .metrics import SegmentationMetric
 from .model import FCN, build_fcn
@@ -43,7 +43,6 @@ from .transforms import build_eval_transform, build_train_transform
 
 log = logging.getLogger("segmentation")
 
-REFERENCE_BATCH = 16  # optim.lr and optim.min_lr are per 16 images (mmseg's recipes: 4 devices x 4)
 
 __all__ = ["train", "evaluate", "evaluate_checkpoint", "build_model", "TrainingDiverged", "REFERENCE_BATCH"]
 
@@ -62,18 +61,9 @@ def build_model(cfg: SegmentationConfig, dist_info: Optional[DistInfo] = None, p
 
 
 def normalization(cfg: SegmentationConfig) -> tuple[list[float], list[float]]:
-    """``data.mean``/``data.std`` (0-1 scale), or the backbone's defaults (read from a copy built on the
-    meta device: no memory, no random numbers drawn)."""
-    mean, std = cfg.data.mean, cfg.data.std
-    if mean is None or std is None:
-        with torch.device("meta"):
-            probe = create_backbone(cfg.model.backbone, num_classes=0, in_chans=cfg.model.in_chans, **cfg.model.kwargs)
-        mean, std = mean or probe.default_cfg["mean"], std or probe.default_cfg["std"]
-    mean, std = list(mean), list(std)
-    if not len(mean) == len(std) == cfg.model.in_chans:
-        raise ValueError(f"data.mean ({len(mean)} values) and data.std ({len(std)} values) must have one value "
-                         f"per input channel (model.in_chans={cfg.model.in_chans})")
-    return mean, std
+    """``data.mean``/``data.std`` (0-1 scale), or the backbone's defaults (``runtime.data.normalization``)."""
+    return resolve_normalization(cfg.data.mean, cfg.data.std, cfg.model.backbone, cfg.model.in_chans,
+                                 cfg.model.kwargs)
 
 
 class Normalize(nn.Module):
@@ -143,8 +133,8 @@ def build_train_loader(cfg: SegmentationConfig, dist_info: DistInfo) -> tuple[Da
     The order is a ``DistributedSampler``'s (a function of seed and epoch, also for one process), each
     sample is augmented under its own seed (``SeededDataset``), and ``loader.batch_sampler.skip`` leaves
     out the batches a resumed run already used: so a resumed run sees the same batches. The loader has its
-    own generator: starting it draws nothing from the (checkpointed) training RNG. Set
-    ``loader.batch_sampler.skip`` before ``iter(loader)`` and clear it after.
+    own generator: starting it draws nothing from the (checkpointed) training RNG. ``runtime.data.EpochStream``
+    runs it across epochs.
     """
     t = cfg.train
     dataset = _dataset(cfg, cfg.data.train_split, build_train_transform(cfg.data))
@@ -294,8 +284,7 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
     resume_path = resolve_resume(t.resume, out)
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
-        restore_training_state(ckpt, model, optimizer, scheduler, precision.scaler)
-        stepper.load_state_dict(ckpt.get("stepper", {}))
+        restore_training_state(ckpt, model, stepper)
         step = ckpt["iteration"]
         metrics = dict(ckpt.get("metrics") or {})  # a finished run resumed again reports its result
         restore_rng_states(ckpt["rng"], dist_info.rank, dist_info.world_size)
@@ -316,8 +305,7 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
         """last.pth: every rank gathers its RNG state, rank 0 writes (atomically)."""
         rngs = gather_rng_states()
         if is_main:
-            save_checkpoint(training_state(model, optimizer, scheduler, precision.scaler, iteration=step,
-                                           metrics=metrics, rng=rngs, stepper=stepper.state_dict(),
+            save_checkpoint(training_state(model, stepper, iteration=step, metrics=metrics, rng=rngs,
                                            config=to_dict(cfg)), out / "last.pth")
 
     def run_eval() -> dict[str, Any]:
@@ -329,12 +317,8 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
         return result
 
     # ---- the loop: iterations; a new epoch (same order as an uninterrupted run) when the loader ends ----
-    batches_done = step * t.accum_steps
-    epoch = batches_done // batches_per_epoch
-    sampler.set_epoch(epoch)
-    loader.batch_sampler.skip = batches_done % batches_per_epoch  # resuming inside an epoch
-    batches = iter(loader) if step < t.max_iter else None  # (a finished run starts no workers)
-    loader.batch_sampler.skip = 0
+    batches_done = step * t.accum_steps  # resuming inside an epoch: its first batches are skipped
+    batches = EpochStream(loader, sampler, batches_done // batches_per_epoch, batches_done % batches_per_epoch)
     progress = Progress(t.max_iter, step, enabled=is_main, logger=log)
     sums = {"loss": torch.zeros((), device=device), "aux_loss": torch.zeros((), device=device)}
     stepped_count = 0
@@ -342,13 +326,7 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
     while step < t.max_iter:
         step_loss, step_aux = torch.zeros((), device=device), torch.zeros((), device=device)
         for micro in range(t.accum_steps):
-            try:
-                images, labels = next(batches)
-            except StopIteration:
-                epoch += 1
-                sampler.set_epoch(epoch)
-                batches = iter(loader)
-                images, labels = next(batches)
+            images, labels = next(batches)
             images = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
             labels = labels.to(device, non_blocking=True).long()
             with stepper.no_sync(train_model, micro):

@@ -110,9 +110,17 @@ def test_cli_train_then_eval(tmp_path, capsys):
     config = Path(__file__).resolve().parents[1] / "configs/detection/faster-rcnn_resnet50d-fpn_8xb2-18k_voc0712.yaml"
     assert main(["train", str(config), *overrides]) == 0
     assert "VOC07 mAP" in capsys.readouterr().out
-    assert main(["eval", str(config), str(Path(cfg.output_dir) / "model_final.pth"), *overrides]) == 0
+    results = tmp_path / "results"
+    assert main(["eval", str(config), str(Path(cfg.output_dir) / "model_final.pth"), *overrides,
+                 "--write-results", str(results)]) == 0
     out = capsys.readouterr().out
     assert "aeroplane" in out and "VOC07 mAP" in out
+    # the written results scored by the devkit-format scorer give the engine's mAP
+    engine_map = float(next(line for line in out.splitlines() if line.startswith("VOC07 mAP")).split()[2][:-1])
+    assert main(["voc-eval", "--devkit", str(cfg.data.root), "--year", "2007", "--split", "test",
+                 "--results", str(results), "--use-07-metric", "--json"]) == 0
+    import json
+    assert 100 * json.loads(capsys.readouterr().out)["map_voc07"] == pytest.approx(engine_map, abs=0.006)
     with pytest.raises(SystemExit) as e:
         main(["train", str(config), "train.max_iters=3"])
     assert e.value.code == 2

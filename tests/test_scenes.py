@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from runtime.scenes import BACKGROUND, FASHION_CLASSES, FASHION_MNIST_DIR, compose_scenes, load_fashion_mnist

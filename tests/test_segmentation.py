@@ -16,23 +16,12 @@ from segmentation.model import FCNHead, build_fcn
 
 
 def import_mmseg_decode_heads():
-    """mmseg's decode heads, with a stand-in for mmcv's missing compiled ops (``mmcv._ext``)."""
-    import importlib.machinery
-    import sys
-    import types
-    if "mmcv._ext" not in sys.modules:
-        class _MissingOps(types.ModuleType):
-            def __getattr__(self, name):
-                if name.startswith("__"):
-                    raise AttributeError(name)
-
-                def missing(*args, **kwargs):
-                    raise NotImplementedError(f"mmcv._ext.{name}: mmcv's compiled ops are not installed")
-                return missing
-        stub = _MissingOps("mmcv._ext")
-        stub.__spec__ = importlib.machinery.ModuleSpec("mmcv._ext", None)
-        sys.modules["mmcv._ext"] = stub
+    """mmseg's decode heads, imported through the engine's importer (it installs the stand-in for mmcv's
+    missing compiled ops); skipped, saying why, when the foreign stack cannot import."""
     try:
+        from segmentation.mmseg_engine import import_mmseg
+
+        import_mmseg()
         from mmseg.models import decode_heads
     except Exception as e:  # any import failure of the foreign stack means: skip, saying why
         pytest.skip(f"mmseg cannot be imported ({type(e).__name__}: {e})")

@@ -117,9 +117,7 @@ def _report(cfg, metrics: dict) -> None:
     elif cfg.task == "detection":
         print(_table([(name, f"{ap:.2f}") for name, ap in metrics["AP"].items()], ("class", "AP %")))
         print(f"VOC07 mAP {metrics['mAP']:.2f}%  ({metrics.get('images', '?')} images)")
-    else:
-        if isinstance(metrics.get("IoU"), dict):
-            print(_table([(name, f"{iou:.2f}") for name, iou in metrics["IoU"].items()], ("class", "IoU %")))
+    else:  # the engines log their per-class IoU tables
         print(f"mIoU {metrics['mIoU']:.2f}%  mAcc {metrics['mAcc']:.2f}%  aAcc {metrics['aAcc']:.2f}%")
 
 
@@ -135,31 +133,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     _setup_logging()
     cfg = load_task_config(args.config, args.overrides)
+    if args.write_results and (cfg.task, getattr(cfg, "engine", "torch")) != ("detection", "torch"):
+        raise SystemExit("tricks eval --write-results: detection runs of engine=torch write the VOC results format")
     metrics = _engine(cfg, "eval")(cfg, args.checkpoint)
     _report(cfg, metrics)
     if cfg.task == "classification" and "loss" in metrics:
         print(f"loss {metrics['loss']:.4f}")
     if args.write_results:
-        if cfg.task != "detection" or "predictions" not in metrics:
-            raise SystemExit("tricks eval --write-results: detection runs of engine=torch write the VOC results format")
-        from detection.voc import build_voc
         from detection.voc_eval import write_voc_results
 
-        test_set = build_voc(cfg.data.root, cfg.data.test_splits, classes=cfg.data.classes)
-        ids = [test_set.ids[i] if hasattr(test_set, "ids") else _voc_id(test_set, i) for i in range(len(test_set))]
-        detections = {ids[i]: boxes for i, boxes in metrics["predictions"].items()}
         split = cfg.data.test_splits.split("+")[0].partition("-")[2]
-        files = write_voc_results(args.write_results, detections, test_set.classes, split=split)
+        files = write_voc_results(args.write_results, metrics["detections"], list(metrics["AP"]), split=split)
         print(f"wrote {len(files)} result files (comp4_det_{split}_<class>.txt) to {args.write_results}")
     return 0
-
-
-def _voc_id(dataset, index: int) -> str:
-    import bisect
-
-    part = bisect.bisect_right(dataset.cumulative_sizes, index)
-    offset = dataset.cumulative_sizes[part - 1] if part else 0
-    return dataset.datasets[part].ids[index - offset]
 
 
 DEMO_CONFIG = "configs/classification/fashion_mnist/resnet18d_1xb128_efficient-cosine-ls_fashion-mnist.yaml"
@@ -176,9 +162,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_train(argparse.Namespace(config=str(config), overrides=list(args.overrides)))
 
 
+def _tasks_epilog() -> str:
+    tasks = "; ".join(f"{task} (engines: {', '.join(engines)})" for task, (_, engines) in TASKS.items())
+    return f"tricks train / eval run every task; the config's `task` and `engine` keys pick the trainer. Tasks: {tasks}."
+
+
 def _add_run_commands(sub: argparse._SubParsersAction) -> None:
-    tasks = "; ".join(f"{task} (engine: {', '.join(engines)})" for task, (_, engines) in TASKS.items())
-    epilog = f"The config's `task` and `engine` keys pick the trainer. Tasks: {tasks}."
+    epilog = _tasks_epilog()
     p = sub.add_parser("train", help="train: tricks train CONFIG [key=value ...] (classification, detection, "
                        "segmentation)", epilog=epilog)
     p.add_argument("config", help="YAML file (configs/<task>/...), or the first key=value to start from defaults")
@@ -249,10 +239,8 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_backbone
 
 
 def build_parser() -> argparse.ArgumentParser:
-    tasks = "; ".join(f"{task} (engines: {', '.join(engines)})" for task, (_, engines) in TASKS.items())
     parser = argparse.ArgumentParser(prog="tricks", description="Bag of Tricks for image classification and transfer.",
-                                     epilog=f"tricks train / eval run every task; the config's `task` and `engine` "
-                                            f"keys pick the trainer. Tasks: {tasks}.")
+                                     epilog=_tasks_epilog())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
