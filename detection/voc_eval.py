@@ -62,60 +62,110 @@ def average_precision(recall: np.ndarray, precision: np.ndarray, use_07_metric: 
     return float(np.sum((mrec[changes + 1] - mrec[changes]) * mpre[changes + 1]))
 
 
-def _iou(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
-    """[N, M] IoU of two sets of continuous-coordinate boxes."""
-    lt = np.maximum(boxes[:, None, :2], others[None, :, :2])
-    rb = np.minimum(boxes[:, None, 2:], others[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+def _stack(entries: Sequence[VOCBoxes], what: str, field: str) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                         np.ndarray]:
+    """All images' boxes [N, 4] (float64), labels [N], image index [N] and ``field`` [N] (scores or difficult)
+    as one set of arrays: image by image in the given order, each image's boxes in their own order."""
+    labels = [entry.labels for entry in entries]
+    boxes = [np.reshape(entry.boxes, (-1, 4)) for entry in entries]
+    values = [getattr(entry, field) for entry in entries]
+    if field == "difficult":
+        values = [np.zeros(len(n), bool) if v is None else v for v, n in zip(values, labels)]
+    sizes = np.array([(len(b), len(n), len(v)) for b, n, v in zip(boxes, labels, values)], np.int64).reshape(-1, 3)
+    mismatched = np.flatnonzero((sizes != sizes[:, 1:2]).any(1))
+    if mismatched.size:
+        i = mismatched[0]
+        raise ValueError(f"{what}[{i}]: {sizes[i, 0]} boxes, {sizes[i, 1]} labels and {sizes[i, 2]} {field}: "
+                         "one of each per box")
+    # The empty leading arrays give the dtypes when there are no images (and float64 boxes always).
+    return (np.concatenate([np.zeros((0, 4)), *boxes]),
+            np.concatenate([np.zeros(0, np.int64), *labels]).astype(np.int64),
+            np.repeat(np.arange(len(entries)), sizes[:, 1]), np.concatenate([np.zeros(0), *values]))
+
+
+def _best_match(det_boxes: np.ndarray, det_group: np.ndarray, gt_boxes: np.ndarray,
+                gt_group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per detection: the highest IoU with a ground-truth box of its group (image and class) and that box's
+    index, the first one on ties as the devkit's ``argmax``; ``-inf`` and -1 where the group has no box.
+    ``gt_group`` is sorted.
+
+    Every (detection, box of its group) pair is laid out flat, the detection's pairs next to each other, so
+    the IoUs of all images come from one set of array operations.
+    """
+    first = np.searchsorted(gt_group, det_group, "left")
+    count = np.searchsorted(gt_group, det_group, "right") - first
+    pair_start = np.cumsum(count) - count
+    det_of_pair = np.repeat(np.arange(len(det_group)), count)
+    gt_of_pair = np.arange(int(count.sum())) + np.repeat(first - pair_start, count)
+    d, g = det_boxes[det_of_pair], gt_boxes[gt_of_pair]
+    # Continuous corners: the plain area is the devkit's inclusive pixel count (module docstring).
+    inter = (np.clip(np.minimum(d[:, 2], g[:, 2]) - np.maximum(d[:, 0], g[:, 0]), 0, None)
+             * np.clip(np.minimum(d[:, 3], g[:, 3]) - np.maximum(d[:, 1], g[:, 1]), 0, None))
     area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / (area(boxes)[:, None] + area(others)[None, :] - inter)
+    iou = inter / (area(d) + area(g) - inter)
+
+    best_iou, best_gt = np.full(len(det_group), -np.inf), np.full(len(det_group), -1)
+    has_box = count > 0
+    if has_box.any():
+        # NaN (a zero-area box against a zero-area box) wins the maximum, as in the devkit: never a hit.
+        best_iou[has_box] = np.maximum.reduceat(iou, pair_start[has_box])
+        at_best = np.flatnonzero(iou == best_iou[det_of_pair])
+        owner = det_of_pair[at_best]
+        first_of_owner = np.r_[True, owner[1:] != owner[:-1]]
+        best_gt[owner[first_of_owner]] = gt_of_pair[at_best[first_of_owner]]
+    return best_iou, best_gt
 
 
-def _class_ap(predictions: Sequence[VOCBoxes], ground_truth: Sequence[VOCBoxes], cls: int, iou_threshold: float,
-              use_07_metric: bool) -> tuple[float, int]:
-    images, scores, best_iou, best_gt, best_difficult = [], [], [], [], []
-    num_gt = 0
-    for i, (pred, truth) in enumerate(zip(predictions, ground_truth)):
-        gt_mask = truth.labels == cls
-        gt_boxes = truth.boxes[gt_mask]
-        gt_difficult = (np.zeros(len(truth.labels), bool) if truth.difficult is None else truth.difficult)[gt_mask]
-        num_gt += int((~gt_difficult).sum())
-        det_mask = pred.labels == cls
-        if not det_mask.any():
-            continue
-        det_boxes = pred.boxes[det_mask]
-        images.append(np.full(len(det_boxes), i))
-        scores.append(pred.scores[det_mask])
-        if len(gt_boxes):
-            iou = _iou(det_boxes, gt_boxes)
-            j = iou.argmax(1)  # first maximum on ties, as the devkit
-            best_iou.append(iou[np.arange(len(j)), j])
-            best_gt.append(j)
-            best_difficult.append(gt_difficult[j])
-        else:
-            best_iou.append(np.full(len(det_boxes), -np.inf))
-            best_gt.append(np.zeros(len(det_boxes), np.int64))
-            best_difficult.append(np.zeros(len(det_boxes), bool))
-    if num_gt == 0:
-        return float("nan"), 0
-    if not images:
-        return 0.0, num_gt
-    order = np.argsort(-np.concatenate(scores), kind="stable")
-    image, iou = np.concatenate(images)[order], np.concatenate(best_iou)[order]
-    gt_index, difficult = np.concatenate(best_gt)[order], np.concatenate(best_difficult)[order]
+def _match(predictions: Sequence[VOCBoxes], ground_truth: Sequence[VOCBoxes], num_classes: int,
+           iou_threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The devkit's verdict on every detection of every class at once.
 
-    hit = iou > iou_threshold
-    counted = hit & ~difficult  # hits on difficult boxes are ignored
-    # The first (highest-scoring) detection to take a box is the true positive; later ones are duplicates.
-    first = np.zeros(len(order), bool)
+    Returns the detections' classes, ranked (by class, then by descending score; equal scores keep the
+    input order, image by image: a stable sort, as the devkit's MATLAB ``sort``), whether each is a true or
+    a false positive (a hit on a difficult box is neither), and the number of non-difficult boxes per class.
+    """
+    det_boxes, det_labels, det_image, scores = _stack(predictions, "predictions", "scores")
+    gt_boxes, gt_labels, gt_image, difficult = _stack(ground_truth, "ground_truth", "difficult")
+    bad = np.flatnonzero((det_labels < 0) | (det_labels >= num_classes))
+    if bad.size:
+        raise ValueError(f"predictions[{det_image[bad[0]]}] has label {det_labels[bad[0]]}, outside "
+                         f"0..{num_classes - 1} (num_classes={num_classes})")
+    known = (gt_labels >= 0) & (gt_labels < num_classes)  # boxes of other classes are never matched
+    difficult = difficult[known].astype(bool)
+    num_gt = np.bincount(gt_labels[known][~difficult], minlength=num_classes)
+    # A detection may only take a box of its own image and class: both in one group number.
+    gt_group = gt_image[known] * num_classes + gt_labels[known]
+    gt_order = np.argsort(gt_group, kind="stable")  # an image's boxes of a class in their own order (argmax ties)
+
+    best_iou, best_gt = _best_match(det_boxes, det_image * num_classes + det_labels, gt_boxes[known][gt_order],
+                                    gt_group[gt_order])
+
+    # Rank by class, then by descending score, ties in the input order: stable sorts, the second on small
+    # integers (numpy radix-sorts those).
+    rank = np.argsort(-scores, kind="stable")
+    rank = rank[np.argsort(det_labels[rank].astype(np.min_scalar_type(num_classes)), kind="stable")]
+    labels, best_iou, best_gt = det_labels[rank], best_iou[rank], best_gt[rank]
+    hit = best_iou > iou_threshold
+    counted = hit.copy()
+    counted[hit] = ~difficult[gt_order][best_gt[hit]]  # hits on difficult boxes are ignored
+    # The first (highest-ranked) detection to take a box is the true positive; later ones are duplicates.
+    # A box belongs to one class, so its first taker overall is the first within the class's ranking.
     taken = np.flatnonzero(counted)
-    _, first_of_box = np.unique(np.stack([image[taken], gt_index[taken]], 1), axis=0, return_index=True)
-    first[taken[first_of_box]] = True
-    tp = np.cumsum(first)
-    fp = np.cumsum(~hit | (counted & ~first))
+    _, first_taker = np.unique(best_gt[taken], return_index=True)
+    tp = np.zeros(len(rank), bool)
+    tp[taken[first_taker]] = True
+    fp = ~hit | (counted & ~tp)
+    return labels, tp, fp, num_gt
+
+
+def _class_ap(tp: np.ndarray, fp: np.ndarray, num_gt: int, use_07_metric: bool) -> float:
+    """AP of one class from the true/false-positive flags of its ranked detections."""
+    if num_gt == 0:
+        return float("nan")
+    tp, fp = np.cumsum(tp), np.cumsum(fp)
     recall = tp / num_gt
     precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
-    return average_precision(recall, precision, use_07_metric), num_gt
+    return average_precision(recall, precision, use_07_metric)
 
 
 def evaluate_voc(predictions: Sequence[VOCBoxes], ground_truth: Sequence[VOCBoxes], num_classes: int,
@@ -124,6 +174,7 @@ def evaluate_voc(predictions: Sequence[VOCBoxes], ground_truth: Sequence[VOCBoxe
 
     Returns ``{"mAP", "ap" [num_classes], "num_gt" [num_classes]}`` (AP in 0-1). A class without any
     non-difficult ground-truth box has AP NaN and is left out of the mean (the devkit would give NaN).
+    IoUs are computed in float64, as the devkit does, whatever the boxes' dtype.
     """
     if len(predictions) != len(ground_truth):
         raise ValueError(f"{len(predictions)} prediction entries but {len(ground_truth)} ground-truth entries: "
@@ -132,13 +183,10 @@ def evaluate_voc(predictions: Sequence[VOCBoxes], ground_truth: Sequence[VOCBoxe
     for i, p in enumerate(predictions):
         if p.scores is None:
             raise ValueError(f"predictions[{i}] has no scores: detections need a score each")
-        bad = p.labels[(p.labels < 0) | (p.labels >= num_classes)]
-        if bad.size:
-            raise ValueError(f"predictions[{i}] has label {int(bad[0])}, outside 0..{num_classes - 1} "
-                             f"(num_classes={num_classes})")
-    results = [_class_ap(predictions, ground_truth, c, iou_threshold, use_07_metric) for c in range(num_classes)]
-    ap = np.array([r[0] for r in results])
-    num_gt = np.array([r[1] for r in results])
+    labels, tp, fp, num_gt = _match(predictions, ground_truth, num_classes, iou_threshold)
+    bounds = np.searchsorted(labels, np.arange(num_classes + 1))  # each class's ranked detections
+    ap = np.array([_class_ap(tp[bounds[c]:bounds[c + 1]], fp[bounds[c]:bounds[c + 1]], int(num_gt[c]),
+                             use_07_metric) for c in range(num_classes)])
     return {"mAP": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"), "ap": ap, "num_gt": num_gt}
 
 
