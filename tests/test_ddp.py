@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from backbones import load_state_dict
+from test_train import one_thread  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 # BN in eval mode (norm_eval) and no random augmentation: every quantity is independent of how the
@@ -68,3 +69,103 @@ def test_detection_two_process_ddp_trains_and_evaluates_sharded(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     single_line = next(line for line in res.stdout.splitlines() if line.startswith("VOC07 mAP"))
     assert single_line.split("(")[0] == ddp_line.split("(")[0]  # "VOC07 mAP xx.xx%"
+
+
+# A classification run as `tricks train` does it; then every rank saves its own model (initial and final
+# weights) and metrics as rank<RANK>.pt: model.safetensors holds rank 0's alone.
+_TRAIN_AND_SAVE_EVERY_RANK = """
+import os, sys
+import torch
+import classification.train as train_mod
+from classification.config import Config
+from runtime.config import load_config
+
+models, initial, build_model = [], [], train_mod.build_model
+def keep(cfg, num_classes):
+    models.append(build_model(cfg, num_classes))
+    initial.append({k: v.clone() for k, v in models[-1].state_dict().items()})
+    return models[-1]
+train_mod.build_model = keep
+cfg = load_config(None, Config, sys.argv[1:])
+metrics = train_mod.train(cfg)
+torch.save({"initial": initial[0], "final": models[0].state_dict(), "metrics": metrics},
+           os.path.join(cfg.output_dir, "rank%s.pt" % os.environ["RANK"]))
+"""
+
+# The default recipe's random augmentation (random-resized crops, flips, colour and PCA lighting noise) on a
+# quarter-width resnet18d; COMMON without the lines that turn augmentation off.
+AUGMENTED = [
+    "model.name=resnet18d", "model.width_mult=0.25", "data.name=synthetic", "data.synthetic_size=96",
+    "data.img_size=16", "data.val_resize=16", "data.val_crop=16", "data.workers=0", "data.num_classes=4",
+    "train.epochs=1", "train.max_steps=4", "optim.lr=0.4", "optim.warmup_epochs=0.5", "optim.schedule=cosine",
+    "train.label_smoothing=0.1", "optim.no_bias_decay=true",
+]
+
+
+def _train_on_two_ranks(tmp_path, args) -> list[dict]:
+    """torchrun (gloo, 2 processes) of ``_TRAIN_AND_SAVE_EVERY_RANK``; each rank's initial/final weights and metrics."""
+    script = tmp_path / "train_and_save_every_rank.py"
+    script.write_text(_TRAIN_AND_SAVE_EVERY_RANK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), *args, "train.batch_size=8", f"output_dir={tmp_path / 'ddp'}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    saved = load_state_dict(tmp_path / "ddp" / "model.safetensors")
+    for k, v in saved.items():  # what the run exports is rank 0's model
+        assert torch.equal(v, ranks[0]["final"][k]), k
+    return ranks
+
+
+def _assert_ranks_identical(ranks: list[dict]) -> None:
+    r0, r1 = ranks
+    assert r0["final"].keys() == r1["final"].keys()
+    for k in r0["final"]:  # DDP broadcasts rank 0's initial weights, then all-reduces every gradient
+        assert torch.equal(r0["final"][k], r1["final"][k]), k
+    val0, val1 = ({k: r["metrics"][k] for k in ("top1", "top5", "loss", "images")} for r in ranks)
+    assert val0 == val1 and val0["images"] == 24  # the sharded validation, summed over ranks: one result
+    moved = max((r0["final"][k] - r0["initial"][k]).abs().max().item() for k in r0["initial"] if "weight" in k)
+    assert moved > 1e-3
+
+
+@pytest.mark.slow
+def test_two_process_ddp_with_augmentation_matches_single_process(tmp_path, monkeypatch, one_thread):
+    """With random augmentation the 2 x 8 run still equals 1 x 16, given the single process the per-sample
+    seeds of two ranks. A sample's augmentation seed hashes (seed, epoch, rank, index); the DistributedSampler
+    gives the sample at position j of the epoch's order to rank j % 2, and steps cover the same 16 positions."""
+    import classification.train as train_mod
+    from classification.config import Config
+    from runtime.config import load_config
+    from runtime.data import SeededSampler, sample_seed
+
+    args = [*AUGMENTED, "model.norm_eval=true"]  # BN statistics would depend on the split of the batch
+    ranks = _train_on_two_ranks(tmp_path, args)
+    _assert_ranks_identical(ranks)
+
+    class SeedsOfTwoRanks(SeededSampler):
+        def __iter__(self):
+            for position, index in enumerate(self.sampler):
+                yield index, sample_seed(self.seed, self.epoch, position % 2, index)
+
+    monkeypatch.setattr(train_mod, "SeededSampler", SeedsOfTwoRanks)
+    cfg = load_config(None, Config, [*args, "train.batch_size=16", f"output_dir={tmp_path / 'single'}"])
+    metrics = train_mod.train(cfg)
+    single = load_state_dict(tmp_path / "single" / "model.safetensors")
+    for k in single:
+        torch.testing.assert_close(ranks[0]["final"][k], single[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert metrics["top1"] == ranks[0]["metrics"]["top1"] and metrics["images"] == 24
+
+    # The augmentation was on: with its own seeds (all rank 0) the single process sees other crops.
+    monkeypatch.setattr(train_mod, "SeededSampler", SeededSampler)
+    train_mod.train(load_config(None, Config, [*args, "train.batch_size=16", f"output_dir={tmp_path / 'own'}"]))
+    own = load_state_dict(tmp_path / "own" / "model.safetensors")
+    assert (own["fc.weight"] - single["fc.weight"]).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_two_process_ddp_with_mixup_and_batch_statistics_keeps_ranks_identical(tmp_path):
+    """Mixup (each rank draws its own lam and mixes within its own 8 images) and BN in train mode (batch
+    statistics of each rank's 8 images; DDP broadcasts rank 0's running statistics): no single-process
+    run computes the same update, but both ranks must end with the same weights and buffers, bit for bit."""
+    _assert_ranks_identical(_train_on_two_ranks(tmp_path, [*AUGMENTED, "train.mixup_alpha=0.2"]))

@@ -258,3 +258,42 @@ def test_classification_loss_with_teacher_is_distillation() -> None:
     loss = ClassificationLoss(label_smoothing=0.1, temperature=20.0)
     want = distillation_loss(logits, teacher, smooth_labels(labels, 5, 0.1), 20.0)
     torch.testing.assert_close(loss(logits, labels, teacher_logits=teacher), want)
+
+
+def _log_softmax_by_hand(x: torch.Tensor) -> torch.Tensor:
+    shifted = x - x.max(-1, keepdim=True).values
+    return shifted - torch.log(torch.exp(shifted).sum(-1, keepdim=True))
+
+
+# float64 to 1e-6 absolute; float32 (the loss is ~900 at T = 20: T^2 = 400) to 1e-6 relative.
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, {"abs": 1e-6, "rel": 0}),
+                                             (torch.float32, {"abs": 0, "rel": 1e-6})], ids=["float64", "float32"])
+def test_distillation_on_a_mixed_batch_equals_the_paper_formula_by_hand(dtype: torch.dtype, tolerance: dict) -> None:
+    """The trainer's case: smoothed labels mixed with the flipped batch, T = 20. The loss written out with
+    exp, log and sums in float64: l(p, softmax(z)) + T^2 l(softmax(r/T), softmax(z/T)), l cross entropy."""
+    torch.manual_seed(0)
+    n, k, eps, t = 8, 10, 0.1, 20.0
+    z, r, labels = torch.randn(n, k) * 2, torch.randn(n, k) * 5, torch.randint(0, k, (n,))
+    _, p, lam = mixup(torch.randn(n, 3), smooth_labels(labels, k, eps), alpha=0.2,
+                      generator=torch.Generator().manual_seed(1))
+    assert 0 < lam < 1
+
+    # Targets by hand: q = 1 - eps on the label, eps / (K - 1) elsewhere; p_i = lam q_i + (1 - lam) q_{n-1-i}.
+    q = torch.full((n, k), eps / (k - 1), dtype=torch.float64)
+    q[torch.arange(n), labels] = 1 - eps
+    p_by_hand = lam * q + (1 - lam) * q.flip(0)
+    torch.testing.assert_close(p.double(), p_by_hand, rtol=0, atol=1e-7)
+
+    z64, r64 = z.double(), r.double()
+    teacher = torch.exp(r64 / t) / torch.exp(r64 / t).sum(-1, keepdim=True)
+    hard = -(p_by_hand * _log_softmax_by_hand(z64)).sum(-1).mean()
+    soft = -(teacher * _log_softmax_by_hand(z64 / t)).sum(-1).mean()
+    want = (hard + t ** 2 * soft).item()
+    # The hard term on mixed targets is the mixup loss: lam CE(z, q_i) + (1 - lam) CE(z, q_{n-1-i}).
+    ce_i, ce_partner = (-(target * _log_softmax_by_hand(z64)).sum(-1).mean().item() for target in (q, q.flip(0)))
+    assert hard.item() == pytest.approx(lam * ce_i + (1 - lam) * ce_partner, rel=1e-12)
+
+    got = distillation_loss(z.to(dtype), r.to(dtype), p_by_hand.to(dtype), t)
+    assert got.dtype == dtype and got.item() == pytest.approx(want, **tolerance)
+    via_trainer = ClassificationLoss(label_smoothing=eps, temperature=t)(z.to(dtype), p_by_hand.to(dtype), r.to(dtype))
+    assert via_trainer.item() == pytest.approx(want, **tolerance)

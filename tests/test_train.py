@@ -4,6 +4,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 import classification.train as train_mod
@@ -183,16 +184,40 @@ def test_tensor_pipeline_learns(tmp_path):
     assert metrics["top1"] > 60
 
 
-def test_demo_command_runs_on_fashion_mnist(tmp_path, capsys):
-    """The README's main job, shortened: Table 5, then the Fashion-MNIST recipe for a few steps."""
+def test_demo_command_runs_every_stage_on_fashion_mnist(tmp_path, capsys):
+    """The README's main job, shortened: Table 5, pretraining, both transfer stages and the report."""
     from tricks.cli import main
 
     if not Path("/usr/share/datasets/fashion-mnist").is_dir():
         pytest.skip("dataset-fashion-mnist is not installed (scripts/setup.sh installs it)")
-    assert main(["demo", "train.max_steps=3", f"output_dir={tmp_path / 'demo'}"]) == 0
-    out = capsys.readouterr().out
-    assert "resnet50d" in out and "(10000 images)" in out
-    assert (tmp_path / "demo" / "model.safetensors").is_file()
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--scenes", "16", "8", "classification.train.max_steps=3",
+                 "segmentation.train.max_iter=2", "segmentation.train.eval_every=0", "segmentation.data.workers=0",
+                 "detection.train.max_iter=2", "detection.optim.warmup_iters=1", "detection.optim.milestones=[1]",
+                 "detection.data.workers=0", "detection.train.visualize=2"]) == 0
+    printed = capsys.readouterr().out
+    assert "resnet50d" in printed and "(10000 images)" in printed and "mIoU" in printed and "VOC07 mAP" in printed
+    assert (out / "classification" / "model.safetensors").is_file()
+    # The transfer stages start from the pretrained weights, normalised as the classification run was.
+    for stage in ("segmentation", "detection"):
+        cfg = yaml.safe_load((out / stage / "config.yaml").read_text())
+        assert cfg["model"]["weights"] == str(out / "classification" / "model.safetensors")
+        assert cfg["data"]["mean"] == [0.286] * 3 and cfg["data"]["std"] == [0.353] * 3
+    assert len(list((out / "segmentation" / "overlays").glob("*.png"))) == 4
+    assert len(list((out / "detection" / "detections").glob("*.png"))) == 2
+    report = (out / "REPORT.md").read_text()
+    for needle in ("| classification | top-1", "| segmentation | mIoU", "| detection | VOC07 mAP", "overlays/",
+                   "detections/", "tricks train configs/detection/fashion_voc/"):
+        assert needle in report
+
+
+def test_demo_overrides_name_their_stage():
+    from runtime.config import ConfigError
+    from tricks.demo import split_overrides
+
+    assert split_overrides(["detection.train.max_iter=5"])["detection"] == ["train.max_iter=5"]
+    with pytest.raises(ConfigError, match="<stage>.<key>=<value>"):
+        split_overrides(["train.epochs=3"])
 
 
 def test_default_normalization_draws_no_random_numbers():
@@ -263,3 +288,162 @@ def test_logged_lr_is_the_schedule_at_every_step(tmp_path):
     for r in records:  # logged after step r["step"]: the lr of the next step
         assert r["lr"] == pytest.approx(lr_at(r["step"], base_lr=base, total_steps=12, warmup_steps=3,
                                               schedule="cosine"), abs=1e-12)
+
+
+# A quarter of resnet18d's channels: the wiring tests below need steps, not capacity (~0.1 s a step on CPU).
+NARROW = "model.width_mult=0.25"
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread: on a shared CPU, threads waiting for each other make tiny models many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_teacher_sees_exactly_the_students_mixed_batch(tmp_path, monkeypatch, one_thread):
+    """Distillation with mixup: at every step the teacher is fed the very (mixed) batch the student trains
+    on, and the loss is the paper's l(p, softmax(z)) + T^2 l(softmax(r/T), softmax(z/T)) of that step."""
+    weights = tmp_path / "teacher.safetensors"
+    save_weights(create_backbone("resnet18d", num_classes=4), weights)
+    student_inputs, teacher_inputs, mixups, losses = [], [], [], []
+    teachers = []
+
+    def record_input(store, only_training):
+        def hook(module, args):
+            if module.training or not only_training:  # the student's validation passes are not training
+                store.append(args[0].detach().clone())
+        return hook
+
+    build_model, create_backbone_, mixup_ = train_mod.build_model, train_mod.create_backbone, train_mod.mixup
+
+    def spy_student(cfg, num_classes):
+        model = build_model(cfg, num_classes)
+        model.register_forward_pre_hook(record_input(student_inputs, only_training=True))
+        return model
+
+    def spy_teacher(name, **kwargs):
+        model = create_backbone_(name, **kwargs)
+        if kwargs.get("weights") != str(weights):  # the student (build_model), spied above
+            return model
+        model.register_forward_pre_hook(record_input(teacher_inputs, only_training=False))
+        teachers.append(model)
+        return model
+
+    def spy_mixup(images, targets, alpha):
+        mixed, mixed_targets, lam = mixup_(images, targets, alpha)
+        mixups.append((images.clone(), mixed.clone(), lam))
+        return mixed, mixed_targets, lam
+
+    class SpyLoss(train_mod.ClassificationLoss):
+        def forward(self, logits, target, teacher_logits=None):
+            loss = super().forward(logits, target, teacher_logits)
+            losses.append((logits.detach().clone(), target.clone(), teacher_logits.clone(), loss.detach().clone()))
+            return loss
+
+    monkeypatch.setattr(train_mod, "build_model", spy_student)
+    monkeypatch.setattr(train_mod, "create_backbone", spy_teacher)
+    monkeypatch.setattr(train_mod, "mixup", spy_mixup)
+    monkeypatch.setattr(train_mod, "ClassificationLoss", SpyLoss)
+    temperature = 4.0
+    train(tiny(tmp_path, NARROW, "train.epochs=1", "train.max_steps=3", "train.mixup_alpha=0.2",
+               "distill.teacher=resnet18d", f"distill.teacher_weights={weights}",
+               f"distill.temperature={temperature}"))
+
+    assert len(student_inputs) == len(teacher_inputs) == len(mixups) == len(losses) == 3
+    for step, (student_x, teacher_x, (unmixed, mixed, lam), (z, p, r, loss)) in enumerate(
+            zip(student_inputs, teacher_inputs, mixups, losses)):
+        assert 0 < lam < 1 and not torch.equal(mixed, unmixed), step  # mixup really mixed this batch
+        assert torch.equal(student_x, mixed), step
+        assert torch.equal(teacher_x, student_x), step
+        with torch.no_grad():
+            torch.testing.assert_close(teachers[0](teacher_x), r, rtol=0, atol=1e-5)  # r = teacher(that batch)
+        soft_teacher = torch.softmax(r.double() / temperature, 1)
+        hard = -(p.double() * torch.log_softmax(z.double(), 1)).sum(1).mean()
+        soft = -(soft_teacher * torch.log_softmax(z.double() / temperature, 1)).sum(1).mean()
+        assert loss.item() == pytest.approx((hard + temperature ** 2 * soft).item(), abs=1e-5), step
+
+
+def test_mixup_off_epochs_turns_mixup_off_for_exactly_the_last_epochs(tmp_path, monkeypatch, one_thread):
+    """train.mixup_off_epochs=2 of 4: every step of epochs 0 and 1 is mixed, no step of epochs 2 and 3."""
+    calls_per_epoch = [0]
+    mixup_ = train_mod.mixup
+
+    def spy_mixup(images, targets, alpha):
+        mixed, mixed_targets, lam = mixup_(images, targets, alpha)
+        assert alpha == 0.2 and 0 < lam < 1 and not torch.equal(mixed, images)
+        calls_per_epoch[-1] += 1
+        return mixed, mixed_targets, lam
+
+    monkeypatch.setattr(train_mod, "mixup", spy_mixup)
+    # synthetic_size=48, batch 16: 3 steps an epoch
+    train(tiny(tmp_path, NARROW, "data.synthetic_size=48", "train.epochs=4", "train.mixup_alpha=0.2",
+               "train.mixup_off_epochs=2"), callbacks=[lambda epoch, metrics: calls_per_epoch.append(0)])
+    assert calls_per_epoch == [3, 3, 0, 0, 0]
+
+
+# Run in a child process: train, and SIGKILL the process halfway through writing the checkpoint of step
+# argv[1] (the first half of its bytes is on disk, in the temporary file save_checkpoint renames from).
+_KILLED_WHILE_SAVING = """
+import io, os, signal, sys
+import torch
+from classification.config import Config
+from classification.train import train
+from runtime.config import load_config
+
+kill_at_step, real_save = int(sys.argv[1]), torch.save
+
+def save_then_die_halfway(obj, f, *args, **kwargs):
+    if isinstance(obj, dict) and obj.get("step") == kill_at_step:
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        with open(f, "wb") as file:
+            file.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            file.flush()
+            os.fsync(file.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(obj, f, *args, **kwargs)
+
+torch.save = save_then_die_halfway  # runtime.checkpoint.save_checkpoint writes through it
+train(load_config(None, Config, sys.argv[2:]))
+"""
+
+
+def test_sigkill_inside_an_epoch_resumes_exactly_from_the_last_whole_checkpoint(tmp_path, one_thread):
+    """SIGKILL (no exception handler, no cleanup) while the step-7 checkpoint is half written, inside the
+    second epoch: last.pth still holds step 6 and loads (the write is atomic), and train.resume=auto from it
+    ends with the weights of an uninterrupted run, bit for bit (augmentation and mixup included)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from runtime.checkpoint import load_checkpoint
+
+    # synthetic_size=64, batch 16: 4 steps an epoch; a checkpoint after every step
+    extra = (NARROW, "data.synthetic_size=64", "train.epochs=2", "train.mixup_alpha=0.2", "train.checkpoint_every=1")
+    full = tiny(tmp_path, *extra, name="full")
+    train(full)
+    part = tmp_path / "part"
+    repo = Path(__file__).resolve().parents[1]
+    # the child's thread count is ours: CPU kernels sum in an order set by the number of threads
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    child = subprocess.run([sys.executable, "-c", _KILLED_WHILE_SAVING, "7", *TINY, *extra, f"output_dir={part}"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
+    half_written = list(part.glob(".last.pth.*.tmp"))
+    assert len(half_written) == 1  # killed inside the write ...
+    with pytest.raises(Exception):
+        torch.load(half_written[0], weights_only=True)
+    ckpt = load_checkpoint(part / "last.pth")  # ... which never touched last.pth
+    assert ckpt["step"] == 6 and ckpt["epoch"] == 1  # 2 steps into the second epoch
+    assert not (part / "model.safetensors").exists()
+
+    train(tiny(tmp_path, *extra, "train.resume=auto", name="part"))
+    a = load_state_dict(Path(full.output_dir) / "model.safetensors")
+    b = load_state_dict(part / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
