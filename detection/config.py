@@ -16,6 +16,7 @@ REFERENCE_BATCH = 16  # optim.lr is per 16 images (detectron2's recipes), scaled
 @dataclass
 class DetModelConfig:
     backbone: str = "resnet50d"              # registry name (backbones.list_backbones())
+    kwargs: dict[str, Any] = field(default_factory=dict)  # further backbone builder arguments (width_mult, ...)
     arch: Literal["fpn", "c4"] = "fpn"       # fpn: Faster R-CNN + FPN; c4: res5 as the box head (detectron2 engine only)
     weights: Optional[str] = None            # pretrained backbone: the classification run's model.safetensors
     frozen_stages: int = 1                   # stem + first k stages frozen (detectron2 FREEZE_AT=2)
@@ -23,6 +24,17 @@ class DetModelConfig:
     min_size_train: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))  # shorter side (px), drawn per image
     min_size_test: int = 800                 # shorter side at test (px)
     max_size: int = 1333                     # longer side cap (px)
+    fpn_channels: int = 256                  # FPN output channels (detectron2 FPN.OUT_CHANNELS)
+    box_fc_dim: int = 1024                   # width of the box head's two fully connected layers (ROI_BOX_HEAD.FC_DIM)
+    # Region proposals and RoI sampling, as detectron2's FPN defaults (both engines read them):
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # px, one per level P2..P6
+    rpn_pre_nms_topk_train: int = 2000       # proposals kept per level before NMS (training)
+    rpn_post_nms_topk_train: int = 1000      # proposals kept per image after NMS (training)
+    rpn_pre_nms_topk_test: int = 1000
+    rpn_post_nms_topk_test: int = 1000
+    roi_batch_per_image: int = 512           # RoIs sampled per image for the box head (25% positive)
+    score_thresh_test: float = 0.05          # detections kept above this score (the devkit's mAP wants low)
+    detections_per_image: int = 100
 
 
 @dataclass
@@ -32,6 +44,8 @@ class DetDataConfig:
     test_splits: str = "2007-test"
     classes: Any = None                      # None = the 20 VOC classes; a list of names, or a file with one name per line
     skip_invalid: bool = False               # True: skip zero-area boxes / unknown class names and count them; False: error
+    mean: Optional[list[float]] = None       # input normalisation (0-1 scale, RGB); None = the backbone's default
+    std: Optional[list[float]] = None
     hflip: float = 0.5                       # horizontal flip probability in training
     workers: int = -1                        # DataLoader workers per process; -1 = from the CPU count
 
@@ -56,6 +70,8 @@ class DetTrainConfig:
     log_every: int = 20                      # iterations
     eval_every: int = 0                      # iterations; 0 = only at the end
     checkpoint_every: int = 2000             # iterations
+    visualize: int = 4                       # PNGs of detections on the first N test images after evaluation (torch engine)
+    visualize_thresh: float = 0.5            # detections drawn in those PNGs: score >= this
     resume: Optional[str] = None             # "auto" = <output_dir>/last.pth if present, or a path
     max_nonfinite: int = 20                  # stop after this many non-finite losses in a row (skipped steps)
 

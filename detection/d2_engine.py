@@ -41,7 +41,8 @@ import torch
 import torch.nn as nn
 
 from runtime.config import dump_config
-from runtime.data import normalization
+from runtime.data import default_workers, normalization
+from runtime.distributed import world_size
 from runtime.schedules import scale_lr
 
 from . import voc as voc_data
@@ -123,7 +124,8 @@ def _create_registry_backbone(spec):
 
     return create_backbone(spec.BACKBONE, weights=spec.WEIGHTS or None, num_classes=0, new_head=True, adapt_input=True,
                            frozen_stages=spec.FROZEN_STAGES,
-                           norm_layer="frozenbatchnorm" if spec.NORM == "frozenbatchnorm" else None)
+                           norm_layer="frozenbatchnorm" if spec.NORM == "frozenbatchnorm" else None,
+                           **dict(spec.KWARGS))
 
 
 def _last_stage(backbone) -> tuple[str, nn.Module]:
@@ -369,10 +371,6 @@ def metrics_from_results(results: dict, class_names) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ config
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
 def build_d2_config(cfg: DetectionConfig):
     """A detectron2 ``CfgNode`` for ``cfg``: detectron2's VOC recipe (``faster_rcnn_R_50_FPN.yaml`` on
     ``Base-RCNN-FPN.yaml``, or ``faster_rcnn_R_50_C4.yaml`` on ``Base-RCNN-C4.yaml``) with our backbone,
@@ -393,16 +391,16 @@ def build_d2_config(cfg: DetectionConfig):
 
     get_builder(m.backbone)
     classes = _class_names(cfg)
-    global_batch = t.batch_size * _world_size()
+    global_batch = t.batch_size * world_size()
     d2 = get_cfg()
     d2.MODEL.TRICKS = CfgNode({"BACKBONE": m.backbone, "WEIGHTS": m.weights or "", "NORM": m.norm,
-                               "FROZEN_STAGES": m.frozen_stages})
+                               "FROZEN_STAGES": m.frozen_stages, "KWARGS": CfgNode(dict(m.kwargs))})
     d2.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
     d2.MODEL.MASK_ON = False
     d2.MODEL.WEIGHTS = ""  # the backbone loads its own pretrained weights (MODEL.TRICKS.WEIGHTS)
     d2.MODEL.DEVICE = "cuda" if cuda else "cpu"
     # Our backbones take RGB normalised with the classification run's mean/std; detectron2 on 0-255 pixels.
-    mean, std = normalization(None, None, m.backbone, 3)
+    mean, std = normalization(cfg.data.mean, cfg.data.std, m.backbone, 3, m.kwargs)
     d2.INPUT.FORMAT = "RGB"
     d2.MODEL.PIXEL_MEAN = [255.0 * v for v in mean]
     d2.MODEL.PIXEL_STD = [255.0 * v for v in std]
@@ -411,28 +409,34 @@ def build_d2_config(cfg: DetectionConfig):
         d2.MODEL.BACKBONE.NAME = FPN_BACKBONE
         d2.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
         d2.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
-        d2.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
-        d2.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]]
+        if len(m.anchor_sizes) != 5:
+            raise ValueError(f"model.anchor_sizes={m.anchor_sizes}: FPN takes one size per level P2..P6 (5)")
+        d2.MODEL.ANCHOR_GENERATOR.SIZES = [[size] for size in m.anchor_sizes]
         d2.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
-        d2.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 2000
-        d2.MODEL.RPN.PRE_NMS_TOPK_TEST = 1000
-        d2.MODEL.RPN.POST_NMS_TOPK_TRAIN = 1000
-        d2.MODEL.RPN.POST_NMS_TOPK_TEST = 1000
         d2.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
         d2.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
         d2.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
         d2.MODEL.ROI_BOX_HEAD.NUM_FC = 2
         d2.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
+        d2.MODEL.ROI_BOX_HEAD.FC_DIM = m.box_fc_dim
+        d2.MODEL.FPN.OUT_CHANNELS = m.fpn_channels
     elif m.arch == "c4":  # Base-RCNN-C4.yaml (RPN and box head on res4, res5 as the box head)
         d2.MODEL.BACKBONE.NAME = C4_BACKBONE
         d2.MODEL.RESNETS.OUT_FEATURES = ["res4"]
+        d2.MODEL.ANCHOR_GENERATOR.SIZES = [list(m.anchor_sizes)]  # every size on the one res4 level
         d2.MODEL.RPN.IN_FEATURES = ["res4"]
-        d2.MODEL.RPN.PRE_NMS_TOPK_TEST = 6000
-        d2.MODEL.RPN.POST_NMS_TOPK_TEST = 1000
         d2.MODEL.ROI_HEADS.NAME = C4_ROI_HEADS
         d2.MODEL.ROI_HEADS.IN_FEATURES = ["res4"]
     else:
         raise ValueError(f"model.arch={m.arch!r}: use 'fpn' or 'c4'")
+    d2.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]]
+    d2.MODEL.RPN.PRE_NMS_TOPK_TRAIN = m.rpn_pre_nms_topk_train
+    d2.MODEL.RPN.POST_NMS_TOPK_TRAIN = m.rpn_post_nms_topk_train
+    d2.MODEL.RPN.PRE_NMS_TOPK_TEST = m.rpn_pre_nms_topk_test
+    d2.MODEL.RPN.POST_NMS_TOPK_TEST = m.rpn_post_nms_topk_test
+    d2.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = m.roi_batch_per_image
+    d2.MODEL.ROI_HEADS.SCORE_THRESH_TEST = m.score_thresh_test
+    d2.TEST.DETECTIONS_PER_IMAGE = m.detections_per_image
     d2.MODEL.ROI_HEADS.NUM_CLASSES = len(classes)
     d2.INPUT.MIN_SIZE_TRAIN = tuple(m.min_size_train)
     d2.INPUT.MIN_SIZE_TRAIN_SAMPLING = "choice"
@@ -442,7 +446,7 @@ def build_d2_config(cfg: DetectionConfig):
     d2.INPUT.RANDOM_FLIP = "horizontal" if cfg.data.hflip > 0 else "none"
     d2.DATASETS.TRAIN = (register_voc(cfg, cfg.data.train_splits, train=True),)
     d2.DATASETS.TEST = (register_voc(cfg, cfg.data.test_splits, train=False),)
-    d2.DATALOADER.NUM_WORKERS = cfg.data.workers
+    d2.DATALOADER.NUM_WORKERS = default_workers(cfg.data.workers)
     d2.SOLVER.IMS_PER_BATCH = global_batch
     d2.SOLVER.REFERENCE_WORLD_SIZE = 0  # the batch and lr are already the global ones
     d2.SOLVER.BASE_LR = scale_lr(o.lr, global_batch, REFERENCE_BATCH)
@@ -503,7 +507,7 @@ def _trainer_class():
 
 def _init_distributed() -> None:
     """Join torchrun's process group (if WORLD_SIZE > 1) and give detectron2 its per-machine group."""
-    if _world_size() <= 1:
+    if world_size() <= 1:
         return
     from detectron2.utils import comm
 

@@ -44,7 +44,9 @@ class FPNBackbone(nn.Module):
 
 def build_faster_rcnn(backbone: str, num_classes: int = 21, *, weights: Optional[str] = None,
                       frozen_stages: int = 1, norm_layer: Optional[str] = "frozenbatchnorm",
-                      fpn_channels: int = 256, **detector_kwargs) -> FasterRCNN:
+                      fpn_channels: int = 256, anchor_sizes: Optional[Sequence[int]] = None,
+                      backbone_kwargs: Optional[dict] = None, box_fc_dim: int = 1024,
+                      **detector_kwargs) -> FasterRCNN:
     """Faster R-CNN + FPN on registry backbone ``backbone``.
 
     Args:
@@ -56,11 +58,26 @@ def build_faster_rcnn(backbone: str, num_classes: int = 21, *, weights: Optional
         norm_layer: ``"frozenbatchnorm"`` (fine-tuning a pretrained backbone, as torchvision and detectron2)
             or ``None`` for trainable BN (needed without pretrained weights: random init with frozen BN
             diverges).
+        box_fc_dim: width of the box head's two fully connected layers (torchvision and detectron2: 1024).
+        backbone_kwargs: further ``create_backbone`` arguments (``width_mult``, ...).
+        anchor_sizes: one anchor size (px) per FPN level P2..P6, aspect ratios 0.5/1/2 (torchvision's
+            default: 32..512).
         **detector_kwargs: torchvision ``FasterRCNN`` arguments (``min_size``, ``max_size``,
             ``box_score_thresh``, ...). ``image_mean``/``image_std`` default to the backbone's.
     """
-    body = create_backbone(backbone, weights=weights, num_classes=0, frozen_stages=frozen_stages, new_head=True, adapt_input=True,
-                           norm_layer=norm_layer)
+    body = create_backbone(backbone, weights=weights, num_classes=0, frozen_stages=frozen_stages, new_head=True,
+                           adapt_input=True, norm_layer=norm_layer, **(backbone_kwargs or {}))
+    if anchor_sizes is not None:
+        from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+        detector_kwargs["rpn_anchor_generator"] = AnchorGenerator(tuple((int(s),) for s in anchor_sizes),
+                                                                  ((0.5, 1.0, 2.0),) * len(anchor_sizes))
+    if box_fc_dim != 1024 and "box_head" not in detector_kwargs:  # torchvision's TwoMLPHead is 1024 wide
+        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+
+        detector_kwargs["box_head"] = TwoMLPHead(fpn_channels * 7 * 7, box_fc_dim)
+        detector_kwargs["box_predictor"] = FastRCNNPredictor(box_fc_dim, num_classes)
+        num_classes = None  # torchvision takes either num_classes or a box_predictor
     detector_kwargs.setdefault("image_mean", list(body.default_cfg["mean"]))
     detector_kwargs.setdefault("image_std", list(body.default_cfg["std"]))
     return FasterRCNN(FPNBackbone(body, fpn_channels), num_classes=num_classes, **detector_kwargs)

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from runtime.checkpoint import (gather_per_rank, gather_rng_states, load_checkpoint, resolve_resume,
                                 restore_rng_states, restore_training_state, save_checkpoint, training_state)
 from runtime.config import dump_config, to_dict
+from runtime.data import normalization
 from runtime.data import EpochStream, GroupedBatchSampler, SeededDataset, SeededSampler, SkipBatches, default_workers
 from runtime.distributed import DistInfo, ShardSampler, cleanup_distributed, init_distributed
 from runtime.logger import Progress, RunLogger, plot_run, reduce_mean
@@ -31,6 +32,7 @@ from runtime.step import OptimizerStep
 
 from .config import REFERENCE_BATCH, DetectionConfig
 from .model import build_faster_rcnn
+from .visualize import save_detection_pictures
 from .voc import build_voc, resolve_classes
 from .voc_eval import VOCBoxes, evaluate_voc
 
@@ -66,10 +68,22 @@ def build_model(cfg: DetectionConfig, num_classes: int):
     if m.arch != "fpn":
         raise ValueError(f"model.arch={m.arch!r}: the torchvision engine builds Faster R-CNN + FPN; C4 runs on "
                          "engine=detectron2")
+    normalization_kwargs = {}
+    if cfg.data.mean is not None or cfg.data.std is not None:
+        mean, std = normalization(cfg.data.mean, cfg.data.std, m.backbone, 3, m.kwargs)
+        normalization_kwargs = {"image_mean": list(mean), "image_std": list(std)}
     return build_faster_rcnn(m.backbone, num_classes=num_classes + 1, weights=m.weights,
                              frozen_stages=m.frozen_stages,
                              norm_layer="frozenbatchnorm" if m.norm == "frozenbatchnorm" else None,
-                             min_size=tuple(m.min_size_train), max_size=m.max_size)
+                             backbone_kwargs=m.kwargs, fpn_channels=m.fpn_channels, box_fc_dim=m.box_fc_dim,
+                             **normalization_kwargs,
+                             min_size=tuple(m.min_size_train), max_size=m.max_size, anchor_sizes=m.anchor_sizes,
+                             rpn_pre_nms_top_n_train=m.rpn_pre_nms_topk_train,
+                             rpn_post_nms_top_n_train=m.rpn_post_nms_topk_train,
+                             rpn_pre_nms_top_n_test=m.rpn_pre_nms_topk_test,
+                             rpn_post_nms_top_n_test=m.rpn_post_nms_topk_test,
+                             box_batch_size_per_image=m.roi_batch_per_image, box_score_thresh=m.score_thresh_test,
+                             box_detections_per_img=m.detections_per_image)
 
 
 @torch.no_grad()
@@ -236,18 +250,24 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
     if is_main:
         torch.save(model.state_dict(), out / "model_final.pth")
         plot_run(out, val_metrics=(("VOC07 mAP", "mAP"),), val_x="step", val_title="VOC07 mAP (%)")
+        save_detection_pictures(test_set, metrics["detections"], out / "detections", t.visualize, t.visualize_thresh)
     logger.close()
     return metrics
 
 
 def evaluate_checkpoint(cfg: DetectionConfig, checkpoint: str) -> dict[str, Any]:
-    """VOC07 mAP of a saved detector (``model_final.pth`` or ``last.pth`` of a run)."""
+    """VOC07 mAP of a saved detector (``model_final.pth`` or ``last.pth`` of a run); pictures of the first
+    ``train.visualize`` test images go to ``<output_dir>/detections``."""
     dist_info = init_distributed()
     try:
         test_set = build_test_set(cfg)
         model = build_model(cfg, len(test_set.classes))
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
-        return evaluate_detector(model.to(dist_info.device), cfg, dist_info, test_set)
+        metrics = evaluate_detector(model.to(dist_info.device), cfg, dist_info, test_set)
+        if dist_info.is_main:
+            save_detection_pictures(test_set, metrics["detections"], Path(cfg.output_dir) / "detections",
+                                    cfg.train.visualize, cfg.train.visualize_thresh)
+        return metrics
     finally:
         cleanup_distributed()

@@ -26,6 +26,12 @@ class DistInfo:
         return self.world_size > 1
 
 
+def world_size() -> int:
+    """The number of processes torchrun launched (``WORLD_SIZE``; 1 without torchrun), before or without
+    joining the group: the adapters size their global batch with it."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group torchrun describes in the environment (or run as a single process).
 
@@ -33,7 +39,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    processes = world_size()
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "cuda":
@@ -41,9 +47,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
+    if processes > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device == "cuda" else "gloo", device_id=dev if device == "cuda" else None)
-    return DistInfo(rank, local_rank, world_size, dev)
+    return DistInfo(rank, local_rank, processes, dev)
 
 
 def cleanup_distributed() -> None:

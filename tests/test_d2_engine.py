@@ -154,6 +154,40 @@ def test_d2_config_follows_recipe(devkit, tmp_path):
     assert Path(test[0]["file_name"]).is_file()
 
 
+def test_both_engines_read_the_same_detector_sizes(devkit, tmp_path):
+    """Proposal counts, RoI batch, anchors, head widths, test threshold and normalisation: one set of keys,
+    the same numbers in torchvision's Faster R-CNN and in detectron2's config."""
+    from detection.train import build_model
+
+    sizes = ["model.anchor_sizes=[16, 32, 64, 128, 256]", "model.rpn_pre_nms_topk_train=300",
+             "model.rpn_post_nms_topk_train=150", "model.rpn_pre_nms_topk_test=200", "model.rpn_post_nms_topk_test=100",
+             "model.roi_batch_per_image=64", "model.fpn_channels=32", "model.box_fc_dim=128",
+             "model.score_thresh_test=0.01", "model.detections_per_image=50", "model.kwargs={width_mult: 0.5}",
+             "data.mean=[0.3, 0.3, 0.3]", "data.std=[0.4, 0.4, 0.4]"]
+    cfg = tiny_config(devkit, tmp_path, *sizes)
+    d2 = d2_engine.build_d2_config(cfg)
+    tv = build_model(cfg, num_classes=len(CLASSES))
+    assert d2.MODEL.ANCHOR_GENERATOR.SIZES == [[16], [32], [64], [128], [256]]
+    assert [s[0] for s in tv.rpn.anchor_generator.sizes] == [16, 32, 64, 128, 256]
+    assert (d2.MODEL.RPN.PRE_NMS_TOPK_TRAIN, d2.MODEL.RPN.POST_NMS_TOPK_TRAIN) == (300, 150)
+    assert (tv.rpn._pre_nms_top_n["training"], tv.rpn._post_nms_top_n["training"]) == (300, 150)
+    assert (d2.MODEL.RPN.PRE_NMS_TOPK_TEST, d2.MODEL.RPN.POST_NMS_TOPK_TEST) == (200, 100)
+    assert (tv.rpn._pre_nms_top_n["testing"], tv.rpn._post_nms_top_n["testing"]) == (200, 100)
+    assert d2.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE == tv.roi_heads.fg_bg_sampler.batch_size_per_image == 64
+    assert d2.MODEL.FPN.OUT_CHANNELS == tv.backbone.out_channels == 32
+    assert d2.MODEL.ROI_BOX_HEAD.FC_DIM == tv.roi_heads.box_head.fc7.out_features == 128
+    assert tv.roi_heads.box_head.fc6.in_features == 32 * 7 * 7
+    assert tv.roi_heads.box_predictor.cls_score.out_features == len(CLASSES) + 1
+    assert d2.MODEL.ROI_HEADS.SCORE_THRESH_TEST == tv.roi_heads.score_thresh == 0.01
+    assert d2.TEST.DETECTIONS_PER_IMAGE == tv.roi_heads.detections_per_img == 50
+    assert d2.MODEL.PIXEL_MEAN == pytest.approx([76.5] * 3) and tv.transform.image_mean == [0.3] * 3
+    assert d2.MODEL.PIXEL_STD == pytest.approx([102.0] * 3) and tv.transform.image_std == [0.4] * 3
+    assert dict(d2.MODEL.TRICKS.KWARGS) == {"width_mult": 0.5}
+    assert tv.backbone.body.feature_info[-1].channels == 256  # half-width res5 (512 at full width)
+    with pytest.raises(ValueError, match="one size per level"):
+        d2_engine.build_d2_config(tiny_config(devkit, tmp_path, "model.anchor_sizes=[32, 64]"))
+
+
 @pytest.mark.parametrize("arch", ["fpn", "c4"])
 def test_backbone_output_shape_matches_features(devkit, tmp_path, arch):
     d2 = d2_engine.build_d2_config(tiny_config(devkit, tmp_path, f"model.arch={arch}"))

@@ -134,3 +134,31 @@ def test_shipped_config_is_the_paper_setting():
     assert (cfg.data.train_splits, cfg.data.test_splits) == ("2007-trainval+2012-trainval", "2007-test")
     assert cfg.train.batch_size * 8 == 16 and cfg.train.max_iter == 18000
     assert cfg.output_dir == f"runs/detection/{config.stem}"
+
+
+def test_detection_pictures_draw_what_scores_above_the_threshold():
+    from detection.visualize import class_colours, draw_detections
+    from detection.voc_eval import VOCBoxes
+
+    image = torch.zeros(3, 40, 50, dtype=torch.uint8)
+    prediction = VOCBoxes(np.array([[5.0, 5.0, 20.0, 30.0], [25.0, 10.0, 45.0, 35.0]]), np.array([1, 0]),
+                          scores=np.array([0.9, 0.2]))
+    truth = VOCBoxes(np.array([[2.0, 2.0, 10.0, 10.0]]), np.array([0]))
+    picture = draw_detections(image, prediction, ["a", "b"], truth, score_thresh=0.5)
+    assert picture.shape == (40, 50, 3) and picture.dtype == np.uint8
+    assert tuple(picture[20, 5]) == class_colours(2)[1]          # the left edge of the 0.9 box, in class b's colour
+    assert tuple(picture[20, 25]) == (0, 0, 0)                   # the 0.2 box is not drawn
+    assert tuple(picture[6, 2]) == (255, 255, 255)               # ground truth in white
+    assert draw_detections(image, prediction, ["a", "b"], upscale=2, score_thresh=0.1).shape == (80, 100, 3)
+
+
+def test_training_writes_detection_pictures(tmp_path):
+    cfg = tiny(tmp_path, "train.max_iter=2", "optim.milestones=[1]", "optim.warmup_iters=1", "train.visualize=2",
+               "train.visualize_thresh=0.0")
+    train_detector(cfg)
+    pictures = sorted((Path(cfg.output_dir) / "detections").glob("*.png"))
+    assert len(pictures) == 2
+    from PIL import Image
+
+    with Image.open(pictures[0]) as im:  # small test images are enlarged for legible labels
+        assert min(im.size) >= 128
