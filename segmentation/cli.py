@@ -12,10 +12,8 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from segmentation.ade20k import IGNORE_INDEX, reduce_zero_label
-from segmentation.metrics import SegmentationMetric
+IGNORE_INDEX = 255  # = segmentation.ade20k.IGNORE_INDEX; the parser is built without importing torch
 
 
 def _read_png_map(path: Path) -> np.ndarray:
@@ -46,6 +44,10 @@ def seg_eval(gt_dir: Path | str, pred_dir: Path | str, num_classes: int, reduce_
     ``{"pixel_acc", "miou", "iou_per_class"}`` as fractions; classes neither labelled nor predicted have
     IoU ``None`` and are left out of the mean (mmseg's ``nanmean``).
     """
+    import torch
+
+    from segmentation.metrics import SegmentationMetric
+
     gt, pred = _stems(Path(gt_dir), "ground-truth"), _stems(Path(pred_dir), "prediction")
     missing, extra = sorted(gt.keys() - pred.keys()), sorted(pred.keys() - gt.keys())
     if missing:
@@ -72,6 +74,8 @@ def seg_eval(gt_dir: Path | str, pred_dir: Path | str, num_classes: int, reduce_
 
 def reduce_zero_label_map(label: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     """0 -> ``ignore_index``, k -> k - 1."""
+    from segmentation.ade20k import reduce_zero_label
+
     reduced = reduce_zero_label(label)
     return np.where(label == 0, ignore_index, reduced)
 

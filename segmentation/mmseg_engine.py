@@ -32,7 +32,8 @@ from torch import Tensor
 
 from backbones import create_backbone
 from runtime.config import dump_config
-from runtime.data import normalization
+from runtime.data import default_workers, normalization
+from runtime.distributed import world_size
 from runtime.schedules import scale_lr
 
 from .config import REFERENCE_BATCH, SegmentationConfig
@@ -163,10 +164,6 @@ def _cpu_autocast_wrapper_class() -> type:
 
 
 # ---------------------------------------------------------------------------------------------- config
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
 def _data_root(root: str) -> str:
     # As segmentation.ade20k: the ADEChallengeData2016 folder or its parent.
     nested = Path(root) / "ADEChallengeData2016"
@@ -199,7 +196,7 @@ def _dataset(cfg: SegmentationConfig, split: str, pipeline: list[dict]) -> dict:
 
 
 def _workers(cfg: SegmentationConfig) -> int:
-    return cfg.data.workers if cfg.data.workers >= 0 else min(4, os.cpu_count() or 1)
+    return default_workers(cfg.data.workers)  # -1: from the CPUs per process, as the torch engine
 
 
 def _loader(cfg: SegmentationConfig, base: dict, dataset: dict, batch_size: int) -> dict:
@@ -248,7 +245,7 @@ def build_mmseg_config(cfg: SegmentationConfig):
     mc = Config.fromfile(str(recipe))
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
 
-    world = _world_size()
+    world = world_size()
     on_cuda = torch.cuda.is_available()
     sync_bn = m.sync_bn and world > 1 and on_cuda
     norm_cfg = dict(type="SyncBN" if sync_bn else "BN", requires_grad=True)
@@ -424,19 +421,53 @@ def train(cfg: SegmentationConfig) -> dict[str, float]:
     return _summary(recorder.metrics)
 
 
+# The torch engine's FCN (segmentation/model.py) and mmseg's EncoderDecoder around TricksBackbone hold the
+# same modules under other names; the heads' own names are mmseg's (tested equal).
+TORCH_TO_MMSEG = (("backbone.", "backbone.body."), ("classifier.", "decode_head."),
+                  ("aux_classifier.", "auxiliary_head."))
+
+
+def torch_engine_state_to_mmseg(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A torch-engine FCN state dict (``model_final.pth`` or ``last.pth["model"]``) renamed for mmseg's
+    EncoderDecoder with ``TricksBackbone``: the same weights, evaluated by the other engine."""
+    renamed = {}
+    for key, value in state.items():
+        prefix = next((p for p in TORCH_TO_MMSEG if key.startswith(p[0])), None)
+        if prefix is None:
+            raise KeyError(f"{key!r}: not a torch-engine FCN key (expected one of "
+                           f"{', '.join(p for p, _ in TORCH_TO_MMSEG)})")
+        renamed[prefix[1] + key[len(prefix[0]):]] = value
+    return renamed
+
+
+def _is_torch_engine_checkpoint(path: Path) -> bool:
+    """True for the torch engine's files (plain tensors: loadable with weights_only=True, FCN key names)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # mmengine's checkpoints hold HistoryBuffers: not weights-only
+        return False
+    state = state.get("model", state) if isinstance(state, dict) else state
+    return isinstance(state, dict) and any(k.startswith("classifier.") for k in state)
+
+
 def evaluate(cfg: SegmentationConfig, checkpoint: str) -> dict[str, float]:
     """``{"mIoU", "mAcc", "aAcc"}`` (percent) of ``checkpoint`` on ``data.val_split`` through mmengine's test loop.
 
-    ``checkpoint`` must be one this engine wrote (mmengine's ``iter_N.pth``: EncoderDecoder with
-    ``TricksBackbone``), loaded strictly: the torch engine's FCN state dicts have other module names and
-    are refused with the list of missing keys.
+    ``checkpoint``: one this engine wrote (mmengine's ``iter_N.pth``: EncoderDecoder with ``TricksBackbone``),
+    or the torch engine's ``model_final.pth`` / ``last.pth`` of the same model (renamed by
+    ``torch_engine_state_to_mmseg``): both are loaded strictly.
     """
-    if not Path(checkpoint).is_file():
+    path = Path(checkpoint)
+    if not path.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint!r} not found")
     # Without resume (and load_from), Runner.test() loads nothing itself: the strict load here is the only one.
     runner, recorder = _runner(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=None)))
-    with _trusted_checkpoints(cfg.output_dir, checkpoint):
-        runner.load_checkpoint(str(checkpoint), strict=True)
+    if _is_torch_engine_checkpoint(path):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        runner.model.load_state_dict(torch_engine_state_to_mmseg(state.get("model", state)), strict=True)
         metrics = runner.test()
+    else:
+        with _trusted_checkpoints(cfg.output_dir, checkpoint):
+            runner.load_checkpoint(str(checkpoint), strict=True)
+            metrics = runner.test()
     return _summary(metrics if metrics else recorder.metrics)
-

@@ -34,3 +34,14 @@ def test_config_error_is_a_clean_message(capsys, tmp_path):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "config error" in err and "optim.lrr" in err and "optim.lr" in err and "Traceback" not in err
+
+
+def test_help_does_not_import_torch():
+    """`tricks --help` and every subcommand's parser stay light: each command imports what it needs when it runs."""
+    import subprocess
+    import sys
+
+    code = "import sys, tricks.cli as c; c.build_parser(); print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"

@@ -117,6 +117,36 @@ def test_tiny_run_trains_evaluates_and_resumes(tmp_path):
     assert train_steps == [3]
 
 
+def test_torch_engine_checkpoint_scores_the_same_through_mmseg(tmp_path):
+    """One checkpoint of the torch engine, evaluated by both engines: the same weights (renamed for mmseg's
+    EncoderDecoder) give the same mIoU/mAcc/aAcc (mmseg rounds to 0.01). Scale = the images' size, so
+    neither engine resizes."""
+    from segmentation import train as torch_engine
+
+    root = tmp_path / "ADEChallengeData2016"
+    _write_ade20k(root, {"training": 4, "validation": 3}, num_classes=3)
+    overrides = [
+        f"data.root={tmp_path}", f"output_dir={tmp_path / 'run'}",
+        "model.backbone=resnet18d", "model.kwargs={width_mult: 0.25}", "model.channels=16", "model.aux_channels=8",
+        "data.num_classes=3", "data.scale=[80, 64]", "data.crop_size=[64, 64]", "data.workers=0",
+        "train.batch_size=2", "train.max_iter=3", "train.eval_every=0", "train.checkpoint_every=3", "eval.overlays=0",
+        "optim.lr=0.05",
+    ]
+    cfg = load_config(None, SegmentationConfig, overrides)
+    trained = torch_engine.train(cfg)
+    checkpoint = tmp_path / "run" / "model_final.pth"
+    state = torch.load(checkpoint, weights_only=True)
+    renamed = mmseg_engine.torch_engine_state_to_mmseg(state.get("model", state))
+    mm_cfg = load_config(None, SegmentationConfig, [*overrides, "engine=mmseg", f"output_dir={tmp_path / 'mm'}"])
+    ours, theirs = torch_engine.evaluate_checkpoint(cfg, str(checkpoint)), mmseg_engine.evaluate(mm_cfg, str(checkpoint))
+    for key in ("mIoU", "mAcc", "aAcc"):
+        assert ours[key] == pytest.approx(trained[key], abs=1e-9)
+        assert theirs[key] == pytest.approx(round(ours[key], 2), abs=0.011), key
+    assert any(k.startswith("backbone.body.") for k in renamed) and any(k.startswith("auxiliary_head.") for k in renamed)
+    with pytest.raises(KeyError, match="not a torch-engine FCN key"):
+        mmseg_engine.torch_engine_state_to_mmseg({"head.weight": torch.zeros(1)})
+
+
 def test_config_follows_the_recipe_with_ours_written_in():
     cfg = load_config(None, SegmentationConfig, ["engine=mmseg", "model.backbone=resnet18d", "train.batch_size=8",
                                                   "train.accum_steps=2", "optim.warmup_iters=10", "model.aux_weight=0",
