@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import detection.train as train_mod
+from conftest import crash_after_checkpoint
 from detection.config import DetectionConfig
 from detection.train import evaluate_checkpoint, train_detector
 from detection.voc import VOC_CLASSES
@@ -74,20 +75,8 @@ def test_resume_inside_an_epoch_is_exact(tmp_path, monkeypatch):
     full = tiny(tmp_path, "data.hflip=0.5", name="full")
     train_detector(full)
 
-    class Stop(Exception):
-        pass
-
-    original = train_mod.save_checkpoint
-
-    def save_then_stop(state, path):
-        original(state, path)
-        if state["iteration"] == 3:
-            raise Stop
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_stop)
-    with pytest.raises(Stop):
+    with crash_after_checkpoint(monkeypatch, train_mod, "iteration", 3):
         train_detector(tiny(tmp_path, "data.hflip=0.5", name="part"))
-    monkeypatch.setattr(train_mod, "save_checkpoint", original)
     resumed = tiny(tmp_path, "data.hflip=0.5", "train.resume=auto", name="part")
     train_detector(resumed)
     a = torch.load(Path(full.output_dir) / "model_final.pth", weights_only=True)

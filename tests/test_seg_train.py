@@ -14,6 +14,7 @@ from PIL import Image
 from torch import nn
 
 import segmentation.train as seg_train
+from conftest import crash_after_checkpoint
 from runtime.distributed import DistInfo
 from runtime.schedules import lr_at, scale_lr
 from segmentation.config import (SegDataConfig, SegEvalConfig, SegModelConfig, SegOptimConfig, SegmentationConfig,
@@ -109,28 +110,16 @@ def test_logged_lr_follows_the_poly_schedule(finished_run):
     assert logged[0][1] == 0 and logged[-1][1] == pytest.approx(min_lr)
 
 
-class _Interrupted(RuntimeError):
-    pass
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_interrupted_and_resumed_run_equals_uninterrupted(data_root, tmp_path, monkeypatch, workers):
     straight = tiny_cfg(data_root, tmp_path / "straight", workers=workers, log_every=2)
     seg_train.train(straight)
 
     resumed = tiny_cfg(data_root, tmp_path / "resumed", workers=workers, log_every=2)
-    save = seg_train.save_checkpoint
-
-    def save_then_crash(state, path):
-        save(state, path)
-        if state["iteration"] == 2:  # mid-epoch (3 batches per epoch): the run dies right after its checkpoint
-            raise _Interrupted
-
-    monkeypatch.setattr(seg_train, "save_checkpoint", save_then_crash)
-    with pytest.raises(_Interrupted):
+    # mid-epoch (3 batches per epoch): the run dies right after its checkpoint
+    with crash_after_checkpoint(monkeypatch, seg_train, "iteration", 2):
         seg_train.train(resumed)
     assert not (tmp_path / "resumed" / "model_final.pth").exists()
-    monkeypatch.setattr(seg_train, "save_checkpoint", save)
     seg_train.train(resumed)  # train.resume=auto: continues from last.pth at iteration 2
 
     a = torch.load(tmp_path / "straight" / "model_final.pth", weights_only=True)

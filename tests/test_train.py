@@ -8,6 +8,7 @@ import yaml
 import torch
 
 import classification.train as train_mod
+from conftest import crash_after_checkpoint
 from backbones import create_backbone, load_state_dict, read_metadata, save_weights
 from classification.config import Config
 from runtime.logger import read_records
@@ -258,16 +259,8 @@ def test_resume_inside_an_epoch_is_exact(tmp_path, monkeypatch, pipeline, worker
              "train.checkpoint_every=4")
     full = tiny(tmp_path, *extra, name="full")
     train(full)
-    original = train_mod.save_checkpoint
-
-    def crash_after_step_4(state, path):
-        original(state, path)
-        if state["step"] == 4:
-            raise _Interrupt
-    monkeypatch.setattr(train_mod, "save_checkpoint", crash_after_step_4)
-    with pytest.raises(_Interrupt):
+    with crash_after_checkpoint(monkeypatch, train_mod, "step", 4):
         train(tiny(tmp_path, *extra, name="part"))
-    monkeypatch.setattr(train_mod, "save_checkpoint", original)
     assert torch.load(Path(tmp_path / "part" / "last.pth"), weights_only=True)["step"] == 4
     train(tiny(tmp_path, *extra, "train.resume=auto", name="part"))
     a = load_state_dict(Path(full.output_dir) / "model.safetensors")

@@ -121,12 +121,17 @@ def _report(cfg, metrics: dict) -> None:
         print(f"mIoU {metrics['mIoU']:.2f}%  mAcc {metrics['mAcc']:.2f}%  aAcc {metrics['aAcc']:.2f}%")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    _setup_logging()
-    cfg = load_task_config(args.config, args.overrides)
+def run_config(cfg) -> dict:
+    """Train ``cfg`` with its task's engine, print the result; returns the engine's final metrics."""
     metrics = _engine(cfg, "train")(cfg)
     _report(cfg, metrics)
     print(f"-> {cfg.output_dir}")
+    return metrics
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _setup_logging()
+    run_config(load_task_config(args.config, args.overrides))
     return 0
 
 
@@ -148,18 +153,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_CONFIG = "configs/classification/fashion_mnist/resnet18d_1xb128_efficient-cosine-ls_fashion-mnist.yaml"
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The whole pipeline on the embedded real data (Fashion-MNIST from the Debian package)."""
-    from pathlib import Path
+    """The whole pipeline on the embedded real data (Fashion-MNIST from the Debian package): tricks/demo.py."""
+    from tricks.demo import run_demo
 
-    config = Path(__file__).resolve().parent.parent / DEMO_CONFIG
+    _setup_logging()
     print("== backbones: Table 5 ==")
     cmd_backbones(argparse.Namespace(table5=True, filter=""))
-    print(f"\n== classification: {config.name} ==")
-    return cmd_train(argparse.Namespace(config=str(config), overrides=list(args.overrides)))
+    run_demo(args.out, args.overrides, stages=args.stages.split(","), scenes=tuple(args.scenes))
+    return 0
 
 
 def _tasks_epilog() -> str:
@@ -183,8 +185,15 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--write-results", metavar="DIR", help="detection: also write the detections in the VOC results "
                    "format (comp4_det_<split>_<class>.txt) for tricks voc-eval")
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("demo", help="the main job: the pipeline on the embedded Fashion-MNIST")
-    p.add_argument("overrides", nargs="*", help="dotted overrides of the demo's config")
+    p = sub.add_parser("demo", help="the main job: pretrain on the embedded Fashion-MNIST, fine-tune for "
+                       "segmentation and detection, write a report")
+    p.add_argument("overrides", nargs="*", help="<stage>.<key>=<value> overrides of a stage's config, e.g. "
+                   "classification.train.epochs=12 segmentation.train.max_iter=1000")
+    p.add_argument("--out", default="runs/demo", help="output folder: one folder per stage, data/, REPORT.md")
+    p.add_argument("--stages", default="classification,segmentation,detection",
+                   help="comma-separated stages to run (transfer stages reuse <out>/classification)")
+    p.add_argument("--scenes", type=int, nargs=2, default=[2000, 500], metavar=("TRAIN", "TEST"),
+                   help="scenes written for each transfer set")
     p.set_defaults(func=cmd_demo)
 
 
