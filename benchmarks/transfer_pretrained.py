@@ -105,7 +105,14 @@ def write_results(done: dict, args: argparse.Namespace) -> None:
         (pm, ps), (rm, rs) = summary[(task, "pretrained")], summary[(task, "random")]
         verdicts.append(f"- {task}: pretrained {pm:.2f} vs random {rm:.2f} ({pm - rm:+.2f} points): target "
                         f"(pretrained beats random) **{'met' if pm > rm else 'NOT met'}**")
-    text += "\n" + "\n".join(verdicts) + "\n\n![pretrained vs random](transfer_pretrained.png)\n"
+    text += "\n" + "\n".join(verdicts) + "\n"
+    reused = [r for r in done.values() if r.get("source")]
+    if reused:
+        text += "\nRuns taken from elsewhere instead of rerun (same config, overrides and seed; runs are bit-reproducible):\n"
+        text += "".join(f"- {r['task']} {r['init']} seed {r['seed']}: {r['source']}\n" for r in reused)
+    text += ("\nWall minutes are per run on the shared 2-core machine (other jobs ran beside some of them), so they "
+             "are not speed measurements; benchmarks/results/engines.md has those.\n")
+    text += "\n![pretrained vs random](transfer_pretrained.png)\n"
     (RESULTS / "transfer_pretrained.md").write_text(text)
 
     fig, axes = plt.subplots(1, len(args.tasks), figsize=(4.5 * len(args.tasks), 3.6), squeeze=False)
