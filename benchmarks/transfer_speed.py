@@ -81,9 +81,9 @@ def main() -> None:
     del theirs_det, ours_det, ours_det_d
 
     theirs_seg = fcn_resnet50(weights=None, weights_backbone=None, num_classes=150, aux_loss=True)
-    ours_seg = build_fcn("resnet50b", num_classes=150)
+    ours_seg = build_fcn("resnet50b", num_classes=150, head="torchvision")  # torchvision's single-conv head
     ours_seg.load_state_dict(theirs_seg.state_dict())
-    ours_seg_d = build_fcn("resnet50d", num_classes=150)
+    ours_seg_d = build_fcn("resnet50d", num_classes=150, head="torchvision")
     seg = paired_seconds([segmentation_step(m, args.seg_size, 2, 150) for m in (ours_seg, theirs_seg, ours_seg_d)],
                          args.steps)
 
