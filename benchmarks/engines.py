@@ -24,7 +24,6 @@ from benchmarks._common import RESULTS, header, table  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 SEG = "configs/segmentation/fashion_scenes/fcn_resnet18d-d8_1xb8-1k_fashion-scenes.yaml"
 DET = "configs/detection/fashion_voc/faster-rcnn_resnet18d-fpn_1xb8-400_fashion-voc.yaml"
-NORM = ["data.mean=[0.286,0.286,0.286]", "data.std=[0.353,0.353,0.353]"]
 
 CHILD = r"""
 import json, resource, sys, time
@@ -85,14 +84,17 @@ def main() -> None:
     parser.add_argument("--skip-full", action="store_true", help="speed only: no full detection runs")
     args = parser.parse_args()
     global CACHE
+    from tricks.demo import STAGES, normalization_overrides
+
     demo, work = Path(args.demo).resolve(), Path(args.work).resolve()
+    norm = normalization_overrides()  # the pretraining's mean/std, as the demo's transfer stages
     work.mkdir(parents=True, exist_ok=True)
     CACHE = work / "runs.json"
     weights = demo / "classification" / "model.safetensors"
-    seg_data = [f"data.root={demo / 'data' / 'fashion_scenes' / 'ADEChallengeData2016'}", *NORM]
+    seg_data = [f"data.root={demo / 'data' / 'fashion_scenes' / 'ADEChallengeData2016'}", *norm]
     devkit = demo / "data" / "fashion_voc" / "VOCdevkit"
-    det_data = [f"data.root={devkit}", f"data.classes={devkit / 'classes.txt'}", *NORM]
-    det_pretrained = [f"model.weights={weights}", "model.norm=frozenbatchnorm", "model.frozen_stages=1"]
+    det_data = [f"data.root={devkit}", f"data.classes={devkit / 'classes.txt'}", *norm]
+    det_pretrained = [f"model.weights={weights}", *STAGES["detection"].overrides]  # frozen BN, stem + res2 frozen
 
     seg_common = [*seg_data, f"model.weights={weights}", "data.workers=0", "train.eval_every=0",
                   "train.checkpoint_every=1000", "train.log_every=10", "train.seed=0"]

@@ -23,20 +23,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import RESULTS, header, table  # noqa: E402
 
-from tricks.demo import REPO, STAGES  # noqa: E402
+from tricks.demo import REPO, STAGES, normalization_overrides  # noqa: E402
 
 METRIC = {"segmentation": ("mIoU", "mIoU %"), "detection": ("mAP", "VOC07 mAP %")}
 
 
 def overrides(task: str, init: str, seed: int, weights: str, data: Path, out: Path) -> list[str]:
-    args = [f"train.seed={seed}", f"output_dir={out}", "data.mean=[0.286,0.286,0.286]", "data.std=[0.353,0.353,0.353]"]
+    args = [f"train.seed={seed}", f"output_dir={out}", *normalization_overrides()]
     if task == "segmentation":
         args += [f"data.root={data / 'fashion_scenes' / 'ADEChallengeData2016'}"]
         args += [f"model.weights={weights}"] if init == "pretrained" else ["model.weights=null"]
     else:
         devkit = data / "fashion_voc" / "VOCdevkit"
         args += [f"data.root={devkit}", f"data.classes={devkit / 'classes.txt'}"]
-        args += ([f"model.weights={weights}", "model.norm=frozenbatchnorm", "model.frozen_stages=1"]
+        args += ([f"model.weights={weights}", *STAGES["detection"].overrides]  # the demo's: frozen BN, stem + res2
                  if init == "pretrained" else ["model.weights=null", "model.norm=batchnorm", "model.frozen_stages=0"])
     return args
 

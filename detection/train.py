@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from runtime.checkpoint import (gather_per_rank, gather_rng_states, load_checkpoint, resolve_resume,
                                 restore_rng_states, restore_training_state, save_checkpoint, training_state)
 from runtime.config import dump_config, to_dict
-from runtime.data import normalization
-from runtime.data import EpochStream, GroupedBatchSampler, SeededDataset, SeededSampler, SkipBatches, default_workers
+from runtime.data import (EpochStream, GroupedBatchSampler, SeededDataset, SeededSampler, SkipBatches, default_workers,
+                          normalization)
 from runtime.distributed import DistInfo, ShardSampler, cleanup_distributed, init_distributed
 from runtime.logger import Progress, RunLogger, plot_run, reduce_mean
 from runtime.optim import build_optimizer
@@ -68,15 +68,12 @@ def build_model(cfg: DetectionConfig, num_classes: int):
     if m.arch != "fpn":
         raise ValueError(f"model.arch={m.arch!r}: the torchvision engine builds Faster R-CNN + FPN; C4 runs on "
                          "engine=detectron2")
-    normalization_kwargs = {}
-    if cfg.data.mean is not None or cfg.data.std is not None:
-        mean, std = normalization(cfg.data.mean, cfg.data.std, m.backbone, 3, m.kwargs)
-        normalization_kwargs = {"image_mean": list(mean), "image_std": list(std)}
+    mean, std = normalization(cfg.data.mean, cfg.data.std, m.backbone, 3, m.kwargs)  # as the detectron2 engine
     return build_faster_rcnn(m.backbone, num_classes=num_classes + 1, weights=m.weights,
                              frozen_stages=m.frozen_stages,
                              norm_layer="frozenbatchnorm" if m.norm == "frozenbatchnorm" else None,
                              backbone_kwargs=m.kwargs, fpn_channels=m.fpn_channels, box_fc_dim=m.box_fc_dim,
-                             **normalization_kwargs,
+                             image_mean=mean, image_std=std,
                              min_size=tuple(m.min_size_train), max_size=m.max_size, anchor_sizes=m.anchor_sizes,
                              rpn_pre_nms_top_n_train=m.rpn_pre_nms_topk_train,
                              rpn_post_nms_top_n_train=m.rpn_post_nms_topk_train,

@@ -440,14 +440,15 @@ def torch_engine_state_to_mmseg(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return renamed
 
 
-def _is_torch_engine_checkpoint(path: Path) -> bool:
-    """True for the torch engine's files (plain tensors: loadable with weights_only=True, FCN key names)."""
+def _torch_engine_state(path: Path) -> Optional[dict[str, Tensor]]:
+    """The FCN state dict of a torch-engine file (plain tensors: loadable with weights_only=True, FCN key
+    names), or None for anything else (mmengine's checkpoints hold HistoryBuffers: not weights-only)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # mmengine's checkpoints hold HistoryBuffers: not weights-only
-        return False
+    except Exception:
+        return None
     state = state.get("model", state) if isinstance(state, dict) else state
-    return isinstance(state, dict) and any(k.startswith("classifier.") for k in state)
+    return state if isinstance(state, dict) and any(k.startswith("classifier.") for k in state) else None
 
 
 def evaluate(cfg: SegmentationConfig, checkpoint: str) -> dict[str, float]:
@@ -462,9 +463,9 @@ def evaluate(cfg: SegmentationConfig, checkpoint: str) -> dict[str, float]:
         raise FileNotFoundError(f"checkpoint {checkpoint!r} not found")
     # Without resume (and load_from), Runner.test() loads nothing itself: the strict load here is the only one.
     runner, recorder = _runner(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=None)))
-    if _is_torch_engine_checkpoint(path):
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        runner.model.load_state_dict(torch_engine_state_to_mmseg(state.get("model", state)), strict=True)
+    state = _torch_engine_state(path)
+    if state is not None:
+        runner.model.load_state_dict(torch_engine_state_to_mmseg(state), strict=True)
         metrics = runner.test()
     else:
         with _trusted_checkpoints(cfg.output_dir, checkpoint):

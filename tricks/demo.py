@@ -53,13 +53,23 @@ def split_overrides(overrides: Sequence[str]) -> dict[str, list[str]]:
     return by_stage
 
 
-def _pretrained_overrides(weights: Path, cls_cfg) -> list[str]:
-    """A transfer stage starts from the classification run's weights and normalises as it did (its 1-channel
-    mean/std repeated over RGB; ``adapt_input`` spreads the 1-channel stem over the 3 channels)."""
+def normalization_overrides(cls_cfg=None) -> list[str]:
+    """``data.mean``/``data.std`` overrides that normalise a transfer stage's RGB input as the classification
+    stage (``cls_cfg``; default: its config as the demo runs it) normalised its images: a 1-channel mean/std is
+    repeated over the 3 channels, as ``adapt_input`` spreads the 1-channel stem over them."""
+    if cls_cfg is None:
+        from tricks.cli import load_task_config
+
+        cls_cfg = load_task_config(str(REPO / STAGES["classification"].config), STAGES["classification"].overrides)
     mean, std = cls_cfg.data.mean, cls_cfg.data.std
     if len(mean) == 1:
         mean, std = mean * 3, std * 3
-    return [f"model.weights={weights}", f"data.mean=[{','.join(map(str, mean))}]", f"data.std=[{','.join(map(str, std))}]"]
+    return [f"data.mean=[{','.join(map(str, mean))}]", f"data.std=[{','.join(map(str, std))}]"]
+
+
+def _pretrained_overrides(weights: Path, cls_cfg) -> list[str]:
+    """A transfer stage starts from the classification run's weights and normalises as it did."""
+    return [f"model.weights={weights}", *normalization_overrides(cls_cfg)]
 
 
 def run_demo(out: Path | str = "runs/demo", overrides: Sequence[str] = (), stages: Sequence[str] = tuple(STAGES),
@@ -71,15 +81,15 @@ def run_demo(out: Path | str = "runs/demo", overrides: Sequence[str] = (), stage
     run = run or run_config
     out = Path(out)
     extra = split_overrides(overrides)
+    weights = out / "classification" / "model.safetensors"
     unknown = [s for s in stages if s not in STAGES]
-    if unknown or (stages and "classification" not in stages and not (out / "classification" / "model.safetensors").is_file()):
+    if unknown or (stages and "classification" not in stages and not weights.is_file()):
         raise ValueError(f"demo stages {list(stages)}: choose from {list(STAGES)}; the transfer stages need the "
-                         f"classification stage (or its {out / 'classification' / 'model.safetensors'})")
+                         f"classification stage (or its {weights})")
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
     commands: dict[str, str] = {}
     configs: dict[str, Any] = {}
-    weights = out / "classification" / "model.safetensors"
     cls_cfg = load_task_config(str(REPO / STAGES["classification"].config),
                                [*STAGES["classification"].overrides, f"output_dir={out / 'classification'}",
                                 *extra["classification"]])
