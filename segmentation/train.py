@@ -9,10 +9,11 @@ optimizer, schedule, scaler, non-finite streak, every rank's RNG, the batch insi
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ from .config import REFERENCE_BATCH, SegmentationConfig
 from .inference import predict
 from .metrics import SegmentationMetric
 from .model import FCN, build_fcn
-from .transforms import build_eval_transform, build_train_transform
+from .transforms import build_eval_transform, build_train_transform, pad_batch
 
 log = logging.getLogger("segmentation")
 
@@ -68,15 +69,23 @@ def normalization(cfg: SegmentationConfig) -> tuple[list[float], list[float]]:
 
 class Normalize(nn.Module):
     """uint8 images [N, C, H, W] -> float ``(x / 255 - mean) / std`` on the device (the workers ship uint8:
-    a quarter of float32's bytes)."""
+    a quarter of float32's bytes). With ``sizes`` ([N, 2], each image's (height, width) before
+    ``transforms.pad_batch`` padded it), everything outside an image's own size is set to 0 after
+    normalising: the mean colour, as mmseg's ``SegDataPreProcessor`` pads."""
 
     def __init__(self, mean: list[float], std: list[float]):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
-    def forward(self, images: Tensor) -> Tensor:
-        return (images.float() / 255 - self.mean) / self.std
+    def forward(self, images: Tensor, sizes: Optional[Tensor] = None) -> Tensor:
+        x = (images.float() / 255 - self.mean) / self.std
+        if sizes is None:
+            return x
+        sizes = sizes.to(x.device, non_blocking=True)
+        rows = torch.arange(x.shape[-2], device=x.device) < sizes[:, :1]  # [N, H]
+        cols = torch.arange(x.shape[-1], device=x.device) < sizes[:, 1:]  # [N, W]
+        return x * (rows[:, None, :, None] & cols[:, None, None, :])
 
 
 def class_names(cfg: SegmentationConfig) -> list[str]:
@@ -99,12 +108,14 @@ def _dataset(cfg: SegmentationConfig, split: str, transforms=None) -> ADE20K:
                   max_images=d.max_images)
 
 
-def _collate_train(batch: list) -> tuple[Tensor, Tensor]:
-    images, masks = zip(*batch)  # all padded to the crop size by the train transform
-    labels = torch.stack([m.as_subclass(Tensor) for m in masks])
+def _collate_train(batch: list, crop_size: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(uint8 images, labels, sizes)``: crops padded to ``crop_size`` (``transforms.pad_batch``; the
+    image padding is set to the mean colour after normalisation, on the device, by ``Normalize``)."""
+    images, masks = zip(*batch)
+    images, labels, sizes = pad_batch([im.as_subclass(Tensor) for im in images],
+                                      [m.as_subclass(Tensor) for m in masks], crop_size)
     # uint8 through the workers where the classes fit (0..254 and 255 = ignore)
-    return torch.stack([im.as_subclass(Tensor) for im in images]), \
-        labels.to(torch.uint8) if labels.max() <= 255 and labels.min() >= 0 else labels
+    return images, labels.to(torch.uint8) if labels.max() <= 255 and labels.min() >= 0 else labels, sizes
 
 
 class _EvalImages(Dataset):
@@ -128,7 +139,7 @@ def _first(batch: list):
 
 
 def build_train_loader(cfg: SegmentationConfig, dist_info: DistInfo) -> tuple[DataLoader, SeededSampler]:
-    """The training loader (batches ``(uint8 images, labels)``) and its sampler.
+    """The training loader (batches ``(uint8 images, labels, sizes)``, see ``_collate_train``) and its sampler.
 
     The order is a ``DistributedSampler``'s (a function of seed and epoch, also for one process), each
     sample is augmented under its own seed (``SeededDataset``), and ``loader.batch_sampler.skip`` leaves
@@ -143,7 +154,8 @@ def build_train_loader(cfg: SegmentationConfig, dist_info: DistInfo) -> tuple[Da
     workers = default_workers(cfg.data.workers)
     loader = DataLoader(SeededDataset(dataset), batch_sampler=SkipBatches(
                             torch.utils.data.BatchSampler(sampler, t.batch_size, drop_last=True)),
-                        num_workers=workers, collate_fn=_collate_train, pin_memory=dist_info.device.type == "cuda",
+                        num_workers=workers, collate_fn=functools.partial(_collate_train, crop_size=tuple(cfg.data.crop_size)),
+                        pin_memory=dist_info.device.type == "cuda",
                         persistent_workers=workers > 0, generator=torch.Generator().manual_seed(t.seed))
     return loader, sampler
 
@@ -326,8 +338,8 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
     while step < t.max_iter:
         step_loss, step_aux = torch.zeros((), device=device), torch.zeros((), device=device)
         for micro in range(t.accum_steps):
-            images, labels = next(batches)
-            images = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+            images, labels, sizes = next(batches)
+            images = normalize(images.to(device, non_blocking=True), sizes).contiguous(memory_format=memory_format)
             labels = labels.to(device, non_blocking=True).long()
             with stepper.no_sync(train_model, micro):
                 with precision.autocast():

@@ -147,6 +147,45 @@ def test_torch_engine_checkpoint_scores_the_same_through_mmseg(tmp_path):
         mmseg_engine.torch_engine_state_to_mmseg({"head.weight": torch.zeros(1)})
 
 
+def test_accumulation_gives_both_engines_the_same_optimizer_steps_and_lrs(tmp_path):
+    """train.max_iter counts optimizer steps in both engines: with train.accum_steps=2 mmengine runs twice as
+    many (micro-batch) iterations, and the lr of every optimizer step is runtime.schedules' (warm-up, poly
+    to min_lr), recorded at the optimizer itself."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from runtime.schedules import lr_at, scale_lr
+    from segmentation import train as torch_engine
+
+    root = tmp_path / "ADEChallengeData2016"
+    _write_ade20k(root, {"training": 4, "validation": 1}, num_classes=3)
+    overrides = [
+        f"data.root={tmp_path}", "model.backbone=resnet18d", "model.kwargs={width_mult: 0.25}", "model.channels=16",
+        "model.aux_channels=8", "data.num_classes=3", "data.scale=[80, 64]", "data.crop_size=[64, 64]",
+        "data.workers=0", "train.batch_size=2", "train.accum_steps=2", "train.max_iter=4", "optim.warmup_iters=1",
+        "train.eval_every=0", "train.checkpoint_every=2", "train.log_every=1", "eval.overlays=0",
+    ]
+    lrs: list[float] = []
+    hook = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: lrs.append(optimizer.param_groups[0]["lr"]))
+    try:
+        torch_engine.train(load_config(None, SegmentationConfig, [*overrides, f"output_dir={tmp_path / 'torch'}"]))
+        torch_lrs = lrs[:]
+        lrs.clear()
+        mmseg_engine.train(load_config(None, SegmentationConfig,
+                                       [*overrides, "engine=mmseg", f"output_dir={tmp_path / 'mm'}"]))
+        mm_lrs = lrs[:]
+    finally:
+        hook.remove()
+    base_lr, min_lr = scale_lr(0.01, 2 * 2, 16), scale_lr(1e-4, 2 * 2, 16)  # 2 images x 2 micro-batches
+    expected = [lr_at(s, base_lr=base_lr, total_steps=4, warmup_steps=1, schedule="poly", power=0.9, min_lr=min_lr)
+                for s in range(4)]
+    assert len(torch_lrs) == len(mm_lrs) == 4
+    assert torch_lrs == pytest.approx(expected, rel=1e-12)
+    assert mm_lrs == pytest.approx(expected, rel=1e-9, abs=1e-6 * base_lr)  # mmengine's warm-up starts at 1e-6
+    # mmengine names checkpoints by micro-batch iterations: optimizer step 2 and 4
+    assert sorted(p.name for p in (tmp_path / "mm").glob("iter_*.pth")) == ["iter_4.pth", "iter_8.pth"]
+
+
 def test_config_follows_the_recipe_with_ours_written_in():
     cfg = load_config(None, SegmentationConfig, ["engine=mmseg", "model.backbone=resnet18d", "train.batch_size=8",
                                                   "train.accum_steps=2", "optim.warmup_iters=10", "model.aux_weight=0",
