@@ -186,6 +186,44 @@ def test_accumulation_gives_both_engines_the_same_optimizer_steps_and_lrs(tmp_pa
     assert sorted(p.name for p in (tmp_path / "mm").glob("iter_*.pth")) == ["iter_4.pth", "iter_8.pth"]
 
 
+def test_nonfinite_losses_are_skipped_and_a_streak_stops_the_run(tmp_path, monkeypatch):
+    """train.max_nonfinite in the mmseg engine (fp32): from iteration 3 on the loss is NaN; iteration 3 is
+    skipped (weights and momentum unchanged), iteration 4 makes 2 in a row: TrainingDiverged before its
+    checkpoint is written, so the last checkpoint holds the last good weights."""
+    from mmseg.models.segmentors import EncoderDecoder
+
+    from runtime.step import TrainingDiverged
+
+    root = tmp_path / "ADEChallengeData2016"
+    _write_ade20k(root, {"training": 4, "validation": 1}, num_classes=3)
+    out = tmp_path / "run"
+    cfg = load_config(None, SegmentationConfig, [
+        "engine=mmseg", f"data.root={tmp_path}", f"output_dir={out}", "model.backbone=resnet18d",
+        "model.kwargs={width_mult: 0.25}", "model.channels=16", "model.aux_channels=8", "data.num_classes=3",
+        "data.scale=[80, 64]", "data.crop_size=[64, 64]", "data.workers=0", "train.batch_size=2",
+        "train.max_iter=6", "train.eval_every=0", "train.checkpoint_every=1", "train.max_nonfinite=2",
+    ])
+    calls = []
+    loss = EncoderDecoder.loss
+
+    def nan_from_the_third(self, inputs, data_samples):
+        losses = loss(self, inputs, data_samples)
+        calls.append(None)
+        return {k: v * float("nan") if len(calls) >= 3 and k.startswith("decode.loss") else v
+                for k, v in losses.items()}
+
+    monkeypatch.setattr(EncoderDecoder, "loss", nan_from_the_third)
+    with pytest.raises(TrainingDiverged, match="2 steps in a row"):
+        mmseg_engine.train(cfg)
+    assert len(calls) == 4 and (out / "iter_3.pth").is_file() and not (out / "iter_4.pth").exists()
+    good, skipped = (torch.load(out / f"iter_{i}.pth", map_location="cpu", weights_only=False) for i in (2, 3))
+    weights = [k for k in good["state_dict"] if "running_" not in k and "num_batches_tracked" not in k]
+    assert all(torch.equal(good["state_dict"][k], skipped["state_dict"][k]) for k in weights)
+    assert all(torch.isfinite(skipped["state_dict"][k]).all() for k in weights)
+    momenta = lambda ckpt: [s["momentum_buffer"] for s in ckpt["optimizer"]["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(momenta(good), momenta(skipped)))
+
+
 def test_config_follows_the_recipe_with_ours_written_in():
     cfg = load_config(None, SegmentationConfig, ["engine=mmseg", "model.backbone=resnet18d", "train.batch_size=8",
                                                   "train.accum_steps=2", "optim.warmup_iters=10", "model.aux_weight=0",
