@@ -33,7 +33,7 @@ from torch import Tensor
 from backbones import create_backbone
 from runtime.config import dump_config
 from runtime.data import default_workers, normalization
-from runtime.distributed import world_size
+from runtime.distributed import init_distributed, world_size
 from runtime.schedules import scale_lr
 
 from .config import REFERENCE_BATCH, SegmentationConfig
@@ -400,6 +400,11 @@ def build_mmseg_config(cfg: SegmentationConfig):
     mc.randomness = dict(seed=t.seed)
     mc.env_cfg.dist_cfg = dict(backend="nccl" if on_cuda else "gloo")
     mc.launcher = "pytorch" if world > 1 else "none"
+    if world > 1 and not on_cuda:
+        # mmengine's default wrapper passes device_ids=[LOCAL_RANK], which DDP refuses for a CPU module;
+        # under gloo on CPUs it runs with none (otherwise mmengine's defaults).
+        mc.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False,
+                                    find_unused_parameters=False)
     mc.work_dir = cfg.output_dir
     # The visualizer (which writes the run's scalars.json) is a process-wide singleton looked up by name; the
     # recipe's fixed name would make a second run in the same process log into the first run's folder.
@@ -457,6 +462,10 @@ def _trusted_checkpoints(*trusted: str | os.PathLike | None):
 def _runner(cfg: SegmentationConfig):
     """mmengine's Runner for ``cfg`` and a hook that keeps the last validation metrics."""
     mc = build_mmseg_config(cfg)
+    if mc.launcher == "pytorch" and not torch.cuda.is_available():
+        # mmengine's init_dist calls torch.cuda.set_device whatever the backend; on CPUs the group is joined
+        # here (gloo), and the Runner, finding it initialised, uses it.
+        init_distributed("cpu")
     from mmengine.hooks import Hook
     from mmengine.runner import Runner
 
@@ -495,8 +504,10 @@ def train(cfg: SegmentationConfig) -> dict[str, float]:
     """
     if cfg.engine != "mmseg":
         raise ValueError(f"engine={cfg.engine!r}: the mmseg engine runs configs with engine: mmseg")
-    dump_config(cfg, Path(cfg.output_dir) / "config.yaml")
-    runner, recorder = _runner(cfg)
+    runner, recorder = _runner(cfg)  # joins the process group under torchrun
+    from mmengine.dist import is_main_process
+    if is_main_process():
+        dump_config(cfg, Path(cfg.output_dir) / "config.yaml")
     with _trusted_checkpoints(cfg.output_dir, _resume(cfg)[1]):
         runner.train()
         if recorder.metrics is None:  # resumed at max_iter: no iteration ran, so no validation either
@@ -548,7 +559,10 @@ def evaluate(cfg: SegmentationConfig, checkpoint: str) -> dict[str, float]:
     runner, recorder = _runner(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=None)))
     state = _torch_engine_state(path)
     if state is not None:
-        runner.model.load_state_dict(torch_engine_state_to_mmseg(state), strict=True)
+        from mmengine.model import is_model_wrapper
+        # under torchrun the Runner has wrapped the model in DDP: the weights load into the module inside
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        model.load_state_dict(torch_engine_state_to_mmseg(state), strict=True)
         metrics = runner.test()
     else:
         with _trusted_checkpoints(cfg.output_dir, checkpoint):

@@ -377,7 +377,7 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
 
     if is_main:
         log.info("per-class IoU at iteration %d:\n%s", step, iou_table(metrics))
-        torch.save(model.state_dict(), out / "model_final.pth")
+        save_checkpoint(model.state_dict(), out / "model_final.pth")  # atomic, as last.pth
         plot_run(out, val_metrics=(("mIoU", "mIoU"),), val_x="step", val_title="validation mIoU (%)")
         log.info("wrote %s, %s, overlays and plots", out / "model_final.pth", out / "metrics.jsonl")
     logger.close()

@@ -224,6 +224,70 @@ def test_nonfinite_losses_are_skipped_and_a_streak_stops_the_run(tmp_path, monke
     assert all(torch.equal(a, b) for a, b in zip(momenta(good), momenta(skipped)))
 
 
+_UNDER_TORCHRUN = """
+import json, sys
+import torch.distributed as dist
+from runtime.config import load_config
+from segmentation import mmseg_engine
+from segmentation.config import SegmentationConfig
+
+root, checkpoint, out = sys.argv[1:4]
+writers = []
+dump = mmseg_engine.dump_config
+mmseg_engine.dump_config = lambda cfg, path: (writers.append(dist.get_rank()), dump(cfg, path))
+overrides = [
+    "engine=mmseg", f"data.root={root}", f"output_dir={out}", "model.backbone=resnet18d",
+    "model.kwargs={width_mult: 0.25}", "model.channels=16", "model.aux_channels=8", "data.num_classes=3",
+    "data.scale=[80, 64]", "data.crop_size=[64, 64]", "data.workers=0", "train.batch_size=1", "train.max_iter=2",
+    "train.eval_every=0", "train.checkpoint_every=2", "eval.overlays=0",
+]
+cfg = load_config(None, SegmentationConfig, overrides)
+trained = mmseg_engine.train(cfg)
+evaluated = mmseg_engine.evaluate(cfg, checkpoint)
+print(json.dumps(dict(rank=dist.get_rank(), writers=writers, trained=trained, evaluated=evaluated)))
+"""
+
+
+@pytest.mark.slow
+def test_under_torchrun_trains_and_evaluates_a_torch_engine_checkpoint(tmp_path):
+    """torchrun (gloo, 2 CPU processes): the mmseg engine trains (config.yaml written by rank 0 only) and
+    evaluates a torch-engine checkpoint (loaded into the DDP-wrapped model's module): every rank gets the
+    single-process evaluation of the same checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    from segmentation import train as torch_engine
+
+    root = tmp_path / "ADEChallengeData2016"
+    _write_ade20k(root, {"training": 4, "validation": 3}, num_classes=3)
+    overrides = [
+        f"data.root={tmp_path}", f"output_dir={tmp_path / 'torch'}", "model.backbone=resnet18d",
+        "model.kwargs={width_mult: 0.25}", "model.channels=16", "model.aux_channels=8", "data.num_classes=3",
+        "data.scale=[80, 64]", "data.crop_size=[64, 64]", "data.workers=0", "train.batch_size=2",
+        "train.max_iter=2", "train.eval_every=0", "train.checkpoint_every=2", "eval.overlays=0", "optim.lr=0.05",
+    ]
+    torch_engine.train(load_config(None, SegmentationConfig, overrides))
+    checkpoint = tmp_path / "torch" / "model_final.pth"
+    single = mmseg_engine.evaluate(load_config(None, SegmentationConfig, [
+        *overrides, "engine=mmseg", f"output_dir={tmp_path / 'single'}"]), str(checkpoint))
+
+    script = tmp_path / "under_torchrun.py"
+    script.write_text(_UNDER_TORCHRUN)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(tmp_path), str(checkpoint), str(tmp_path / "ddp")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ranks = sorted((json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")),
+                   key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert [r["writers"] for r in ranks] == [[0], []] and (tmp_path / "ddp" / "config.yaml").is_file()
+    assert (tmp_path / "ddp" / "iter_2.pth").is_file() and ranks[0]["trained"] == ranks[1]["trained"]
+    assert ranks[0]["evaluated"] == ranks[1]["evaluated"] == single
+
+
 def test_config_follows_the_recipe_with_ours_written_in():
     cfg = load_config(None, SegmentationConfig, ["engine=mmseg", "model.backbone=resnet18d", "train.batch_size=8",
                                                   "train.accum_steps=2", "optim.warmup_iters=10", "model.aux_weight=0",
