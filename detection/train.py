@@ -152,7 +152,7 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
                          "Faster R-CNN then diverges: set model.weights to a pretrained backbone (model.safetensors "
                          "of a classification run) or use model.norm=batchnorm")
     torch.manual_seed(t.seed + dist_info.rank)
-    precision = setup_precision(t.precision, device)
+    precision = setup_precision(t.precision, device, cudnn_benchmark=False)  # image sizes vary (multi-scale)
 
     # Workers decode, mirror (v2, per-sample seed) and keep uint8; batches share an aspect-ratio group.
     classes = resolve_classes(cfg.data.classes)

@@ -36,6 +36,7 @@ from runtime.data import default_workers, normalization
 from runtime.distributed import init_distributed, world_size
 from runtime.schedules import scale_lr
 
+from .ade20k import palette
 from .config import REFERENCE_BATCH, SegmentationConfig
 
 log = logging.getLogger("segmentation")
@@ -263,10 +264,9 @@ def _dataset(cfg: SegmentationConfig, split: str, pipeline: list[dict]) -> dict:
         return dict(type="ADE20KDataset", **common)
     # ADE20KDataset maps any other class list onto a subset of its 150 names (and refuses unknown names), so
     # another dataset in the ADE20K layout uses the base class with the same file suffixes and its own classes.
-    # The palette is fixed (seeded), as mmseg draws one for classes without colours.
-    palette = torch.randint(0, 256, (len(names), 3), generator=torch.Generator().manual_seed(42)).tolist()
+    # The palette is fixed (seeded, the torch engine's), as mmseg draws one for classes without colours.
     return dict(type="BaseSegDataset", img_suffix=".jpg", seg_map_suffix=".png",
-                metainfo=dict(classes=tuple(names), palette=palette), **common)
+                metainfo=dict(classes=tuple(names), palette=palette(len(names)).tolist()), **common)
 
 
 def _workers(cfg: SegmentationConfig) -> int:

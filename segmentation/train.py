@@ -9,6 +9,7 @@ optimizer, schedule, scaler, non-finite streak, every rank's RNG, the batch insi
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -31,11 +32,11 @@ from runtime.data import normalization as resolve_normalization
 from runtime.distributed import DistInfo, ShardSampler, all_reduce_sum, cleanup_distributed, init_distributed
 from runtime.logger import Progress, RunLogger, plot_run, reduce_mean
 from runtime.optim import build_optimizer
-from runtime.precision import autocast_for, setup_precision
+from runtime.precision import autocast_for, cudnn_benchmark_off, setup_precision
 from runtime.schedules import build_scheduler, scale_lr
 from runtime.step import OptimizerStep, TrainingDiverged
 
-from .ade20k import ADE20K, IGNORE_INDEX
+from .ade20k import ADE20K, IGNORE_INDEX, palette
 from .config import REFERENCE_BATCH, SegmentationConfig
 from .inference import predict
 from .metrics import SegmentationMetric
@@ -95,11 +96,6 @@ def class_names(cfg: SegmentationConfig) -> list[str]:
     if len(names) != cfg.data.num_classes:
         raise ValueError(f"data.class_names has {len(names)} names but data.num_classes is {cfg.data.num_classes}")
     return list(names)
-
-
-def palette(num_classes: int) -> np.ndarray:
-    """A fixed colour per class ([K, 3] uint8; seeded as the mmseg engine's), black for ignored pixels."""
-    return torch.randint(0, 256, (num_classes, 3), generator=torch.Generator().manual_seed(42)).numpy().astype(np.uint8)
 
 
 def _dataset(cfg: SegmentationConfig, split: str, transforms=None) -> ADE20K:
@@ -191,7 +187,7 @@ def evaluate(model: nn.Module, cfg: SegmentationConfig, dist_info: DistInfo, aut
     dataset = _EvalImages(_dataset(cfg, cfg.data.val_split), build_eval_transform(cfg.data))
     indices = list(ShardSampler(len(dataset), dist_info.rank, dist_info.world_size))
     loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1, collate_fn=_first,
-                        num_workers=min(default_workers(cfg.data.workers), 2),
+                        num_workers=default_workers(cfg.data.workers), pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(0))  # never draws from the training RNG
     normalize = Normalize(*normalization(cfg)).to(device)
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
@@ -201,17 +197,21 @@ def evaluate(model: nn.Module, cfg: SegmentationConfig, dist_info: DistInfo, aut
     metric = SegmentationMetric(cfg.data.num_classes, IGNORE_INDEX)
     was_training = model.training
     model.eval()
+    # whole-image evaluation sees every image's own size: cuDNN's autotuner would re-tune for each; slide
+    # windows are crop-sized, and keep the training's setting
+    benchmark = cudnn_benchmark_off() if e.mode == "whole" else contextlib.nullcontext()
     try:
-        for index, (image, label, original) in zip(indices, loader):
-            x = normalize(image[None].to(device, non_blocking=True)).contiguous(memory_format=memory_format)
-            with autocast():
-                scores = predict(model, x, label.shape[-2:], mode=e.mode, crop_size=e.crop_size, stride=e.stride,
-                                 scales=e.scales, flip=e.flip, num_classes=cfg.data.num_classes)
-            pred = scores[0].argmax(0)
-            label = label.to(device)
-            metric.update(pred, label)
-            if overlays_dir is not None and index < e.overlays:
-                Image.fromarray(_overlay(original, pred, label, colours)).save(overlays_dir / f"{index:05d}.png")
+        with benchmark:
+            for index, (image, label, original) in zip(indices, loader):
+                x = normalize(image[None].to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+                with autocast():
+                    scores = predict(model, x, label.shape[-2:], mode=e.mode, crop_size=e.crop_size,
+                                     stride=e.stride, scales=e.scales, flip=e.flip, num_classes=cfg.data.num_classes)
+                pred = scores[0].argmax(0)
+                label = label.to(device)
+                metric.update(pred, label)
+                if overlays_dir is not None and index < e.overlays:
+                    Image.fromarray(_overlay(original, pred, label, colours)).save(overlays_dir / f"{index:05d}.png")
     finally:
         model.train(was_training)
     k = cfg.data.num_classes
@@ -260,7 +260,7 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
     if t.max_iter < 1 or t.batch_size < 1 or t.accum_steps < 1:
         raise ValueError("train.max_iter, train.batch_size and train.accum_steps must be >= 1")
     torch.manual_seed(t.seed + dist_info.rank)
-    precision = setup_precision(t.precision, device)
+    precision = setup_precision(t.precision, device, cudnn_benchmark=True)  # fixed crops (padded to crop_size)
 
     # ---- data -------------------------------------------------------------------------------------------
     loader, sampler = build_train_loader(cfg, dist_info)

@@ -119,8 +119,9 @@ def test_tiny_run_trains_evaluates_and_resumes(tmp_path):
 
 def test_torch_engine_checkpoint_scores_the_same_through_mmseg(tmp_path):
     """One checkpoint of the torch engine, evaluated by both engines: the same weights (renamed for mmseg's
-    EncoderDecoder) give the same mIoU/mAcc/aAcc (mmseg rounds to 0.01). Scale = the images' size, so
-    neither engine resizes."""
+    EncoderDecoder) give the same mIoU/mAcc/aAcc (mmseg rounds to 0.01). data.scale (100, 48) resizes the
+    64 x 80 images to 48 x 60 in both engines (torchvision on uint8 / cv2.resize) and the logits back to the
+    label size: the resize path of both, not only the network."""
     from segmentation import train as torch_engine
 
     root = tmp_path / "ADEChallengeData2016"
@@ -128,7 +129,7 @@ def test_torch_engine_checkpoint_scores_the_same_through_mmseg(tmp_path):
     overrides = [
         f"data.root={tmp_path}", f"output_dir={tmp_path / 'run'}",
         "model.backbone=resnet18d", "model.kwargs={width_mult: 0.25}", "model.channels=16", "model.aux_channels=8",
-        "data.num_classes=3", "data.scale=[80, 64]", "data.crop_size=[64, 64]", "data.workers=0",
+        "data.num_classes=3", "data.scale=[100, 48]", "data.crop_size=[48, 48]", "data.workers=0",
         "train.batch_size=2", "train.max_iter=3", "train.eval_every=0", "train.checkpoint_every=3", "eval.overlays=0",
         "optim.lr=0.05",
     ]

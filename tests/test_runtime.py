@@ -163,3 +163,11 @@ def test_save_checkpoint_is_atomic_and_synced(tmp_path, monkeypatch):
         save_checkpoint({"w": torch.full((3,), 2.0)}, path)
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["model_final.pth"]
+
+
+@pytest.mark.parametrize("benchmark", [True, False])
+def test_setup_precision_sets_the_cudnn_autotuner_as_asked(monkeypatch, benchmark):
+    """On CUDA the caller chooses: on for fixed input sizes, off where they vary (multi-scale detection)."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not benchmark)
+    setup_precision("fp32", torch.device("cuda"), cudnn_benchmark=benchmark)
+    assert torch.backends.cudnn.benchmark is benchmark
