@@ -155,7 +155,8 @@ def test_save_checkpoint_is_atomic_and_synced(tmp_path, monkeypatch):
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
 
     def dies_mid_write(obj, f, *args, **kwargs):
-        f.write(b"half a checkpoint")
+        with open(f, "wb") as file:
+            file.write(b"half a checkpoint")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", dies_mid_write)
