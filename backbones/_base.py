@@ -7,6 +7,7 @@ from typing import Callable, Literal, Optional
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torchvision.ops import FrozenBatchNorm2d
 
 # The paper's normalisation (section 2.1), on the 0-1 scale.
 IMAGENET_MEAN = (123.68 / 255, 116.779 / 255, 103.939 / 255)
@@ -24,51 +25,24 @@ class FeatureInfo:
     stride: int
 
 
-class FrozenBatchNorm2d(nn.Module):
-    """BatchNorm with fixed statistics and affine parameters (detectron2 / torchvision semantics).
-
-    Buffers carry BN's names, so a BatchNorm state dict loads into it; ``num_batches_tracked`` is
-    accepted and dropped.
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5):
-        super().__init__()
-        self.num_features = num_features
-        self.eps = eps
-        self.register_buffer("weight", torch.ones(num_features))
-        self.register_buffer("bias", torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.pop(prefix + "num_batches_tracked", None)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def forward(self, x: Tensor) -> Tensor:
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
-        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}"
-
-    @classmethod
-    def convert(cls, module: nn.Module) -> nn.Module:
-        """Return ``module`` with every BatchNorm2d/SyncBatchNorm replaced by a frozen copy."""
-        if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):
-            frozen = cls(module.num_features, module.eps)
-            if module.affine:
-                frozen.weight.copy_(module.weight.detach())
-                frozen.bias.copy_(module.bias.detach())
-            if module.track_running_stats:
-                frozen.running_mean.copy_(module.running_mean)
-                frozen.running_var.copy_(module.running_var)
-            return frozen
-        for name, child in module.named_children():
-            new = cls.convert(child)
-            if new is not child:
-                setattr(module, name, new)
-        return module
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """``module`` with every BatchNorm2d/SyncBatchNorm replaced by torchvision's ``FrozenBatchNorm2d``
+    (detectron2's semantics: fixed statistics and affine parameters, BN's buffer names, so BatchNorm state
+    dicts load into it; ``num_batches_tracked`` is accepted and dropped), holding the same values."""
+    if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+        frozen = FrozenBatchNorm2d(module.num_features, module.eps)
+        if module.affine:
+            frozen.weight.copy_(module.weight.detach())
+            frozen.bias.copy_(module.bias.detach())
+        if module.track_running_stats:
+            frozen.running_mean.copy_(module.running_mean)
+            frozen.running_var.copy_(module.running_var)
+        return frozen
+    for name, child in module.named_children():
+        new = freeze_batchnorm(child)
+        if new is not child:
+            setattr(module, name, new)
+    return module
 
 
 def convert_norm(model: nn.Module, kind: str) -> nn.Module:
@@ -79,7 +53,7 @@ def convert_norm(model: nn.Module, kind: str) -> nn.Module:
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if kind == "frozenbatchnorm":
         with torch.no_grad():
-            return FrozenBatchNorm2d.convert(model)
+            return freeze_batchnorm(model)
     raise ValueError(f"unknown norm_layer {kind!r}: use 'batchnorm', 'syncbatchnorm' or 'frozenbatchnorm'")
 
 

@@ -152,7 +152,7 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
                          "Faster R-CNN then diverges: set model.weights to a pretrained backbone (model.safetensors "
                          "of a classification run) or use model.norm=batchnorm")
     torch.manual_seed(t.seed + dist_info.rank)
-    precision = setup_precision(t.precision, device)
+    precision = setup_precision(t.precision, device, cudnn_benchmark=False)  # image sizes vary (multi-scale)
 
     # Workers decode, mirror (v2, per-sample seed) and keep uint8; batches share an aspect-ratio group.
     classes = resolve_classes(cfg.data.classes)
@@ -245,7 +245,7 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
     if not metrics:  # a finished run resumed again: report its result
         metrics = evaluate_detector(model, cfg, dist_info, test_set)
     if is_main:
-        torch.save(model.state_dict(), out / "model_final.pth")
+        save_checkpoint(model.state_dict(), out / "model_final.pth")  # atomic, as last.pth
         plot_run(out, val_metrics=(("VOC07 mAP", "mAP"),), val_x="step", val_title="VOC07 mAP (%)")
         save_detection_pictures(test_set, metrics["detections"], out / "detections", t.visualize, t.visualize_thresh)
     logger.close()

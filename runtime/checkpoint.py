@@ -15,19 +15,38 @@ log = logging.getLogger(__name__)
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to a temporary file in the same directory, then rename over ``path``.
+    """``torch.save`` to a temporary file in the same directory, flushed to disk (fsync), then renamed
+    over ``path`` and the directory entry synced.
 
-    The rename is atomic: a crash during the write leaves the previous checkpoint intact.
+    The rename is atomic: a crash during the write leaves the previous checkpoint intact; the fsyncs make
+    the new one survive a power loss once this returns (a rename alone may reach the disk before the data).
     """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         torch.save(state, tmp)
+        with open(tmp, "rb") as written:  # fsync syncs the file's data, whichever descriptor names it
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # a platform without directory handles (Windows): the rename is as durable as it gets
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the data itself is synced
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -2,15 +2,17 @@
 
 ``fp16``: autocast to float16 + ``GradScaler`` (loss scaling; fp32 master weights), the CUDA choice.
 ``bf16``: autocast to bfloat16, no scaler (bf16 has fp32's exponent range), the CPU choice.
-``fp32``: neither. On CUDA the run also enables cuDNN's autotuner (fixed input sizes in classification;
-it helps detection/segmentation too after the first sizes are seen).
+``fp32``: neither. On CUDA the run also chooses cuDNN's autotuner (``cudnn_benchmark``): on where the input
+size is fixed (classification crops, segmentation training crops), off where it varies (multi-scale
+detection training, whole-image segmentation evaluation: ``cudnn_benchmark_off``), as detectron2 does
+(``CUDNN_BENCHMARK: False``): the autotuner times every kernel again for each new shape.
 """
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Iterator
 
 import torch
 
@@ -40,9 +42,21 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], ContextMa
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-def setup_precision(precision: str, device: torch.device) -> Precision:
-    """The autocast factory and GradScaler of a run; also turns on cuDNN benchmarking on CUDA."""
+def setup_precision(precision: str, device: torch.device, *, cudnn_benchmark: bool = True) -> Precision:
+    """The autocast factory and GradScaler of a run; on CUDA also sets cuDNN's autotuner to
+    ``cudnn_benchmark``: True for fixed input sizes, False where they vary."""
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = cudnn_benchmark
     return Precision(precision, autocast_for(precision, device),
                      torch.amp.GradScaler(device.type, enabled=precision == "fp16"))
+
+
+@contextmanager
+def cudnn_benchmark_off() -> Iterator[None]:
+    """cuDNN's autotuner off inside (inputs of varying size, e.g. whole-image evaluation), restored after."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous

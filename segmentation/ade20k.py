@@ -32,6 +32,12 @@ class ADE20KFormatError(ValueError):
     """An ADE20K file that cannot be read as released; the message names the file."""
 
 
+def palette(num_classes: int) -> np.ndarray:
+    """A fixed colour per class ([K, 3] uint8, seeded): the torch engine's overlays and the mmseg engine's
+    dataset metainfo for classes other than ADE20K's (mmseg draws random colours for those)."""
+    return torch.randint(0, 256, (num_classes, 3), generator=torch.Generator().manual_seed(42)).numpy().astype(np.uint8)
+
+
 def reduce_zero_label(annotation: np.ndarray) -> np.ndarray:
     """0..K -> 255 (ignore), 0..K-1."""
     label = annotation.astype(np.int64) - 1

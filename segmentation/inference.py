@@ -19,11 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def _rescale_size(height: int, width: int, scale: Sequence[float]) -> tuple[int, int]:
-    # mmcv's keep-ratio rule (as segmentation.transforms.rescale_size; repeated to keep this module standalone)
-    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
+from .transforms import rescale_size
 
 
 def whole_inference(model: nn.Module, image: Tensor, num_classes: Optional[int] = None) -> Tensor:
@@ -74,7 +70,7 @@ def predict(model: nn.Module, image: Tensor, label_size: Sequence[int], *, mode:
     views = []
     for s in scales:
         if base_scale is not None:
-            size = _rescale_size(height, width, (int(base_scale[0] * s), int(base_scale[1] * s)))
+            size = rescale_size(height, width, (int(base_scale[0] * s), int(base_scale[1] * s)))
         else:
             size = (int(height * s + 0.5), int(width * s + 0.5))
         scaled = image if size == (height, width) else F.interpolate(image, size=size, mode="bilinear",

@@ -33,9 +33,10 @@ from torch import Tensor
 from backbones import create_backbone
 from runtime.config import dump_config
 from runtime.data import default_workers, normalization
-from runtime.distributed import world_size
+from runtime.distributed import init_distributed, world_size
 from runtime.schedules import scale_lr
 
+from .ade20k import palette
 from .config import REFERENCE_BATCH, SegmentationConfig
 
 log = logging.getLogger("segmentation")
@@ -130,37 +131,111 @@ class TricksBackbone(nn.Module):
 
 
 def register_modules() -> types.SimpleNamespace:
-    """Import mmseg (``import_mmseg``) and register ``TricksBackbone`` in its MODELS and the CPU bf16
-    optimizer wrapper in its OPTIM_WRAPPERS. Idempotent: a second call re-registers the same classes."""
+    """Import mmseg (``import_mmseg``) and register ``TricksBackbone`` in its MODELS, the optimizer wrappers
+    with the suite's non-finite policy (``_optim_wrapper_classes``) in its OPTIM_WRAPPERS and the
+    per-optimizer-step schedule hook in its HOOKS. Idempotent: a second call re-registers the same classes."""
     mm = import_mmseg()
-    from mmseg.registry import MODELS, OPTIM_WRAPPERS
+    from mmseg.registry import HOOKS, MODELS, OPTIM_WRAPPERS
     MODELS.register_module(name="TricksBackbone", module=TricksBackbone, force=True)
-    OPTIM_WRAPPERS.register_module(name="CPUAutocastOptimWrapper", module=_cpu_autocast_wrapper_class(),
-                                   force=True)
+    for name, wrapper in _optim_wrapper_classes().items():
+        OPTIM_WRAPPERS.register_module(name=name, module=wrapper, force=True)
+    HOOKS.register_module(name="OptimizerStepParamSchedulerHook", module=_scheduler_hook_class(), force=True)
     return mm
 
 
-_CPU_AUTOCAST_WRAPPER: Optional[type] = None
+_OPTIM_WRAPPERS: dict[str, type] = {}
+_SCHEDULER_HOOK: Optional[type] = None
 
 
-def _cpu_autocast_wrapper_class() -> type:
-    # mmengine's AmpOptimWrapper refuses to run without a GPU, yet bf16 autocast is the fast way to train on
-    # a CPU (about 2.2x for ResNet-50 here). bf16 keeps fp32's exponent range, so no loss scaling is needed:
-    # the plain OptimWrapper with an autocast context is enough. Built once, on first use (mmengine is lazy).
-    global _CPU_AUTOCAST_WRAPPER
-    if _CPU_AUTOCAST_WRAPPER is None:
-        from mmengine.optim import OptimWrapper
+def _optim_wrapper_classes() -> dict[str, type]:
+    """``{registered name: class}``: mmengine's ``OptimWrapper`` and ``AmpOptimWrapper`` and a CPU bf16
+    wrapper, each with the suite's non-finite policy (``runtime.step``). Built once, on first use (mmengine
+    is imported lazily).
 
-        class CPUAutocastOptimWrapper(OptimWrapper):
-            """OptimWrapper whose forward and loss run under CPU bf16 autocast."""
+    The policy, as in the torch engine: a step (``accumulative_counts`` micro-batches) in which any
+    micro-batch's loss is not finite on any rank is skipped on every rank (gradients dropped, no update;
+    the schedule still advances), and ``max_nonfinite`` skipped steps in a row raise ``TrainingDiverged``
+    inside the step, before the checkpoint hook runs: the last checkpoint stays the last good one.
+    mmengine's own wrappers would step an fp32 run on NaN gradients to the end. The finiteness check is
+    one scalar per micro-batch; mmengine reads every loss on the host for its log anyway.
+    """
+    if _OPTIM_WRAPPERS:
+        return _OPTIM_WRAPPERS
+    from mmengine.optim import AmpOptimWrapper, OptimWrapper
 
-            @contextlib.contextmanager
-            def optim_context(self, model: nn.Module):
-                with super().optim_context(model), torch.autocast("cpu", dtype=torch.bfloat16):
-                    yield
+    from runtime.distributed import all_reduce_min
+    from runtime.step import TrainingDiverged
 
-        _CPU_AUTOCAST_WRAPPER = CPUAutocastOptimWrapper
-    return _CPU_AUTOCAST_WRAPPER
+    class NonFinitePolicy:
+        def __init__(self, *args, max_nonfinite: int = 20, **kwargs):
+            super().__init__(*args, **kwargs)
+            if max_nonfinite < 1:
+                raise ValueError(f"train.max_nonfinite must be >= 1, got {max_nonfinite}")
+            self.max_nonfinite, self.nonfinite_streak, self._step_finite = max_nonfinite, 0, True
+
+        def update_params(self, loss: Tensor, step_kwargs: Optional[dict] = None,
+                          zero_kwargs: Optional[dict] = None) -> None:
+            # backward even when non-finite: under DDP every rank must take part in the gradient all-reduce
+            self._step_finite &= bool(all_reduce_min(torch.isfinite(loss.detach()).float()).item())
+            self.backward(self.scale_loss(loss))
+            if not self.should_update():
+                return
+            if self._step_finite:
+                self.step(**(step_kwargs or {}))
+                self.nonfinite_streak = 0
+            else:
+                self.nonfinite_streak += 1
+                log.warning("non-finite loss: optimizer step skipped (%d in a row; train.max_nonfinite=%d)",
+                            self.nonfinite_streak, self.max_nonfinite)
+            self.zero_grad(**(zero_kwargs or {}))
+            self._step_finite = True
+            if self.nonfinite_streak >= self.max_nonfinite:
+                raise TrainingDiverged(
+                    f"the loss was non-finite for {self.nonfinite_streak} steps in a row; stopped before the "
+                    "checkpoint of this iteration, so the work dir's last checkpoint is the last good one. "
+                    "Lower optim.lr, lengthen the warm-up, or train in fp32")
+
+    class TricksOptimWrapper(NonFinitePolicy, OptimWrapper):
+        """mmengine's OptimWrapper with the suite's non-finite policy."""
+
+    class TricksAmpOptimWrapper(NonFinitePolicy, AmpOptimWrapper):
+        """mmengine's AmpOptimWrapper (CUDA fp16/bf16) with the suite's non-finite policy."""
+
+    class CPUAutocastOptimWrapper(TricksOptimWrapper):
+        """Forward and loss under CPU bf16 autocast. mmengine's AmpOptimWrapper refuses to run without a
+        GPU, yet bf16 autocast is the fast way to train on a CPU (about 2.2x for ResNet-50 here); bf16 keeps
+        fp32's exponent range, so no loss scaling is needed."""
+
+        @contextlib.contextmanager
+        def optim_context(self, model: nn.Module):
+            with super().optim_context(model), torch.autocast("cpu", dtype=torch.bfloat16):
+                yield
+
+    _OPTIM_WRAPPERS.update(TricksOptimWrapper=TricksOptimWrapper, TricksAmpOptimWrapper=TricksAmpOptimWrapper,
+                           CPUAutocastOptimWrapper=CPUAutocastOptimWrapper)
+    return _OPTIM_WRAPPERS
+
+
+def _scheduler_hook_class() -> type:
+    """mmengine's ParamSchedulerHook stepping the iteration-based schedules once per optimizer step.
+
+    mmengine counts a micro-batch as an iteration (``accumulative_counts`` of them per optimizer step) and
+    its hook steps the schedules after each one; ``train.max_iter``, ``optim.warmup_iters`` and the poly
+    span count optimizer steps, as in the torch engine. So the loop's ``max_iters`` and the intervals are
+    scaled by ``train.accum_steps`` (``build_mmseg_config``) and the schedules advance only after the
+    iterations that ended with an update: the same lr at every optimizer step as ``runtime.schedules``.
+    """
+    global _SCHEDULER_HOOK
+    if _SCHEDULER_HOOK is None:
+        from mmengine.hooks import ParamSchedulerHook
+
+        class OptimizerStepParamSchedulerHook(ParamSchedulerHook):
+            def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+                if runner.optim_wrapper.should_update():  # this iteration ended with an optimizer step
+                    super().after_train_iter(runner, batch_idx, data_batch, outputs)
+
+        _SCHEDULER_HOOK = OptimizerStepParamSchedulerHook
+    return _SCHEDULER_HOOK
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -189,10 +264,9 @@ def _dataset(cfg: SegmentationConfig, split: str, pipeline: list[dict]) -> dict:
         return dict(type="ADE20KDataset", **common)
     # ADE20KDataset maps any other class list onto a subset of its 150 names (and refuses unknown names), so
     # another dataset in the ADE20K layout uses the base class with the same file suffixes and its own classes.
-    # The palette is fixed (seeded), as mmseg draws one for classes without colours.
-    palette = torch.randint(0, 256, (len(names), 3), generator=torch.Generator().manual_seed(42)).tolist()
+    # The palette is fixed (seeded, the torch engine's), as mmseg draws one for classes without colours.
     return dict(type="BaseSegDataset", img_suffix=".jpg", seg_map_suffix=".png",
-                metainfo=dict(classes=tuple(names), palette=palette), **common)
+                metainfo=dict(classes=tuple(names), palette=palette(len(names)).tolist()), **common)
 
 
 def _workers(cfg: SegmentationConfig) -> int:
@@ -206,7 +280,8 @@ def _loader(cfg: SegmentationConfig, base: dict, dataset: dict, batch_size: int)
 
 
 def _optim_wrapper(cfg: SegmentationConfig, lr: float, on_cuda: bool) -> dict:
-    wrapper = dict(type="OptimWrapper", clip_grad=None, accumulative_counts=cfg.train.accum_steps,
+    wrapper = dict(type="TricksOptimWrapper", clip_grad=None, accumulative_counts=cfg.train.accum_steps,
+                   max_nonfinite=cfg.train.max_nonfinite,
                    optimizer=dict(type="SGD", lr=lr, momentum=cfg.optim.momentum,
                                   weight_decay=cfg.optim.weight_decay))
     if cfg.optim.no_bias_decay:  # the paper's rule: biases and norm-layer parameters get no weight decay
@@ -214,9 +289,9 @@ def _optim_wrapper(cfg: SegmentationConfig, lr: float, on_cuda: bool) -> dict:
     if cfg.train.precision == "fp16":
         if not on_cuda:
             raise ValueError("train.precision=fp16 needs a GPU (mmengine's AmpOptimWrapper); on a CPU use bf16 or fp32")
-        wrapper.update(type="AmpOptimWrapper", loss_scale="dynamic")
+        wrapper.update(type="TricksAmpOptimWrapper", loss_scale="dynamic")
     elif cfg.train.precision == "bf16":
-        wrapper.update(type="AmpOptimWrapper", dtype="bfloat16") if on_cuda else wrapper.update(
+        wrapper.update(type="TricksAmpOptimWrapper", dtype="bfloat16") if on_cuda else wrapper.update(
             type="CPUAutocastOptimWrapper")
     return wrapper
 
@@ -306,17 +381,30 @@ def build_mmseg_config(cfg: SegmentationConfig):
     lr, min_lr = scale_lr(o.lr, global_batch, REFERENCE_BATCH), scale_lr(o.min_lr, global_batch, REFERENCE_BATCH)
     mc.optimizer = dict(type="SGD", lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
     mc.optim_wrapper = _optim_wrapper(cfg, lr, on_cuda)
+    # The schedules count optimizer steps (OptimizerStepParamSchedulerHook); mmengine's loop counts
+    # micro-batches, accum_steps per optimizer step: its max_iters and intervals are scaled by accum_steps.
     poly = dict(type="PolyLR", eta_min=min_lr, power=o.power, begin=o.warmup_iters, end=t.max_iter, by_epoch=False)
-    warmup = [dict(type="LinearLR", start_factor=1e-6, begin=0, end=o.warmup_iters, by_epoch=False)] \
+    # runtime.schedules' warm-up: lr * s / warmup_iters at step s, reaching lr where poly begins. mmengine's
+    # LinearLR reaches end_factor at step end - begin - 1 (with end = warmup_iters it would stop one step
+    # short, and the chained PolyLR would decay from there): its end is one step later; at that step it
+    # sets the full lr and PolyLR (begin = warmup_iters) starts from it. start_factor > 0: mmengine's rule.
+    warmup = [dict(type="LinearLR", start_factor=1e-6, begin=0, end=o.warmup_iters + 1, by_epoch=False)] \
         if o.warmup_iters > 0 else []
     mc.param_scheduler = [*warmup, poly]
-    mc.train_cfg = dict(type="IterBasedTrainLoop", max_iters=t.max_iter,
-                        val_interval=t.eval_every if t.eval_every > 0 else t.max_iter)
-    mc.default_hooks.checkpoint.update(by_epoch=False, interval=t.checkpoint_every, save_last=True)
-    mc.default_hooks.logger.interval = t.log_every
+    k = t.accum_steps
+    mc.train_cfg = dict(type="IterBasedTrainLoop", max_iters=t.max_iter * k,
+                        val_interval=(t.eval_every if t.eval_every > 0 else t.max_iter) * k)
+    mc.default_hooks.param_scheduler = dict(type="OptimizerStepParamSchedulerHook")
+    mc.default_hooks.checkpoint.update(by_epoch=False, interval=t.checkpoint_every * k, save_last=True)
+    mc.default_hooks.logger.interval = t.log_every * k
     mc.randomness = dict(seed=t.seed)
     mc.env_cfg.dist_cfg = dict(backend="nccl" if on_cuda else "gloo")
     mc.launcher = "pytorch" if world > 1 else "none"
+    if world > 1 and not on_cuda:
+        # mmengine's default wrapper passes device_ids=[LOCAL_RANK], which DDP refuses for a CPU module;
+        # under gloo on CPUs it runs with none (otherwise mmengine's defaults).
+        mc.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False,
+                                    find_unused_parameters=False)
     mc.work_dir = cfg.output_dir
     # The visualizer (which writes the run's scalars.json) is a process-wide singleton looked up by name; the
     # recipe's fixed name would make a second run in the same process log into the first run's folder.
@@ -374,6 +462,10 @@ def _trusted_checkpoints(*trusted: str | os.PathLike | None):
 def _runner(cfg: SegmentationConfig):
     """mmengine's Runner for ``cfg`` and a hook that keeps the last validation metrics."""
     mc = build_mmseg_config(cfg)
+    if mc.launcher == "pytorch" and not torch.cuda.is_available():
+        # mmengine's init_dist calls torch.cuda.set_device whatever the backend; on CPUs the group is joined
+        # here (gloo), and the Runner, finding it initialised, uses it.
+        init_distributed("cpu")
     from mmengine.hooks import Hook
     from mmengine.runner import Runner
 
@@ -412,8 +504,10 @@ def train(cfg: SegmentationConfig) -> dict[str, float]:
     """
     if cfg.engine != "mmseg":
         raise ValueError(f"engine={cfg.engine!r}: the mmseg engine runs configs with engine: mmseg")
-    dump_config(cfg, Path(cfg.output_dir) / "config.yaml")
-    runner, recorder = _runner(cfg)
+    runner, recorder = _runner(cfg)  # joins the process group under torchrun
+    from mmengine.dist import is_main_process
+    if is_main_process():
+        dump_config(cfg, Path(cfg.output_dir) / "config.yaml")
     with _trusted_checkpoints(cfg.output_dir, _resume(cfg)[1]):
         runner.train()
         if recorder.metrics is None:  # resumed at max_iter: no iteration ran, so no validation either
@@ -465,7 +559,10 @@ def evaluate(cfg: SegmentationConfig, checkpoint: str) -> dict[str, float]:
     runner, recorder = _runner(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=None)))
     state = _torch_engine_state(path)
     if state is not None:
-        runner.model.load_state_dict(torch_engine_state_to_mmseg(state), strict=True)
+        from mmengine.model import is_model_wrapper
+        # under torchrun the Runner has wrapped the model in DDP: the weights load into the module inside
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        model.load_state_dict(torch_engine_state_to_mmseg(state), strict=True)
         metrics = runner.test()
     else:
         with _trusted_checkpoints(cfg.output_dir, checkpoint):

@@ -9,10 +9,12 @@ optimizer, schedule, scaler, non-finite streak, every rank's RNG, the batch insi
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,16 +32,16 @@ from runtime.data import normalization as resolve_normalization
 from runtime.distributed import DistInfo, ShardSampler, all_reduce_sum, cleanup_distributed, init_distributed
 from runtime.logger import Progress, RunLogger, plot_run, reduce_mean
 from runtime.optim import build_optimizer
-from runtime.precision import autocast_for, setup_precision
+from runtime.precision import autocast_for, cudnn_benchmark_off, setup_precision
 from runtime.schedules import build_scheduler, scale_lr
 from runtime.step import OptimizerStep, TrainingDiverged
 
-from .ade20k import ADE20K, IGNORE_INDEX
+from .ade20k import ADE20K, IGNORE_INDEX, palette
 from .config import REFERENCE_BATCH, SegmentationConfig
 from .inference import predict
 from .metrics import SegmentationMetric
 from .model import FCN, build_fcn
-from .transforms import build_eval_transform, build_train_transform
+from .transforms import build_eval_transform, build_train_transform, pad_batch
 
 log = logging.getLogger("segmentation")
 
@@ -68,15 +70,23 @@ def normalization(cfg: SegmentationConfig) -> tuple[list[float], list[float]]:
 
 class Normalize(nn.Module):
     """uint8 images [N, C, H, W] -> float ``(x / 255 - mean) / std`` on the device (the workers ship uint8:
-    a quarter of float32's bytes)."""
+    a quarter of float32's bytes). With ``sizes`` ([N, 2], each image's (height, width) before
+    ``transforms.pad_batch`` padded it), everything outside an image's own size is set to 0 after
+    normalising: the mean colour, as mmseg's ``SegDataPreProcessor`` pads."""
 
     def __init__(self, mean: list[float], std: list[float]):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
-    def forward(self, images: Tensor) -> Tensor:
-        return (images.float() / 255 - self.mean) / self.std
+    def forward(self, images: Tensor, sizes: Optional[Tensor] = None) -> Tensor:
+        x = (images.float() / 255 - self.mean) / self.std
+        if sizes is None:
+            return x
+        sizes = sizes.to(x.device, non_blocking=True)
+        rows = torch.arange(x.shape[-2], device=x.device) < sizes[:, :1]  # [N, H]
+        cols = torch.arange(x.shape[-1], device=x.device) < sizes[:, 1:]  # [N, W]
+        return x * (rows[:, None, :, None] & cols[:, None, None, :])
 
 
 def class_names(cfg: SegmentationConfig) -> list[str]:
@@ -88,23 +98,20 @@ def class_names(cfg: SegmentationConfig) -> list[str]:
     return list(names)
 
 
-def palette(num_classes: int) -> np.ndarray:
-    """A fixed colour per class ([K, 3] uint8; seeded as the mmseg engine's), black for ignored pixels."""
-    return torch.randint(0, 256, (num_classes, 3), generator=torch.Generator().manual_seed(42)).numpy().astype(np.uint8)
-
-
 def _dataset(cfg: SegmentationConfig, split: str, transforms=None) -> ADE20K:
     d = cfg.data
     return ADE20K(d.root, split, transforms, num_classes=d.num_classes, reduce_zero_label=d.reduce_zero_label,
                   max_images=d.max_images)
 
 
-def _collate_train(batch: list) -> tuple[Tensor, Tensor]:
-    images, masks = zip(*batch)  # all padded to the crop size by the train transform
-    labels = torch.stack([m.as_subclass(Tensor) for m in masks])
+def _collate_train(batch: list, crop_size: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(uint8 images, labels, sizes)``: crops padded to ``crop_size`` (``transforms.pad_batch``; the
+    image padding is set to the mean colour after normalisation, on the device, by ``Normalize``)."""
+    images, masks = zip(*batch)
+    images, labels, sizes = pad_batch([im.as_subclass(Tensor) for im in images],
+                                      [m.as_subclass(Tensor) for m in masks], crop_size)
     # uint8 through the workers where the classes fit (0..254 and 255 = ignore)
-    return torch.stack([im.as_subclass(Tensor) for im in images]), \
-        labels.to(torch.uint8) if labels.max() <= 255 and labels.min() >= 0 else labels
+    return images, labels.to(torch.uint8) if labels.max() <= 255 and labels.min() >= 0 else labels, sizes
 
 
 class _EvalImages(Dataset):
@@ -128,7 +135,7 @@ def _first(batch: list):
 
 
 def build_train_loader(cfg: SegmentationConfig, dist_info: DistInfo) -> tuple[DataLoader, SeededSampler]:
-    """The training loader (batches ``(uint8 images, labels)``) and its sampler.
+    """The training loader (batches ``(uint8 images, labels, sizes)``, see ``_collate_train``) and its sampler.
 
     The order is a ``DistributedSampler``'s (a function of seed and epoch, also for one process), each
     sample is augmented under its own seed (``SeededDataset``), and ``loader.batch_sampler.skip`` leaves
@@ -143,7 +150,8 @@ def build_train_loader(cfg: SegmentationConfig, dist_info: DistInfo) -> tuple[Da
     workers = default_workers(cfg.data.workers)
     loader = DataLoader(SeededDataset(dataset), batch_sampler=SkipBatches(
                             torch.utils.data.BatchSampler(sampler, t.batch_size, drop_last=True)),
-                        num_workers=workers, collate_fn=_collate_train, pin_memory=dist_info.device.type == "cuda",
+                        num_workers=workers, collate_fn=functools.partial(_collate_train, crop_size=tuple(cfg.data.crop_size)),
+                        pin_memory=dist_info.device.type == "cuda",
                         persistent_workers=workers > 0, generator=torch.Generator().manual_seed(t.seed))
     return loader, sampler
 
@@ -179,7 +187,7 @@ def evaluate(model: nn.Module, cfg: SegmentationConfig, dist_info: DistInfo, aut
     dataset = _EvalImages(_dataset(cfg, cfg.data.val_split), build_eval_transform(cfg.data))
     indices = list(ShardSampler(len(dataset), dist_info.rank, dist_info.world_size))
     loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1, collate_fn=_first,
-                        num_workers=min(default_workers(cfg.data.workers), 2),
+                        num_workers=default_workers(cfg.data.workers), pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(0))  # never draws from the training RNG
     normalize = Normalize(*normalization(cfg)).to(device)
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
@@ -189,17 +197,21 @@ def evaluate(model: nn.Module, cfg: SegmentationConfig, dist_info: DistInfo, aut
     metric = SegmentationMetric(cfg.data.num_classes, IGNORE_INDEX)
     was_training = model.training
     model.eval()
+    # whole-image evaluation sees every image's own size: cuDNN's autotuner would re-tune for each; slide
+    # windows are crop-sized, and keep the training's setting
+    benchmark = cudnn_benchmark_off() if e.mode == "whole" else contextlib.nullcontext()
     try:
-        for index, (image, label, original) in zip(indices, loader):
-            x = normalize(image[None].to(device, non_blocking=True)).contiguous(memory_format=memory_format)
-            with autocast():
-                scores = predict(model, x, label.shape[-2:], mode=e.mode, crop_size=e.crop_size, stride=e.stride,
-                                 scales=e.scales, flip=e.flip, num_classes=cfg.data.num_classes)
-            pred = scores[0].argmax(0)
-            label = label.to(device)
-            metric.update(pred, label)
-            if overlays_dir is not None and index < e.overlays:
-                Image.fromarray(_overlay(original, pred, label, colours)).save(overlays_dir / f"{index:05d}.png")
+        with benchmark:
+            for index, (image, label, original) in zip(indices, loader):
+                x = normalize(image[None].to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+                with autocast():
+                    scores = predict(model, x, label.shape[-2:], mode=e.mode, crop_size=e.crop_size,
+                                     stride=e.stride, scales=e.scales, flip=e.flip, num_classes=cfg.data.num_classes)
+                pred = scores[0].argmax(0)
+                label = label.to(device)
+                metric.update(pred, label)
+                if overlays_dir is not None and index < e.overlays:
+                    Image.fromarray(_overlay(original, pred, label, colours)).save(overlays_dir / f"{index:05d}.png")
     finally:
         model.train(was_training)
     k = cfg.data.num_classes
@@ -248,7 +260,7 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
     if t.max_iter < 1 or t.batch_size < 1 or t.accum_steps < 1:
         raise ValueError("train.max_iter, train.batch_size and train.accum_steps must be >= 1")
     torch.manual_seed(t.seed + dist_info.rank)
-    precision = setup_precision(t.precision, device)
+    precision = setup_precision(t.precision, device, cudnn_benchmark=True)  # fixed crops (padded to crop_size)
 
     # ---- data -------------------------------------------------------------------------------------------
     loader, sampler = build_train_loader(cfg, dist_info)
@@ -326,8 +338,8 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
     while step < t.max_iter:
         step_loss, step_aux = torch.zeros((), device=device), torch.zeros((), device=device)
         for micro in range(t.accum_steps):
-            images, labels = next(batches)
-            images = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+            images, labels, sizes = next(batches)
+            images = normalize(images.to(device, non_blocking=True), sizes).contiguous(memory_format=memory_format)
             labels = labels.to(device, non_blocking=True).long()
             with stepper.no_sync(train_model, micro):
                 with precision.autocast():
@@ -365,7 +377,7 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
 
     if is_main:
         log.info("per-class IoU at iteration %d:\n%s", step, iou_table(metrics))
-        torch.save(model.state_dict(), out / "model_final.pth")
+        save_checkpoint(model.state_dict(), out / "model_final.pth")  # atomic, as last.pth
         plot_run(out, val_metrics=(("mIoU", "mIoU"),), val_x="step", val_title="validation mIoU (%)")
         log.info("wrote %s, %s, overlays and plots", out / "model_final.pth", out / "metrics.jsonl")
     logger.close()

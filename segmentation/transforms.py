@@ -12,7 +12,8 @@ which ``segmentation.ade20k`` already did):
 3. ``RandomFlip(prob=0.5)``: torchvision's ``RandomHorizontalFlip``;
 4. ``PhotoMetricDistortion``: on uint8 as mmseg (OpenCV's uint8 HSV conversions reproduced from its
    reference code; tested against mmseg on equal draws);
-5. padding to the crop size (image 0, mask 255) as mmseg's ``SegDataPreProcessor`` does per batch.
+5. no padding here: mmseg's ``SegDataPreProcessor`` pads per batch, after normalisation (image 0 = the
+   mean colour, mask 255); ``pad_batch`` stacks a batch and ``segmentation.train.Normalize`` does the rest.
 
 Every random draw comes from torch's global generator (``torch.rand`` / ``torch.randint``), so seeding
 torch before a call fixes the whole sample. Normalisation is left to the trainer (on the device).
@@ -125,25 +126,28 @@ class CatMaxRatioCrop(v2.Transform):
         return F.crop(inpt, y1, x1, y2 - y1, x2 - x1)
 
 
-class PadTo(v2.Transform):
-    """Pad at the right and bottom to ``size`` (h, w): image with 0, mask with 255 (mmseg's
-    ``SegDataPreProcessor(pad_val=0, seg_pad_val=255)``)."""
+def pad_batch(images: Sequence[Tensor], masks: Sequence[Tensor], size: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Stack crops (at most ``size`` (h, w)) padded at the right and bottom to ``size``, as mmseg's
+    ``stack_batch`` does: ``(images [N, C, h, w] in their dtype, masks [N, h, w] padded with 255, sizes
+    [N, 2] = each crop's (height, width))``.
 
-    _transformed_types = (tv_tensors.Image, tv_tensors.Mask)
-
-    def __init__(self, size: Sequence[int] = (512, 512), fill: int = 0, mask_fill: int = IGNORE_INDEX):
-        super().__init__()
-        self.size, self.fill, self.mask_fill = tuple(size), fill, mask_fill
-
-    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        height, width = _image_size(flat_inputs)
-        return {"padding": [0, 0, max(self.size[1] - width, 0), max(self.size[0] - height, 0)]}
-
-    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        if not any(params["padding"]):
-            return inpt
-        fill = self.mask_fill if isinstance(inpt, tv_tensors.Mask) else self.fill
-        return F.pad(inpt, params["padding"], fill=fill)
+    The image padding here is a placeholder (0 in the image's dtype): mmseg's ``SegDataPreProcessor``
+    normalises first and pads with 0, i.e. the mean colour, so the value that reaches the network is set
+    after normalisation (``segmentation.train.Normalize`` zeroes everything outside ``sizes``). Padding
+    uint8 with 0 and normalising afterwards would feed black (about -2 sigma) instead."""
+    height, width = size
+    if any(im.shape[-2] > height or im.shape[-1] > width for im in images):
+        raise ValueError(f"pad_batch: a crop is larger than the pad size {tuple(size)}: "
+                         f"{[tuple(im.shape[-2:]) for im in images]}")
+    batch = images[0].new_zeros((len(images), images[0].shape[0], height, width))
+    labels = masks[0].new_full((len(masks), height, width), IGNORE_INDEX)
+    sizes = torch.empty((len(images), 2), dtype=torch.int64)
+    for i, (image, mask) in enumerate(zip(images, masks)):
+        h, w = image.shape[-2:]
+        batch[i, :, :h, :w] = image
+        labels[i, :h, :w] = mask
+        sizes[i, 0], sizes[i, 1] = h, w
+    return batch, labels, sizes
 
 
 # --- PhotoMetricDistortion -------------------------------------------------------------------------------
@@ -263,7 +267,8 @@ class PhotoMetricDistortion(v2.Transform):
 
 def build_train_transform(data_cfg) -> v2.Compose:
     """mmseg's ADE20K training pipeline from a ``SegDataConfig`` (scale, ratio_range, crop_size,
-    cat_max_ratio, hflip, photometric); call as ``image, mask = transform(image, mask)``."""
+    cat_max_ratio, hflip, photometric); call as ``image, mask = transform(image, mask)``. The crop is at
+    most ``crop_size``: smaller where the resized image is (``pad_batch`` pads the batch)."""
     steps = [
         RandomResize(data_cfg.scale, data_cfg.ratio_range),
         CatMaxRatioCrop(data_cfg.crop_size, data_cfg.cat_max_ratio),
@@ -271,8 +276,7 @@ def build_train_transform(data_cfg) -> v2.Compose:
     ]
     if data_cfg.photometric:
         steps.append(PhotoMetricDistortion())
-    steps.append(PadTo(data_cfg.crop_size))
-    return v2.Compose(steps)
+    return v2.Compose(steps)  # crops smaller than crop_size are padded per batch (pad_batch), as mmseg
 
 
 def build_eval_transform(data_cfg) -> v2.Compose:

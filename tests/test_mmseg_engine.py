@@ -119,8 +119,11 @@ def test_tiny_run_trains_evaluates_and_resumes(tmp_path):
 
 def test_torch_engine_checkpoint_scores_the_same_through_mmseg(tmp_path):
     """One checkpoint of the torch engine, evaluated by both engines: the same weights (renamed for mmseg's
-    EncoderDecoder) give the same mIoU/mAcc/aAcc (mmseg rounds to 0.01). Scale = the images' size, so
-    neither engine resizes."""
+    EncoderDecoder) give the same mIoU/mAcc/aAcc. data.scale (100, 48) resizes the 64 x 80 images to
+    48 x 60 in both engines and the logits back to the label size: the resize path of both, not only the
+    network. Both resize bilinearly without antialias, but cv2.resize in fixed point and torchvision in
+    float: pixels up to one grey level apart flip a few argmaxes (0.04 points here; mmseg also rounds to
+    0.01), hence 0.25 points."""
     from segmentation import train as torch_engine
 
     root = tmp_path / "ADEChallengeData2016"
@@ -128,7 +131,7 @@ def test_torch_engine_checkpoint_scores_the_same_through_mmseg(tmp_path):
     overrides = [
         f"data.root={tmp_path}", f"output_dir={tmp_path / 'run'}",
         "model.backbone=resnet18d", "model.kwargs={width_mult: 0.25}", "model.channels=16", "model.aux_channels=8",
-        "data.num_classes=3", "data.scale=[80, 64]", "data.crop_size=[64, 64]", "data.workers=0",
+        "data.num_classes=3", "data.scale=[100, 48]", "data.crop_size=[48, 48]", "data.workers=0",
         "train.batch_size=2", "train.max_iter=3", "train.eval_every=0", "train.checkpoint_every=3", "eval.overlays=0",
         "optim.lr=0.05",
     ]
@@ -141,10 +144,151 @@ def test_torch_engine_checkpoint_scores_the_same_through_mmseg(tmp_path):
     ours, theirs = torch_engine.evaluate_checkpoint(cfg, str(checkpoint)), mmseg_engine.evaluate(mm_cfg, str(checkpoint))
     for key in ("mIoU", "mAcc", "aAcc"):
         assert ours[key] == pytest.approx(trained[key], abs=1e-9)
-        assert theirs[key] == pytest.approx(round(ours[key], 2), abs=0.011), key
+        assert theirs[key] == pytest.approx(ours[key], abs=0.25), key
     assert any(k.startswith("backbone.body.") for k in renamed) and any(k.startswith("auxiliary_head.") for k in renamed)
     with pytest.raises(KeyError, match="not a torch-engine FCN key"):
         mmseg_engine.torch_engine_state_to_mmseg({"head.weight": torch.zeros(1)})
+
+
+def test_accumulation_gives_both_engines_the_same_optimizer_steps_and_lrs(tmp_path):
+    """train.max_iter counts optimizer steps in both engines: with train.accum_steps=2 mmengine runs twice as
+    many (micro-batch) iterations, and the lr of every optimizer step is runtime.schedules' (warm-up, poly
+    to min_lr), recorded at the optimizer itself."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from runtime.schedules import lr_at, scale_lr
+    from segmentation import train as torch_engine
+
+    root = tmp_path / "ADEChallengeData2016"
+    _write_ade20k(root, {"training": 4, "validation": 1}, num_classes=3)
+    overrides = [
+        f"data.root={tmp_path}", "model.backbone=resnet18d", "model.kwargs={width_mult: 0.25}", "model.channels=16",
+        "model.aux_channels=8", "data.num_classes=3", "data.scale=[80, 64]", "data.crop_size=[64, 64]",
+        "data.workers=0", "train.batch_size=2", "train.accum_steps=2", "train.max_iter=4", "optim.warmup_iters=1",
+        "train.eval_every=0", "train.checkpoint_every=2", "train.log_every=1", "eval.overlays=0",
+    ]
+    lrs: list[float] = []
+    hook = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: lrs.append(optimizer.param_groups[0]["lr"]))
+    try:
+        torch_engine.train(load_config(None, SegmentationConfig, [*overrides, f"output_dir={tmp_path / 'torch'}"]))
+        torch_lrs = lrs[:]
+        lrs.clear()
+        mmseg_engine.train(load_config(None, SegmentationConfig,
+                                       [*overrides, "engine=mmseg", f"output_dir={tmp_path / 'mm'}"]))
+        mm_lrs = lrs[:]
+    finally:
+        hook.remove()
+    base_lr, min_lr = scale_lr(0.01, 2 * 2, 16), scale_lr(1e-4, 2 * 2, 16)  # 2 images x 2 micro-batches
+    expected = [lr_at(s, base_lr=base_lr, total_steps=4, warmup_steps=1, schedule="poly", power=0.9, min_lr=min_lr)
+                for s in range(4)]
+    assert len(torch_lrs) == len(mm_lrs) == 4
+    assert torch_lrs == pytest.approx(expected, rel=1e-12)
+    assert mm_lrs == pytest.approx(expected, rel=1e-9, abs=1e-6 * base_lr)  # mmengine's warm-up starts at 1e-6
+    # mmengine names checkpoints by micro-batch iterations: optimizer step 2 and 4
+    assert sorted(p.name for p in (tmp_path / "mm").glob("iter_*.pth")) == ["iter_4.pth", "iter_8.pth"]
+
+
+def test_nonfinite_losses_are_skipped_and_a_streak_stops_the_run(tmp_path, monkeypatch):
+    """train.max_nonfinite in the mmseg engine (fp32): from iteration 3 on the loss is NaN; iteration 3 is
+    skipped (weights and momentum unchanged), iteration 4 makes 2 in a row: TrainingDiverged before its
+    checkpoint is written, so the last checkpoint holds the last good weights."""
+    from mmseg.models.segmentors import EncoderDecoder
+
+    from runtime.step import TrainingDiverged
+
+    root = tmp_path / "ADEChallengeData2016"
+    _write_ade20k(root, {"training": 4, "validation": 1}, num_classes=3)
+    out = tmp_path / "run"
+    cfg = load_config(None, SegmentationConfig, [
+        "engine=mmseg", f"data.root={tmp_path}", f"output_dir={out}", "model.backbone=resnet18d",
+        "model.kwargs={width_mult: 0.25}", "model.channels=16", "model.aux_channels=8", "data.num_classes=3",
+        "data.scale=[80, 64]", "data.crop_size=[64, 64]", "data.workers=0", "train.batch_size=2",
+        "train.max_iter=6", "train.eval_every=0", "train.checkpoint_every=1", "train.max_nonfinite=2",
+    ])
+    calls = []
+    loss = EncoderDecoder.loss
+
+    def nan_from_the_third(self, inputs, data_samples):
+        losses = loss(self, inputs, data_samples)
+        calls.append(None)
+        return {k: v * float("nan") if len(calls) >= 3 and k.startswith("decode.loss") else v
+                for k, v in losses.items()}
+
+    monkeypatch.setattr(EncoderDecoder, "loss", nan_from_the_third)
+    with pytest.raises(TrainingDiverged, match="2 steps in a row"):
+        mmseg_engine.train(cfg)
+    assert len(calls) == 4 and (out / "iter_3.pth").is_file() and not (out / "iter_4.pth").exists()
+    good, skipped = (torch.load(out / f"iter_{i}.pth", map_location="cpu", weights_only=False) for i in (2, 3))
+    weights = [k for k in good["state_dict"] if "running_" not in k and "num_batches_tracked" not in k]
+    assert all(torch.equal(good["state_dict"][k], skipped["state_dict"][k]) for k in weights)
+    assert all(torch.isfinite(skipped["state_dict"][k]).all() for k in weights)
+    momenta = lambda ckpt: [s["momentum_buffer"] for s in ckpt["optimizer"]["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(momenta(good), momenta(skipped)))
+
+
+_UNDER_TORCHRUN = """
+import json, sys
+import torch.distributed as dist
+from runtime.config import load_config
+from segmentation import mmseg_engine
+from segmentation.config import SegmentationConfig
+
+root, checkpoint, out = sys.argv[1:4]
+writers = []
+dump = mmseg_engine.dump_config
+mmseg_engine.dump_config = lambda cfg, path: (writers.append(dist.get_rank()), dump(cfg, path))
+overrides = [
+    "engine=mmseg", f"data.root={root}", f"output_dir={out}", "model.backbone=resnet18d",
+    "model.kwargs={width_mult: 0.25}", "model.channels=16", "model.aux_channels=8", "data.num_classes=3",
+    "data.scale=[80, 64]", "data.crop_size=[64, 64]", "data.workers=0", "train.batch_size=1", "train.max_iter=2",
+    "train.eval_every=0", "train.checkpoint_every=2", "eval.overlays=0",
+]
+cfg = load_config(None, SegmentationConfig, overrides)
+trained = mmseg_engine.train(cfg)
+evaluated = mmseg_engine.evaluate(cfg, checkpoint)
+print(json.dumps(dict(rank=dist.get_rank(), writers=writers, trained=trained, evaluated=evaluated)))
+"""
+
+
+@pytest.mark.slow
+def test_under_torchrun_trains_and_evaluates_a_torch_engine_checkpoint(tmp_path):
+    """torchrun (gloo, 2 CPU processes): the mmseg engine trains (config.yaml written by rank 0 only) and
+    evaluates a torch-engine checkpoint (loaded into the DDP-wrapped model's module): every rank gets the
+    single-process evaluation of the same checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    from segmentation import train as torch_engine
+
+    root = tmp_path / "ADEChallengeData2016"
+    _write_ade20k(root, {"training": 4, "validation": 3}, num_classes=3)
+    overrides = [
+        f"data.root={tmp_path}", f"output_dir={tmp_path / 'torch'}", "model.backbone=resnet18d",
+        "model.kwargs={width_mult: 0.25}", "model.channels=16", "model.aux_channels=8", "data.num_classes=3",
+        "data.scale=[80, 64]", "data.crop_size=[64, 64]", "data.workers=0", "train.batch_size=2",
+        "train.max_iter=2", "train.eval_every=0", "train.checkpoint_every=2", "eval.overlays=0", "optim.lr=0.05",
+    ]
+    torch_engine.train(load_config(None, SegmentationConfig, overrides))
+    checkpoint = tmp_path / "torch" / "model_final.pth"
+    single = mmseg_engine.evaluate(load_config(None, SegmentationConfig, [
+        *overrides, "engine=mmseg", f"output_dir={tmp_path / 'single'}"]), str(checkpoint))
+
+    script = tmp_path / "under_torchrun.py"
+    script.write_text(_UNDER_TORCHRUN)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(tmp_path), str(checkpoint), str(tmp_path / "ddp")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ranks = sorted((json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")),
+                   key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert [r["writers"] for r in ranks] == [[0], []] and (tmp_path / "ddp" / "config.yaml").is_file()
+    assert (tmp_path / "ddp" / "iter_2.pth").is_file() and ranks[0]["trained"] == ranks[1]["trained"]
+    assert ranks[0]["evaluated"] == ranks[1]["evaluated"] == single
 
 
 def test_config_follows_the_recipe_with_ours_written_in():

@@ -136,3 +136,39 @@ def test_resuming_with_another_process_count_warns_and_continues(caplog):
     with caplog.at_level("WARNING"):
         restore_rng_states(states, rank=0, world_size=1)  # no IndexError
     assert "resuming with 1 processes from a run with 2" in caplog.text
+
+
+def test_save_checkpoint_is_atomic_and_synced(tmp_path, monkeypatch):
+    """last.pth and model_final.pth: the data and the directory entry are fsynced before returning, and a
+    write that fails leaves the previous file intact and no temporary file."""
+    import os
+
+    from runtime.checkpoint import save_checkpoint
+
+    path = tmp_path / "model_final.pth"
+    save_checkpoint({"w": torch.zeros(3)}, path)
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd)))
+    save_checkpoint({"w": torch.ones(3)}, path)
+    assert len(synced) == 2 and synced[0].startswith(str(tmp_path / ".model_final.pth.")) \
+        and synced[1] == str(tmp_path)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
+
+    def dies_mid_write(obj, f, *args, **kwargs):
+        with open(f, "wb") as file:
+            file.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_mid_write)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"w": torch.full((3,), 2.0)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["model_final.pth"]
+
+
+@pytest.mark.parametrize("benchmark", [True, False])
+def test_setup_precision_sets_the_cudnn_autotuner_as_asked(monkeypatch, benchmark):
+    """On CUDA the caller chooses: on for fixed input sizes, off where they vary (multi-scale detection)."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not benchmark)
+    setup_precision("fp32", torch.device("cuda"), cudnn_benchmark=benchmark)
+    assert torch.backends.cudnn.benchmark is benchmark

@@ -169,3 +169,29 @@ def test_evaluation_equals_a_numpy_recount(data_root, tmp_path):
     assert metrics["aAcc"] == pytest.approx(100 * inter.sum() / labelled.sum())
     assert 0 < metrics["mIoU"] < 100
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["00000.png", "00001.png"]
+
+
+class _BenchmarkRecorder(_GreyReader):
+    """_GreyReader that records cuDNN's autotuner flag at every forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.flags = []
+
+    def forward(self, x):
+        self.flags.append(torch.backends.cudnn.benchmark)
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_whole_image_evaluation_runs_without_the_cudnn_autotuner(data_root, tmp_path, monkeypatch, mode):
+    """Whole images differ in size (the autotuner would re-tune for each): off while evaluating, restored
+    after; slide windows are crop-sized and keep the run's setting. (CPU here: the flag itself is read.)"""
+    cfg = tiny_cfg(data_root, tmp_path)
+    cfg.data.mean, cfg.data.std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+    cfg.eval.mode, cfg.eval.crop_size, cfg.eval.stride = mode, [32, 32], [24, 24]
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    model = _BenchmarkRecorder()
+    seg_train.evaluate(model, cfg, DistInfo(0, 0, 1, torch.device("cpu")))
+    assert model.flags and set(model.flags) == {mode == "slide"}
+    assert torch.backends.cudnn.benchmark is True

@@ -143,7 +143,7 @@ def test_crop_redraws_until_no_class_dominates():
     assert hits >= 20
 
 
-def test_train_pipeline_is_deterministic_padded_and_sized():
+def test_train_pipeline_is_deterministic_and_sized():
     cfg = SimpleNamespace(scale=[256, 64], ratio_range=[0.5, 2.0], crop_size=[48, 64], cat_max_ratio=0.75,
                           hflip=0.5, photometric=True)
     transform = build_train_transform(cfg)
@@ -155,15 +155,54 @@ def test_train_pipeline_is_deterministic_padded_and_sized():
         torch.manual_seed(seed)
         b_image, b_mask = transform(image, mask)
         assert torch.equal(a_image, b_image) and torch.equal(a_mask, b_mask)
-        assert a_image.shape == (3, 48, 64) and a_mask.shape == (48, 64) and a_image.dtype == torch.uint8
+        assert a_image.shape[1:] == a_mask.shape and a_image.dtype == torch.uint8
         assert isinstance(a_image, tv_tensors.Image) and isinstance(a_mask, tv_tensors.Mask)
         shapes.add(tuple(a_mask.shape))
-    # a small image (scale bound 64 short side x 0.5 -> 32 rows < 48) is padded: image 0, mask 255
+    # the resized image is 64 r rows high (r ~ U[0.5, 2]); the crop is the whole of it below 48 rows, and
+    # unpadded: padding happens per batch (pad_batch), after normalisation, as in mmseg
+    assert all(h <= 48 and w <= 64 for h, w in shapes) and (48, 64) in shapes and any(h < 48 for h, _ in shapes)
     torch.manual_seed(0)
     cfg.ratio_range = [0.5, 0.5]
     out_image, out_mask = build_train_transform(cfg)(image, mask)
-    assert out_mask[32:].eq(255).all() and out_image[:, 32:].eq(0).all()
-    assert out_mask[:32, :53].le(3).all() and out_mask[:, 53:].eq(255).all()  # 50 * 32/30 -> 53
+    assert out_image.shape == (3, 32, 53) and out_mask.shape == (32, 53)  # 30 x 50 x 32/30: 32 x 53
+
+
+def test_padded_batch_equals_mmseg_seg_data_preprocessor():
+    """Our batch (pad_batch in the workers, Normalize on the device) equals mmseg's SegDataPreProcessor
+    (normalise, then pad: image 0 = the mean colour, labels 255) on the same crops of mmseg's ratio range
+    0.5-2.0: a third of the draws are smaller than the crop size here (r < 1), as at mmseg's 512."""
+    import segmentation.train as seg_train
+
+    import_mmseg_transforms()
+    from mmengine.structures import PixelData
+    from mmseg.models.data_preprocessor import SegDataPreProcessor
+    from mmseg.structures import SegDataSample
+
+    crop = (48, 64)
+    cfg = SimpleNamespace(scale=[256, 48], ratio_range=[0.5, 2.0], crop_size=list(crop), cat_max_ratio=0.75,
+                          hflip=0.5, photometric=True)
+    transform = build_train_transform(cfg)
+    torch.manual_seed(0)
+    crops = [transform(*sample(30, 50, seed=seed)) for seed in range(8)]
+    assert sum(im.shape[-2:] != crop for im, _ in crops) >= 2 and sum(im.shape[-2:] == crop for im, _ in crops) >= 1
+
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    images, labels, sizes = seg_train._collate_train(crops, crop_size=crop)
+    ours = seg_train.Normalize(mean, std)(images, sizes)
+
+    preprocessor = SegDataPreProcessor(mean=[255 * m for m in mean], std=[255 * s for s in std], size=crop,
+                                       pad_val=0, seg_pad_val=255, bgr_to_rgb=True)  # as the recipe, images BGR
+    samples = []
+    for _, mask in crops:
+        data_sample = SegDataSample()
+        data_sample.gt_sem_seg = PixelData(data=mask.as_subclass(torch.Tensor)[None].clone())
+        samples.append(data_sample)
+    theirs = preprocessor(dict(inputs=[im.as_subclass(torch.Tensor)[[2, 1, 0]] for im, _ in crops],
+                               data_samples=samples), training=True)
+    assert ours.shape == theirs["inputs"].shape == (8, 3, *crop)
+    torch.testing.assert_close(ours, theirs["inputs"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(labels.long(), torch.stack([s.gt_sem_seg.data[0] for s in theirs["data_samples"]]).long())
+    assert sizes.tolist() == [list(im.shape[-2:]) for im, _ in crops]
 
 
 def test_eval_transform_resizes_the_image_only():
