@@ -30,6 +30,8 @@ def _report(result: dict, devkit: str, year: str, split: str) -> str:
         line(header), "  ".join("-" * w for w in widths), *map(line, rows), "",
         f"mAP ({label[metric]}): {_percent(result[f'map_{metric}'])}",
         f"mAP ({label[other]}): {_percent(result[f'map_{other}'])}",
+        f"AP IoU 0.50:0.95 ({label[metric]}, detectron2's VOC AP): {_percent(result['ap'])}",
+        f"AP75 ({label[metric]}): {_percent(result['ap75'])}",
     ])
 
 
@@ -37,6 +39,7 @@ def _json_ready(result: dict) -> dict:
     """The ``--json`` document: fractions in 0-1, NaN (a class without ground truth) as null."""
     clean = lambda v: None if math.isnan(v) else v
     return {"map_voc07": clean(result["map_voc07"]), "map_area": clean(result["map_area"]),
+            "ap": clean(result["ap"]), "ap75": clean(result["ap75"]),
             "ap_per_class": {k: clean(v) for k, v in result["ap_per_class"].items()},
             "metric": result["metric"], "num_gt": result["num_gt"]}
 

@@ -47,7 +47,7 @@ from runtime.schedules import scale_lr
 
 from . import voc as voc_data
 from .config import REFERENCE_BATCH, DetectionConfig
-from .voc_eval import VOCBoxes, evaluate_voc
+from .voc_eval import VOCBoxes, evaluate_voc, evaluate_voc_iou_range
 
 log = logging.getLogger("detection.d2")
 
@@ -312,7 +312,7 @@ def _voc_evaluator_class():
     class VOCEvaluator(DatasetEvaluator):
         """Collects detections (all ranks) and scores them on the main rank with ``detection.voc_eval``.
 
-        ``evaluate()`` returns detectron2-style ``{"bbox": {"AP50", "AP50-<class>"...}}`` (VOC07 11-point,
+        ``evaluate()`` returns detectron2-style ``{"bbox": {"AP", "AP50", "AP75", "AP50-<class>"...}}`` (VOC07 11-point,
         percent, as the torch engine reports) plus ``{"voc": {"mAP_area", "AP50_area-<class>"..., "images"}}``
         (the VOC2010+ area under the precision/recall curve).
         """
@@ -348,7 +348,9 @@ def _voc_evaluator_class():
             num_classes = len(self.class_names)
             eleven = evaluate_voc(preds, truth, num_classes, use_07_metric=True)
             area = evaluate_voc(preds, truth, num_classes, use_07_metric=False)
-            bbox = {"AP50": 100 * eleven["mAP"]}
+            iou_range = evaluate_voc_iou_range(preds, truth, num_classes, use_07_metric=True)
+            # AP, AP50, AP75 as detectron2's PascalVOCDetectionEvaluator (with the 11-point metric: year 2007)
+            bbox = {"AP": 100 * iou_range["AP"], "AP50": 100 * eleven["mAP"], "AP75": 100 * iou_range["AP75"]}
             bbox.update({f"AP50-{name}": 100 * float(ap) for name, ap in zip(self.class_names, eleven["ap"])})
             extra = {"mAP_area": 100 * area["mAP"], "images": float(len(truth))}
             extra.update({f"AP50_area-{name}": 100 * float(ap) for name, ap in zip(self.class_names, area["ap"])})
@@ -364,9 +366,11 @@ def build_voc_evaluator(dataset_name: str):
 
 
 def metrics_from_results(results: dict, class_names) -> dict[str, Any]:
-    """detectron2 results of ``VOCEvaluator`` -> the suite's ``{"mAP", "AP", "images", "mAP_area"}`` (percent)."""
+    """detectron2 results of ``VOCEvaluator`` -> the suite's ``{"mAP", "ap", "ap75", "AP", "images", "mAP_area"}``
+    (percent; ``ap``/``ap75``: detectron2's VOC AP over IoU 0.50:0.95 and AP75)."""
     bbox, extra = results["bbox"], results.get("voc", {})
-    return {"mAP": float(bbox["AP50"]), "AP": {name: float(bbox[f"AP50-{name}"]) for name in class_names},
+    return {"mAP": float(bbox["AP50"]), "ap": float(bbox["AP"]), "ap75": float(bbox["AP75"]),
+            "AP": {name: float(bbox[f"AP50-{name}"]) for name in class_names},
             "images": int(extra.get("images", 0)), "mAP_area": float(extra.get("mAP_area", float("nan")))}
 
 

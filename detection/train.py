@@ -34,7 +34,7 @@ from .config import REFERENCE_BATCH, DetectionConfig
 from .model import build_faster_rcnn
 from .visualize import save_detection_pictures
 from .voc import build_voc, resolve_classes
-from .voc_eval import VOCBoxes, evaluate_voc
+from .voc_eval import VOCBoxes, evaluate_voc, evaluate_voc_iou_range
 
 log = logging.getLogger("detection")
 
@@ -121,8 +121,11 @@ def evaluate_detector(model, cfg: DetectionConfig, dist_info: DistInfo, dataset=
         ann = dataset.annotation(i)
         truth.append(VOCBoxes(ann.boxes, ann.labels, difficult=ann.difficult))
     classes = dataset.classes
-    result = evaluate_voc([predictions[i] for i in range(len(dataset))], truth, len(classes), use_07_metric=True)
-    return {"mAP": 100 * result["mAP"], "images": len(dataset),
+    ranked = [predictions[i] for i in range(len(dataset))]
+    result = evaluate_voc(ranked, truth, len(classes), use_07_metric=True)
+    iou_range = evaluate_voc_iou_range(ranked, truth, len(classes), use_07_metric=True)  # detectron2's AP, AP75
+    return {"mAP": 100 * result["mAP"], "ap": 100 * iou_range["AP"], "ap75": 100 * iou_range["AP75"],
+            "images": len(dataset),
             "AP": {name: 100 * float(ap) for name, ap in zip(classes, result["ap"])},
             "detections": {dataset.image_id(i): predictions[i] for i in range(len(dataset))}}
 
@@ -235,9 +238,11 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
             loss_sums, logged = {}, 0
         if (t.eval_every and done % t.eval_every == 0) or done == t.max_iter:
             metrics = evaluate_detector(model, cfg, dist_info, test_set)
-            logger.log("val", done, mAP=metrics["mAP"], **{f"AP/{k}": v for k, v in metrics["AP"].items()})
+            logger.log("val", done, mAP=metrics["mAP"], ap=metrics["ap"], ap75=metrics["ap75"],
+                       **{f"AP/{k}": v for k, v in metrics["AP"].items()})
             if is_main:
-                log.info("iter %d: VOC07 mAP %.2f%% (%d images)", done, metrics["mAP"], metrics["images"])
+                log.info("iter %d: VOC07 mAP %.2f%%, AP %.2f%%, AP75 %.2f%% (%d images)", done, metrics["mAP"],
+                         metrics["ap"], metrics["ap75"], metrics["images"])
             train_model.train()
         if done % t.checkpoint_every == 0 or done == t.max_iter:
             checkpoint(done)

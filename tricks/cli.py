@@ -116,7 +116,8 @@ def _report(cfg, metrics: dict) -> None:
             print(f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['images']} images)")
     elif cfg.task == "detection":
         print(_table([(name, f"{ap:.2f}") for name, ap in metrics["AP"].items()], ("class", "AP %")))
-        print(f"VOC07 mAP {metrics['mAP']:.2f}%  ({metrics.get('images', '?')} images)")
+        print(f"VOC07 mAP {metrics['mAP']:.2f}%  AP {metrics['ap']:.2f}%  AP75 {metrics['ap75']:.2f}%  "
+              f"({metrics.get('images', '?')} images)")
     else:  # the engines log their per-class IoU tables
         print(f"mIoU {metrics['mIoU']:.2f}%  mAcc {metrics['mAcc']:.2f}%  aAcc {metrics['aAcc']:.2f}%")
 
