@@ -116,8 +116,9 @@ def _report(cfg, metrics: dict) -> None:
             print(f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['images']} images)")
     elif cfg.task == "detection":
         print(_table([(name, f"{ap:.2f}") for name, ap in metrics["AP"].items()], ("class", "AP %")))
-        print(f"VOC07 mAP {metrics['mAP']:.2f}%  AP {metrics['ap']:.2f}%  AP75 {metrics['ap75']:.2f}%  "
-              f"({metrics.get('images', '?')} images)")
+        from detection.coco_eval import describe_metrics
+
+        print(f"{describe_metrics(metrics)}  ({metrics.get('images', '?')} images)")
     else:  # the engines log their per-class IoU tables
         print(f"mIoU {metrics['mIoU']:.2f}%  mAcc {metrics['mAcc']:.2f}%  aAcc {metrics['aAcc']:.2f}%")
 
@@ -139,13 +140,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     _setup_logging()
     cfg = load_task_config(args.config, args.overrides)
-    if args.write_results and (cfg.task, getattr(cfg, "engine", "torch")) != ("detection", "torch"):
-        raise SystemExit("tricks eval --write-results: detection runs of engine=torch write the VOC results format")
+    coco = cfg.task == "detection" and getattr(cfg.data, "format", "voc") == "coco"
+    if args.write_results and cfg.task != "detection":
+        raise SystemExit("tricks eval --write-results: detection runs write results (VOC or COCO format)")
     metrics = _engine(cfg, "eval")(cfg, args.checkpoint)
     _report(cfg, metrics)
     if cfg.task == "classification" and "loss" in metrics:
         print(f"loss {metrics['loss']:.4f}")
-    if args.write_results:
+    if args.write_results and coco:
+        from pathlib import Path
+
+        from detection.coco_eval import write_coco_results
+
+        path = write_coco_results(Path(args.write_results) / "coco_results.json", metrics["results"])
+        print(f"wrote {len(metrics['results'])} detections in the COCO results format to {path}")
+    elif args.write_results:
         from detection.voc_eval import write_voc_results
 
         split = cfg.data.test_splits.split("+")[0].partition("-")[2]
@@ -184,7 +193,8 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
                    "segmentation: model_final.pth or last.pth of a run (mmseg/detectron2: their checkpoints)")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--write-results", metavar="DIR", help="detection: also write the detections in the VOC results "
-                   "format (comp4_det_<split>_<class>.txt) for tricks voc-eval")
+                   "format (comp4_det_<split>_<class>.txt) for tricks voc-eval, or with data.format=coco in the "
+                   "COCO results format (DIR/coco_results.json) for tricks coco-eval")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("demo", help="the main job: pretrain on the embedded Fashion-MNIST, fine-tune for "
                        "segmentation and detection, write a report")
