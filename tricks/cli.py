@@ -209,7 +209,8 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="write the embedded datasets (Fashion-MNIST scenes) in ADE20K / VOC layouts")
+    data = sub.add_parser("data", help="write the embedded datasets (Fashion-MNIST scenes) in ADE20K / VOC layouts; "
+                          "convert detection data between VOC and COCO")
     kinds = data.add_subparsers(dest="data_command", required=True, metavar="DATASET")
     scenes = kinds.add_parser("fashion-scenes", help="Fashion-MNIST scenes in the ADE20K layout (segmentation)")
     scenes.add_argument("--out", required=True, help="the ADEChallengeData2016 folder to write")
@@ -225,6 +226,48 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     voc.add_argument("--seed", type=int, default=0)
     voc.add_argument("--size", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))
     voc.set_defaults(func=_run_fashion_voc)
+    # detection/convert.py: VOC 1-based inclusive corners <-> COCO 0-based [x, y, w, h], exact
+    to_coco = kinds.add_parser("voc2coco", help="VOC-layout splits -> a COCO instances JSON (detection/convert.py)")
+    to_coco.add_argument("--devkit", required=True, help="the VOCdevkit folder (or its parent)")
+    to_coco.add_argument("--splits", required=True, help="e.g. 2007-trainval+2012-trainval or 2007-test")
+    to_coco.add_argument("--out", required=True, help="the instances JSON to write")
+    names = to_coco.add_mutually_exclusive_group()
+    names.add_argument("--classes", metavar="A,B,...", help="class names (category ids 1..N); default the 20 VOC")
+    names.add_argument("--classes-file", metavar="FILE", help="file with one class name per line")
+    to_coco.set_defaults(func=_run_voc2coco)
+    to_voc = kinds.add_parser("coco2voc", help="a COCO instances JSON + images -> the VOCdevkit layout")
+    to_voc.add_argument("--gt", required=True, metavar="ANNOTATIONS.json", help="COCO instances JSON")
+    to_voc.add_argument("--images", required=True, help="the folder its file_name entries are relative to")
+    to_voc.add_argument("--out", required=True, help="the folder to hold VOCdevkit/")
+    to_voc.add_argument("--year", default="2007", help="VOC<year> folder to write (default 2007)")
+    to_voc.add_argument("--split", default="train", help="ImageSets/Main/<split>.txt to write (default train)")
+    to_voc.set_defaults(func=_run_coco2voc)
+
+
+def _run_voc2coco(args: argparse.Namespace) -> int:
+    from detection.convert import run_voc2coco
+
+    classes = args.classes_file or ([n.strip() for n in args.classes.split(",")] if args.classes else None)
+    try:
+        print(run_voc2coco(args.devkit, args.splits, args.out, classes))
+    except (ValueError, FileNotFoundError) as e:  # VOCFormatError is a ValueError
+        print(f"voc2coco: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run_coco2voc(args: argparse.Namespace) -> int:
+    from detection.convert import coco_to_voc
+
+    try:
+        counts = coco_to_voc(args.gt, args.images, args.out, args.year, args.split)
+    except (ValueError, FileNotFoundError) as e:  # COCOFormatError is a ValueError
+        print(f"coco2voc: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {counts['images']} images ({counts['reencoded']} re-encoded as JPEG), {counts['objects']} objects "
+          f"to {args.out}/VOCdevkit/VOC{args.year} (split {args.year}-{args.split}; data.classes: "
+          f"{args.out}/VOCdevkit/classes.txt)")
+    return 0
 
 
 def _run_fashion_scenes(args: argparse.Namespace) -> int:
