@@ -193,7 +193,9 @@ def test_coco_eval_equals_pycocotools_on_the_same_files(tmp_path, capsys, seed):
 def test_dataset_evaluation_equals_pycocotools_on_the_json(tmp_path):
     """What the engines report (COCOeval on the dataset's ground truth, detections as labels + XYXY boxes)
     equals pycocotools on the original JSON and the results file they write."""
-    path = write_coco(tmp_path, n=12)
+    # COCO's area is the mask's, not the box's: small, medium and large by area, whatever the box.
+    path = _break(write_coco(tmp_path, n=12), lambda d: [a.update(area=[100.0, 2000.0, 20000.0][k % 3])
+                                                          for k, a in enumerate(d["annotations"])])
     dataset = COCODetection(path, tmp_path / "images")
     rng = np.random.default_rng(3)
     detections = {}
@@ -208,7 +210,7 @@ def test_dataset_evaluation_equals_pycocotools_on_the_json(tmp_path):
     assert [result[name] for name in STAT_NAMES] == pytest.approx(
         [float("nan") if s < 0 else s for s in stats[:9]], nan_ok=True, abs=1e-12)
     assert result["ap_per_class"] == pytest.approx(per_class, abs=1e-12)
-    assert 0 < result["AP"] < 1
+    assert 0 < result["AP"] < 1 and all(result[k] >= 0 for k in ("APs", "APm", "APl"))
     # A category id is the category's (labels 0, 1, 2 -> 3, 7, 11); a box [x1, y1, x2 - x1, y2 - y1].
     first = result["results"][0]
     box = detections[dataset.image_id(0)]["boxes"][0].tolist()
