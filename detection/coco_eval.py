@@ -35,6 +35,17 @@ log = logging.getLogger(__name__)
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")  # COCOeval.stats[0:9], bbox
 
 
+def _pycocotools():
+    """pycocotools' ``COCO`` and ``COCOeval`` (imported on use: only COCO-format runs need them)."""
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError as e:
+        raise ImportError(f"COCO evaluation needs pycocotools: pip install 'pycocotools>=2.0.7' (or the suite's "
+                          f"detection extra, pip install -e '.[detection]') ({e})") from e
+    return COCO, COCOeval
+
+
 def _quiet():
     """pycocotools prints its progress; keep stdout clean (``--json``) and send it to the debug log."""
     return contextlib.redirect_stdout(io.StringIO())
@@ -42,8 +53,7 @@ def _quiet():
 
 def coco_from_dict(doc: dict):
     """A pycocotools ``COCO`` object over an instances document already in memory."""
-    from pycocotools.coco import COCO
-
+    COCO, _ = _pycocotools()
     with _quiet():
         gt = COCO()
         gt.dataset = doc
@@ -122,8 +132,7 @@ def evaluate_coco(gt, results: list[dict], class_names: Optional[Mapping[int, st
     ``COCO`` of the same images; COCOeval then leaves every precision at -1, and every metric of a
     category with ground truth is 0 (nothing found), not NaN.
     """
-    from pycocotools.cocoeval import COCOeval
-
+    _, COCOeval = _pycocotools()
     cat_ids = sorted(gt.getCatIds())
     names = class_names or {c["id"]: c["name"] for c in gt.loadCats(cat_ids)}
     with _quiet() as printed:
