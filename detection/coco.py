@@ -322,10 +322,11 @@ def build_detection_set(data, train: bool, transforms: Optional[Callable] = None
 
 def dataset_classes(data) -> tuple[str, ...]:
     """The class names of a run (``data.format`` voc: ``data.classes`` or VOC's 20; coco: the training
-    JSON's categories, or the subset ``data.classes`` picks) without building the datasets."""
+    JSON's categories, or the subset ``data.classes`` picks; the test JSON's when no training JSON is given,
+    as ``tricks eval`` may be) without building the datasets."""
     if getattr(data, "format", "voc") != "coco":
         return resolve_classes(data.classes)
-    annotation_file, _ = _coco_paths(data, train=True)
+    annotation_file, _ = _coco_paths(data, train=bool(data.train_json or data.train_images))
     return select_classes(categories_of(load_instances(annotation_file), annotation_file), data.classes,
                           annotation_file)[0]
 

@@ -99,3 +99,12 @@ def test_detectron2_engine_trains_and_evaluates_coco(tmp_path, coco_files, capsy
     assert 100 * doc["AP"] == pytest.approx(again["ap"], abs=1e-9)
     assert 100 * doc["AR100"] == pytest.approx(again["ar100"], abs=1e-9)
     assert {k: 100 * v for k, v in doc["ap_per_class"].items()} == pytest.approx(again["AP"], abs=1e-9)
+
+
+def test_evaluation_without_a_training_json_takes_the_test_json_classes(tmp_path, coco_files):
+    from detection.train import build_test_set
+
+    cfg = load_config(None, DetectionConfig, [*TINY, *[o for o in coco_files if "train_" not in o]])
+    assert build_test_set(cfg).classes == tuple(CLASSES)
+    with pytest.raises(ValueError, match="data.format=coco needs data.train_json"):
+        build_detection_set(cfg.data, train=True)

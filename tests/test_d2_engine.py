@@ -235,6 +235,7 @@ def test_train_evaluate_resume(devkit, tmp_path, small_heads):
 
     again = d2_engine.evaluate(cfg, str(final))
     assert set(again) == set(metrics) | {"detections"} and again["images"] == 2  # + for --write-results
+    assert len(again["detections"]) == 2 and all(len(d.boxes) == len(d.scores) for d in again["detections"].values())
 
 
 def test_c4_trains_one_step(devkit, tmp_path, small_heads):
