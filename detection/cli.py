@@ -1,4 +1,5 @@
-"""``tricks voc-eval``: score detections written in the VOC devkit's results format against a VOCdevkit.
+"""``tricks voc-eval``: score detections written in the VOC devkit's results format against a VOCdevkit;
+``tricks coco-eval``: score detections in the COCO results format against an instances JSON (COCOeval).
 
 ``add_subcommands(subparsers)`` registers the command on the ``tricks`` parser; ``python -m detection.cli``
 runs it alone. The work is ``detection.voc_eval.score_voc_results``; this module only parses and prints.
@@ -30,6 +31,8 @@ def _report(result: dict, devkit: str, year: str, split: str) -> str:
         line(header), "  ".join("-" * w for w in widths), *map(line, rows), "",
         f"mAP ({label[metric]}): {_percent(result[f'map_{metric}'])}",
         f"mAP ({label[other]}): {_percent(result[f'map_{other}'])}",
+        f"AP IoU 0.50:0.95 ({label[metric]}, detectron2's VOC AP): {_percent(result['ap'])}",
+        f"AP75 ({label[metric]}): {_percent(result['ap75'])}",
     ])
 
 
@@ -37,6 +40,7 @@ def _json_ready(result: dict) -> dict:
     """The ``--json`` document: fractions in 0-1, NaN (a class without ground truth) as null."""
     clean = lambda v: None if math.isnan(v) else v
     return {"map_voc07": clean(result["map_voc07"]), "map_area": clean(result["map_area"]),
+            "ap": clean(result["ap"]), "ap75": clean(result["ap75"]),
             "ap_per_class": {k: clean(v) for k, v in result["ap_per_class"].items()},
             "metric": result["metric"], "num_gt": result["num_gt"]}
 
@@ -65,8 +69,43 @@ def cmd_voc_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_coco_eval(args: argparse.Namespace) -> int:
+    from .coco import COCOFormatError
+    from .coco_eval import STAT_NAMES, score_coco_files
+
+    try:
+        result = score_coco_files(args.gt, args.results)
+    except (COCOFormatError, ValueError) as e:
+        print(f"coco-eval: error: {e}", file=sys.stderr)
+        return 2
+    clean = lambda v: None if math.isnan(v) else v
+    if args.json:
+        doc = {name: clean(result[name]) for name in STAT_NAMES}
+        doc["ap_per_class"] = {k: clean(v) for k, v in result["ap_per_class"].items()}
+        print(json.dumps(doc, indent=2))
+        return 0
+    rows = [(name, _percent(ap)) for name, ap in result["ap_per_class"].items()]
+    width = max(len(r[0]) for r in [("class", ""), *rows])
+    print(f"COCOeval (bbox) of {args.results} against {args.gt}")
+    print(f"{'class':<{width}}  AP (%)")
+    print("\n".join(f"{name:<{width}}  {ap:>6}" for name, ap in rows))
+    print("  ".join(f"{name} {_percent(result[name])}" for name in STAT_NAMES))
+    return 0
+
+
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``voc-eval`` on a parser's subcommands (the ``tricks`` command calls this)."""
+    """Register ``voc-eval`` and ``coco-eval`` on a parser's subcommands (the ``tricks`` command calls this)."""
+    p = subparsers.add_parser(
+        "coco-eval", help="COCO AP/AR of a COCO results JSON against an instances JSON (pycocotools' COCOeval)",
+        description="Score detections in the COCO results format ([{image_id, category_id, bbox: [x, y, w, h], "
+                    "score}, ...]) with pycocotools' COCOeval (bbox): AP (IoU 0.50:0.95), AP50, AP75, APs, "
+                    "APm, APl, AR1, AR10, AR100 and per-class AP.")
+    p.add_argument("--gt", required=True, metavar="ANNOTATIONS.json", help="COCO instances JSON (ground truth)")
+    p.add_argument("--results", required=True, metavar="DETECTIONS.json", help="COCO results JSON")
+    p.add_argument("--json", action="store_true", help='print {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", '
+                   '"AR10", "AR100", "ap_per_class"} (fractions in 0-1; null where there is no ground truth)')
+    p.set_defaults(func=cmd_coco_eval)
+
     p = subparsers.add_parser(
         "voc-eval", help="AP of devkit results files (comp4_det_<split>_<class>.txt) against a VOCdevkit",
         description="Score detections in the VOC devkit's results format: per-class AP and mAP (VOC07 "

@@ -39,10 +39,15 @@ class DetModelConfig:
 
 @dataclass
 class DetDataConfig:
+    format: Literal["voc", "coco"] = "voc"   # voc: root + splits; coco: instances JSON + images folder (detection/coco.py)
     root: str = "data/VOCdevkit"             # the VOCdevkit folder (VOC2007/, VOC2012/)
     train_splits: str = "2007-trainval+2012-trainval"
     test_splits: str = "2007-test"
-    classes: Any = None                      # None = the 20 VOC classes; a list of names, or a file with one name per line
+    train_json: Optional[str] = None         # format=coco: training instances JSON and its images folder
+    train_images: Optional[str] = None
+    test_json: Optional[str] = None          # format=coco: test instances JSON and its images folder
+    test_images: Optional[str] = None
+    classes: Any = None                      # None = the 20 VOC classes (coco: every category); a list of names, or a file with one name per line
     skip_invalid: bool = False               # True: skip zero-area boxes / unknown class names and count them; False: error
     mean: Optional[list[float]] = None       # input normalisation (0-1 scale, RGB); None = the backbone's default
     std: Optional[list[float]] = None

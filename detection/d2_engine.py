@@ -47,7 +47,7 @@ from runtime.schedules import scale_lr
 
 from . import voc as voc_data
 from .config import REFERENCE_BATCH, DetectionConfig
-from .voc_eval import VOCBoxes, evaluate_voc
+from .voc_eval import VOCBoxes, evaluate_voc, evaluate_voc_iou_range
 
 log = logging.getLogger("detection.d2")
 
@@ -234,6 +234,10 @@ def register_d2_components() -> None:
 
 # ------------------------------------------------------------------------------------------------ data
 def _class_names(cfg: DetectionConfig) -> tuple[str, ...]:
+    if getattr(cfg.data, "format", "voc") == "coco":
+        from .coco import dataset_classes
+
+        return dataset_classes(cfg.data)
     if hasattr(voc_data, "resolve_classes"):
         return tuple(voc_data.resolve_classes(cfg.data.classes))
     if cfg.data.classes is not None:
@@ -312,7 +316,7 @@ def _voc_evaluator_class():
     class VOCEvaluator(DatasetEvaluator):
         """Collects detections (all ranks) and scores them on the main rank with ``detection.voc_eval``.
 
-        ``evaluate()`` returns detectron2-style ``{"bbox": {"AP50", "AP50-<class>"...}}`` (VOC07 11-point,
+        ``evaluate()`` returns detectron2-style ``{"bbox": {"AP", "AP50", "AP75", "AP50-<class>"...}}`` (VOC07 11-point,
         percent, as the torch engine reports) plus ``{"voc": {"mAP_area", "AP50_area-<class>"..., "images"}}``
         (the VOC2010+ area under the precision/recall curve).
         """
@@ -337,6 +341,7 @@ def _voc_evaluator_class():
             if not comm.is_main_process():
                 return None
             predictions = {k: v for part in gathered for k, v in part.items()}
+            self.detections = predictions  # every rank's (tricks eval --write-results)
             truth, preds = [], []
             empty = VOCBoxes(np.zeros((0, 4)), np.zeros(0, np.int64), scores=np.zeros(0))
             for record in DatasetCatalog.get(self.dataset_name):
@@ -348,13 +353,26 @@ def _voc_evaluator_class():
             num_classes = len(self.class_names)
             eleven = evaluate_voc(preds, truth, num_classes, use_07_metric=True)
             area = evaluate_voc(preds, truth, num_classes, use_07_metric=False)
-            bbox = {"AP50": 100 * eleven["mAP"]}
+            iou_range = evaluate_voc_iou_range(preds, truth, num_classes, use_07_metric=True)
+            # AP, AP50, AP75 as detectron2's PascalVOCDetectionEvaluator (with the 11-point metric: year 2007)
+            bbox = {"AP": 100 * iou_range["AP"], "AP50": 100 * eleven["mAP"], "AP75": 100 * iou_range["AP75"]}
             bbox.update({f"AP50-{name}": 100 * float(ap) for name, ap in zip(self.class_names, eleven["ap"])})
             extra = {"mAP_area": 100 * area["mAP"], "images": float(len(truth))}
             extra.update({f"AP50_area-{name}": 100 * float(ap) for name, ap in zip(self.class_names, area["ap"])})
             return OrderedDict(bbox=bbox, voc=extra)
 
     return VOCEvaluator
+
+
+def build_evaluator(dataset_name: str):
+    """Our evaluator for a registered set: COCOeval for COCO-format sets (``detection.d2_coco``), else VOC."""
+    from detectron2.data import MetadataCatalog
+
+    if MetadataCatalog.get(dataset_name).get("evaluator_type") == "tricks_coco":
+        from .d2_coco import coco_evaluator_class
+
+        return coco_evaluator_class()(dataset_name)
+    return _voc_evaluator_class()(dataset_name)
 
 
 def build_voc_evaluator(dataset_name: str):
@@ -364,9 +382,16 @@ def build_voc_evaluator(dataset_name: str):
 
 
 def metrics_from_results(results: dict, class_names) -> dict[str, Any]:
-    """detectron2 results of ``VOCEvaluator`` -> the suite's ``{"mAP", "AP", "images", "mAP_area"}`` (percent)."""
+    """detectron2 results of ``VOCEvaluator`` -> the suite's ``{"mAP", "ap", "ap75", "AP", "images", "mAP_area"}``
+    (percent; ``ap``/``ap75``: detectron2's VOC AP over IoU 0.50:0.95 and AP75); of the COCO evaluator ->
+    ``detection.d2_coco.metrics_from_coco_results``."""
+    if "coco" in results:
+        from .d2_coco import metrics_from_coco_results
+
+        return metrics_from_coco_results(results, class_names)
     bbox, extra = results["bbox"], results.get("voc", {})
-    return {"mAP": float(bbox["AP50"]), "AP": {name: float(bbox[f"AP50-{name}"]) for name in class_names},
+    return {"mAP": float(bbox["AP50"]), "ap": float(bbox["AP"]), "ap75": float(bbox["AP75"]),
+            "AP": {name: float(bbox[f"AP50-{name}"]) for name in class_names},
             "images": int(extra.get("images", 0)), "mAP_area": float(extra.get("mAP_area", float("nan")))}
 
 
@@ -444,8 +469,13 @@ def build_d2_config(cfg: DetectionConfig):
     d2.INPUT.MIN_SIZE_TEST = m.min_size_test
     d2.INPUT.MAX_SIZE_TEST = m.max_size
     d2.INPUT.RANDOM_FLIP = "horizontal" if cfg.data.hflip > 0 else "none"
-    d2.DATASETS.TRAIN = (register_voc(cfg, cfg.data.train_splits, train=True),)
-    d2.DATASETS.TEST = (register_voc(cfg, cfg.data.test_splits, train=False),)
+    if getattr(cfg.data, "format", "voc") == "coco":  # detection/d2_coco.py: COCO sets, COCOeval
+        from .d2_coco import register_coco
+
+        d2.DATASETS.TRAIN, d2.DATASETS.TEST = (register_coco(cfg, train=True),), (register_coco(cfg, train=False),)
+    else:
+        d2.DATASETS.TRAIN = (register_voc(cfg, cfg.data.train_splits, train=True),)
+        d2.DATASETS.TEST = (register_voc(cfg, cfg.data.test_splits, train=False),)
     d2.DATALOADER.NUM_WORKERS = default_workers(cfg.data.workers)
     d2.SOLVER.IMS_PER_BATCH = global_batch
     d2.SOLVER.REFERENCE_WORLD_SIZE = 0  # the batch and lr are already the global ones
@@ -480,7 +510,7 @@ def _trainer_class():
 
         @classmethod
         def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-            return _voc_evaluator_class()(dataset_name)
+            return build_evaluator(dataset_name)
 
         @classmethod
         def build_train_loader(cls, cfg):
@@ -592,5 +622,13 @@ def evaluate(cfg: DetectionConfig, checkpoint: str) -> dict[str, Any]:
     trainer_cls = _trainer_class()
     model = trainer_cls.build_model(d2)
     DetectionCheckpointer(model).load(checkpoint)
-    results = trainer_cls.test(d2, model)
-    return metrics_from_results(results, _class_names(cfg)) if results else {}
+    evaluator = build_evaluator(d2.DATASETS.TEST[0])
+    results = trainer_cls.test(d2, model, evaluators=[evaluator])
+    if not results:
+        return {}
+    metrics = metrics_from_results(results, _class_names(cfg))
+    if metrics.get("format") == "coco":  # for tricks eval --write-results
+        metrics["results"] = evaluator.results
+    else:
+        metrics["detections"] = evaluator.detections
+    return metrics

@@ -1,5 +1,6 @@
 """The torchvision detection engine: Faster R-CNN + FPN on a registry backbone, trained on a VOC-layout
-dataset (PASCAL VOC, or your own classes through ``data.classes``) and evaluated with the devkit's mAP.
+dataset (PASCAL VOC, or your own classes through ``data.classes``) and evaluated with the devkit's mAP, or
+on a COCO-format dataset (``data.format: coco``) evaluated with pycocotools' COCOeval.
 
 One loop, top to bottom, on the shared runtime: iteration-based (detectron2's convention), linear lr
 scaling per 16 images, warm-up then step decay, AMP, DDP (torchrun), the common non-finite policy, atomic
@@ -33,8 +34,9 @@ from runtime.step import OptimizerStep
 from .config import REFERENCE_BATCH, DetectionConfig
 from .model import build_faster_rcnn
 from .visualize import save_detection_pictures
-from .voc import build_voc, resolve_classes
-from .voc_eval import VOCBoxes, evaluate_voc
+from .coco import build_detection_set, dataset_classes
+from .coco_eval import describe_metrics
+from .voc_eval import VOCBoxes, evaluate_voc, evaluate_voc_iou_range
 
 log = logging.getLogger("detection")
 
@@ -116,20 +118,29 @@ def evaluate_detector(model, cfg: DetectionConfig, dist_info: DistInfo, dataset=
         core.transform.min_size = train_sizes
         core.train(was_training)
     predictions = {k: v for part in gather_per_rank(predictions) for k, v in part.items()}
+    if getattr(cfg.data, "format", "voc") == "coco":  # COCOeval on the JSON's own records
+        from .coco_eval import engine_metrics, evaluate_dataset
+
+        detections = {dataset.image_id(i): predictions[i] for i in range(len(dataset))}
+        result = evaluate_dataset(dataset, detections)
+        return {**engine_metrics(result, len(dataset)), "detections": detections, "results": result["results"]}
     truth = []
     for i in range(len(dataset)):
         ann = dataset.annotation(i)
         truth.append(VOCBoxes(ann.boxes, ann.labels, difficult=ann.difficult))
     classes = dataset.classes
-    result = evaluate_voc([predictions[i] for i in range(len(dataset))], truth, len(classes), use_07_metric=True)
-    return {"mAP": 100 * result["mAP"], "images": len(dataset),
+    ranked = [predictions[i] for i in range(len(dataset))]
+    result = evaluate_voc(ranked, truth, len(classes), use_07_metric=True)
+    iou_range = evaluate_voc_iou_range(ranked, truth, len(classes), use_07_metric=True)  # detectron2's AP, AP75
+    return {"mAP": 100 * result["mAP"], "ap": 100 * iou_range["AP"], "ap75": 100 * iou_range["AP75"],
+            "images": len(dataset),
             "AP": {name: 100 * float(ap) for name, ap in zip(classes, result["ap"])},
             "detections": {dataset.image_id(i): predictions[i] for i in range(len(dataset))}}
 
 
 def build_test_set(cfg: DetectionConfig):
-    return build_voc(cfg.data.root, cfg.data.test_splits, keep_difficult=True, classes=cfg.data.classes,
-                     skip_invalid=cfg.data.skip_invalid)
+    # The training set's classes (a COCO test JSON may list its categories otherwise).
+    return build_detection_set(cfg.data, train=False, classes=dataset_classes(cfg.data))
 
 
 def train_detector(cfg: DetectionConfig) -> dict[str, Any]:
@@ -155,9 +166,8 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
     precision = setup_precision(t.precision, device, cudnn_benchmark=False)  # image sizes vary (multi-scale)
 
     # Workers decode, mirror (v2, per-sample seed) and keep uint8; batches share an aspect-ratio group.
-    classes = resolve_classes(cfg.data.classes)
-    dataset = build_voc(cfg.data.root, cfg.data.train_splits, keep_difficult=False, transforms=TrainTransform(cfg.data.hflip),
-                        classes=classes, skip_invalid=cfg.data.skip_invalid)
+    dataset = build_detection_set(cfg.data, train=True, transforms=TrainTransform(cfg.data.hflip))
+    classes = dataset.classes
     test_set = build_test_set(cfg)
     sampler = SeededSampler(DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
                                                shuffle=True, seed=t.seed, drop_last=True), t.seed, dist_info.rank)
@@ -235,9 +245,10 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
             loss_sums, logged = {}, 0
         if (t.eval_every and done % t.eval_every == 0) or done == t.max_iter:
             metrics = evaluate_detector(model, cfg, dist_info, test_set)
-            logger.log("val", done, mAP=metrics["mAP"], **{f"AP/{k}": v for k, v in metrics["AP"].items()})
+            logger.log("val", done, **{k: v for k, v in metrics.items() if isinstance(v, float)},
+                       **{f"AP/{k}": v for k, v in metrics["AP"].items()})
             if is_main:
-                log.info("iter %d: VOC07 mAP %.2f%% (%d images)", done, metrics["mAP"], metrics["images"])
+                log.info("iter %d: %s (%d images)", done, describe_metrics(metrics), metrics["images"])
             train_model.train()
         if done % t.checkpoint_every == 0 or done == t.max_iter:
             checkpoint(done)
@@ -246,7 +257,8 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
         metrics = evaluate_detector(model, cfg, dist_info, test_set)
     if is_main:
         save_checkpoint(model.state_dict(), out / "model_final.pth")  # atomic, as last.pth
-        plot_run(out, val_metrics=(("VOC07 mAP", "mAP"),), val_x="step", val_title="VOC07 mAP (%)")
+        headline = "COCO AP" if metrics.get("format") == "coco" else "VOC07 mAP"
+        plot_run(out, val_metrics=((headline, "mAP"),), val_x="step", val_title=f"{headline} (%)")
         save_detection_pictures(test_set, metrics["detections"], out / "detections", t.visualize, t.visualize_thresh)
     logger.close()
     return metrics

@@ -190,6 +190,27 @@ def evaluate_voc(predictions: Sequence[VOCBoxes], ground_truth: Sequence[VOCBoxe
     return {"mAP": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"), "ap": ap, "num_gt": num_gt}
 
 
+# detectron2's thresholds: ``thresh / 100.0`` for thresh in range(50, 100, 5) (0.5, 0.55, ..., 0.95).
+D2_IOU_THRESHOLDS = tuple(t / 100.0 for t in range(50, 100, 5))
+
+
+def evaluate_voc_iou_range(predictions: Sequence[VOCBoxes], ground_truth: Sequence[VOCBoxes], num_classes: int,
+                           use_07_metric: bool = True) -> dict:
+    """detectron2's VOC ``AP``, ``AP50`` and ``AP75`` (``PascalVOCDetectionEvaluator``): the devkit's matching
+    and per-class AP at each IoU threshold 0.50, 0.55, ..., 0.95; at each threshold the mean over classes;
+    ``AP`` is the mean of those ten means, ``AP50`` and ``AP75`` two of them. ``use_07_metric`` as in
+    ``evaluate_voc`` (detectron2: year 2007).
+
+    Returns ``{"AP", "AP50", "AP75", "per_threshold": {0.5: mAP, ...}}`` in 0-1 (detectron2 prints
+    percent). A class without non-difficult ground truth is left out of every mean, as in
+    ``evaluate_voc`` (detectron2 would count it 0 under the 11-point metric and NaN under the area one).
+    """
+    per_threshold = {t: evaluate_voc(predictions, ground_truth, num_classes, t, use_07_metric)["mAP"]
+                     for t in D2_IOU_THRESHOLDS}
+    return {"AP": float(np.mean(list(per_threshold.values()))), "AP50": per_threshold[0.5],
+            "AP75": per_threshold[0.75], "per_threshold": per_threshold}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The devkit's results files
 
@@ -304,9 +325,10 @@ def score_voc_results(devkit_root: Path | str, year: str | int, split: str, resu
     """Score a folder of devkit results files against ``VOC<year>/ImageSets/Main/<split>.txt``.
 
     Ground truth is read with ``detection.voc`` (difficult boxes kept, every image kept). Returns
-    ``{"map_voc07", "map_area", "ap_per_class": {name: AP}, "metric", "num_gt": {name: n}}``: both mAPs
-    (11-point VOC07 and area under the curve), the per-class AP under the metric ``use_07_metric``
-    picks (``metric`` says which); all in 0-1. A class without non-difficult ground truth has AP NaN and
+    ``{"map_voc07", "map_area", "ap", "ap75", "ap_per_class": {name: AP}, "metric", "num_gt": {name: n}}``:
+    both mAPs (11-point VOC07 and area under the curve), detectron2's AP (IoU 0.50:0.95) and AP75
+    (``evaluate_voc_iou_range``) and the per-class AP under the metric ``use_07_metric`` picks (``metric``
+    says which); all in 0-1. A class without non-difficult ground truth has AP NaN and
     is left out of the means.
     """
     names = resolve_classes(classes)
@@ -320,7 +342,8 @@ def score_voc_results(devkit_root: Path | str, year: str | int, split: str, resu
     voc07 = evaluate_voc(predictions, truth, len(names), iou_threshold, use_07_metric=True)
     area = evaluate_voc(predictions, truth, len(names), iou_threshold, use_07_metric=False)
     chosen = voc07 if use_07_metric else area
-    return {"map_voc07": voc07["mAP"], "map_area": area["mAP"],
+    iou_range = evaluate_voc_iou_range(predictions, truth, len(names), use_07_metric)
+    return {"map_voc07": voc07["mAP"], "map_area": area["mAP"], "ap": iou_range["AP"], "ap75": iou_range["AP75"],
             "ap_per_class": {name: float(ap) for name, ap in zip(names, chosen["ap"])},
             "metric": "voc07" if use_07_metric else "area",
             "num_gt": {name: int(n) for name, n in zip(names, chosen["num_gt"])}}

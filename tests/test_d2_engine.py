@@ -234,7 +234,8 @@ def test_train_evaluate_resume(devkit, tmp_path, small_heads):
     assert torch.load(final, map_location="cpu", weights_only=False)["iteration"] == 2
 
     again = d2_engine.evaluate(cfg, str(final))
-    assert set(again) == set(metrics) and again["images"] == 2
+    assert set(again) == set(metrics) | {"detections"} and again["images"] == 2  # + for --write-results
+    assert len(again["detections"]) == 2 and all(len(d.boxes) == len(d.scores) for d in again["detections"].values())
 
 
 def test_c4_trains_one_step(devkit, tmp_path, small_heads):
@@ -282,8 +283,9 @@ def test_evaluator_agrees_with_detectron2(tmp_path):
             inst = Instances((128, 128), pred_boxes=Boxes(torch.tensor(boxes, dtype=torch.float32)),
                              scores=torch.tensor(scores, dtype=torch.float32), pred_classes=torch.tensor(labels))
             evaluator.process([{"image_id": image_id}], [{"instances": inst}])
-    result = ours.evaluate()
-    assert result["bbox"]["AP50"] == pytest.approx(theirs.evaluate()["bbox"]["AP50"], abs=1e-9)
+    result, reference = ours.evaluate(), theirs.evaluate()["bbox"]
+    for key in ("AP", "AP50", "AP75"):  # AP: IoU 0.50:0.95, as detectron2 defines it
+        assert result["bbox"][key] == pytest.approx(reference[key], abs=1e-9), key
 
     # Per class, both metrics, against detectron2's voc_eval on the same detections.
     dets = tmp_path / "dets"

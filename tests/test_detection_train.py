@@ -105,11 +105,15 @@ def test_cli_train_then_eval(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "aeroplane" in out and "VOC07 mAP" in out
     # the written results scored by the devkit-format scorer give the engine's mAP
-    engine_map = float(next(line for line in out.splitlines() if line.startswith("VOC07 mAP")).split()[2][:-1])
+    headline = next(line for line in out.splitlines() if line.startswith("VOC07 mAP")).split()
+    engine_map, engine_ap, engine_ap75 = (float(headline[i][:-1]) for i in (2, 4, 6))
     assert main(["voc-eval", "--devkit", str(cfg.data.root), "--year", "2007", "--split", "test",
                  "--results", str(results), "--use-07-metric", "--json"]) == 0
     import json
-    assert 100 * json.loads(capsys.readouterr().out)["map_voc07"] == pytest.approx(engine_map, abs=0.006)
+    doc = json.loads(capsys.readouterr().out)
+    assert 100 * doc["map_voc07"] == pytest.approx(engine_map, abs=0.006)
+    assert 100 * doc["ap"] == pytest.approx(engine_ap, abs=0.006)
+    assert 100 * doc["ap75"] == pytest.approx(engine_ap75, abs=0.006)
     with pytest.raises(SystemExit) as e:
         main(["train", str(config), "train.max_iters=3"])
     assert e.value.code == 2

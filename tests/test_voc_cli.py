@@ -31,6 +31,7 @@ def test_json_document(devkit, results, capsys):
     assert doc["map_area"] == pytest.approx((0.5 + PERSON_AREA) / 2)
     assert doc["ap_per_class"] == {"dog": pytest.approx(0.5), "person": pytest.approx(PERSON_07), "chair": None}
     assert doc["metric"] == "voc07"  # the default for 2007, as the devkit
+    assert doc["ap"] == pytest.approx(doc["map_voc07"]) and doc["ap75"] == doc["map_voc07"]  # exact boxes: hits at every IoU
     area = json.loads(run(capsys, "--devkit", devkit, "--results", results, "--classes", "dog,person,chair", "--area",
                           "--json")[1])
     assert area["ap_per_class"]["person"] == pytest.approx(PERSON_AREA) and area["map_voc07"] == doc["map_voc07"]
@@ -43,10 +44,14 @@ def test_table_headlines_the_chosen_metric(devkit, results, tmp_path, capsys):
     lines = out.splitlines()
     assert code == 0 and lines[0].startswith("VOC2007 test")
     assert lines[3].split() == ["dog", "1", "50.00"] and lines[5].split() == ["chair", "0", "-"]
-    assert lines[-2] == f"mAP (VOC07 11-point): {100 * (0.5 + PERSON_07) / 2:.2f}"
-    assert lines[-1] == f"mAP (area under the PR curve): {100 * (0.5 + PERSON_AREA) / 2:.2f}"
+    assert lines[-4] == f"mAP (VOC07 11-point): {100 * (0.5 + PERSON_07) / 2:.2f}"
+    assert lines[-3] == f"mAP (area under the PR curve): {100 * (0.5 + PERSON_AREA) / 2:.2f}"
+    # The hits are exact boxes (IoU 1 at every threshold): AP over 0.50:0.95 and AP75 equal AP50.
+    assert lines[-2] == f"AP IoU 0.50:0.95 (VOC07 11-point, detectron2's VOC AP): {100 * (0.5 + PERSON_07) / 2:.2f}"
+    assert lines[-1] == f"AP75 (VOC07 11-point): {100 * (0.5 + PERSON_07) / 2:.2f}"
     out = run(capsys, "--devkit", devkit, "--results", results, "--classes-file", names, "--area")[1]
-    assert out.splitlines()[-2].startswith("mAP (area under the PR curve)")
+    assert out.splitlines()[-4].startswith("mAP (area under the PR curve)")
+    assert out.splitlines()[-1] == f"AP75 (area under the PR curve): {100 * (0.5 + PERSON_AREA) / 2:.2f}"
 
 
 def test_errors_and_flag_conflicts(devkit, results, capsys):

@@ -367,3 +367,69 @@ def test_results_errors_name_file_and_line(devkit, tmp_path):
     dog.write_text("000002 0.5 1 1 20 10\n\n004242 0.5 1 1 20 10\n")
     with pytest.raises(VOCFormatError, match=r"comp4_det_test_dog.txt, line 3: image '004242' is not in the test"):
         score_voc_results(devkit, "2007", "test", res_dir, classes=CLASSES)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# detectron2's VOC AP (IoU 0.50:0.95) and AP75: PascalVOCDetectionEvaluator itself, end to end
+
+from detection.voc_eval import evaluate_voc_iou_range  # noqa: E402
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct-scores", "tied-scores"])
+@pytest.mark.parametrize("year", [2007, 2012])
+def test_ap_and_ap75_equal_detectron2_pascal_voc_evaluator(tmp_path, monkeypatch, ties, year):
+    """``evaluate_voc_iou_range`` against detectron2's ``PascalVOCDetectionEvaluator`` (registered metadata,
+    ``process`` on ``Instances``, ``evaluate``) on random detections with difficult boxes, empty images and
+    images without detections; 1e-9. The evaluator writes scores with 3 decimals and corners with 1, so the
+    detections are given at that precision; its unstable ``argsort`` is made stable as in the test above."""
+    import functools
+    import types
+
+    from detection.d2_engine import import_detectron2
+
+    try:
+        import_detectron2()
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        pytest.skip(f"detectron2 cannot be imported: {e}")
+    import torch
+    from detectron2.data import MetadataCatalog
+    from detectron2.evaluation import PascalVOCDetectionEvaluator, pascal_voc_evaluation
+    from detectron2.structures import Boxes, Instances
+
+    stable_numpy = types.ModuleType("numpy")
+    stable_numpy.__dict__.update(np.__dict__)
+    stable_numpy.argsort = functools.partial(np.argsort, kind="stable")
+    monkeypatch.setattr(pascal_voc_evaluation, "np", stable_numpy)
+    names = [f"class{c}" for c in range(5)]
+    rng = np.random.default_rng(year + ties)
+    truth, preds = _random_dataset(rng, 150, len(names), ties)
+    for p in preds:  # the precision detectron2's results lines keep: "{score:.3f}", corners "{:.1f}"
+        p.scores = np.array([float(f"{s:.3f}") for s in (p.scores if ties else rng.random(len(p.scores)))])
+    dirname = tmp_path / f"VOC{year}"
+    _write_devkit_files(dirname, truth, preds, names)
+    (dirname / "ImageSets" / "Main").mkdir(parents=True)
+    (dirname / "test.txt").rename(dirname / "ImageSets" / "Main" / "test.txt")
+    name = f"tricks_test_voc_{year}_{ties}_{tmp_path.name}"
+    MetadataCatalog.get(name).set(thing_classes=names, dirname=str(dirname), split="test", year=year)
+    pascal_voc_evaluation.parse_rec.cache_clear()
+    evaluator = PascalVOCDetectionEvaluator(name)
+    evaluator.reset()
+    for i, p in enumerate(preds):
+        instances = Instances((200, 200), pred_boxes=Boxes(torch.tensor(p.boxes, dtype=torch.float64)),
+                              scores=torch.tensor(p.scores), pred_classes=torch.tensor(p.labels))
+        evaluator.process([{"image_id": f"{i:06d}"}], [{"instances": instances}])
+    theirs = evaluator.evaluate()["bbox"]
+    ours = evaluate_voc_iou_range(preds, truth, len(names), use_07_metric=year == 2007)
+    for key in ("AP", "AP50", "AP75"):
+        assert 100 * ours[key] == pytest.approx(theirs[key], rel=0, abs=1e-7), key  # 1e-9 as fractions
+    assert 0 < ours["AP75"] < ours["AP50"] < 1 and ours["AP"] < ours["AP50"]
+    assert len(set(ours["per_threshold"].values())) > 5  # the thresholds are really different
+
+
+def test_ap_iou_range_is_the_mean_of_ten_thresholds_by_hand():
+    # One box, one detection with IoU 0.8 (a [0, 10) box against [0, 8)): hit at 0.50 .. 0.75, miss from 0.80.
+    truth = [gt([[0, 0, 10, 10]], [0])]
+    preds = [det([[0, 0, 10, 8]], [0], [1.0])]
+    res = evaluate_voc_iou_range(preds, truth, 1, use_07_metric=False)
+    assert res["AP50"] == 1.0 and res["AP75"] == 1.0 and res["per_threshold"][0.8] == 0.0
+    assert res["AP"] == pytest.approx(6 / 10)

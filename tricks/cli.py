@@ -116,7 +116,9 @@ def _report(cfg, metrics: dict) -> None:
             print(f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['images']} images)")
     elif cfg.task == "detection":
         print(_table([(name, f"{ap:.2f}") for name, ap in metrics["AP"].items()], ("class", "AP %")))
-        print(f"VOC07 mAP {metrics['mAP']:.2f}%  ({metrics.get('images', '?')} images)")
+        from detection.coco_eval import describe_metrics
+
+        print(f"{describe_metrics(metrics)}  ({metrics.get('images', '?')} images)")
     else:  # the engines log their per-class IoU tables
         print(f"mIoU {metrics['mIoU']:.2f}%  mAcc {metrics['mAcc']:.2f}%  aAcc {metrics['aAcc']:.2f}%")
 
@@ -138,13 +140,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     _setup_logging()
     cfg = load_task_config(args.config, args.overrides)
-    if args.write_results and (cfg.task, getattr(cfg, "engine", "torch")) != ("detection", "torch"):
-        raise SystemExit("tricks eval --write-results: detection runs of engine=torch write the VOC results format")
+    coco = cfg.task == "detection" and getattr(cfg.data, "format", "voc") == "coco"
+    if args.write_results and cfg.task != "detection":
+        raise SystemExit("tricks eval --write-results: detection runs write results (VOC or COCO format)")
     metrics = _engine(cfg, "eval")(cfg, args.checkpoint)
     _report(cfg, metrics)
     if cfg.task == "classification" and "loss" in metrics:
         print(f"loss {metrics['loss']:.4f}")
-    if args.write_results:
+    if args.write_results and coco:
+        from pathlib import Path
+
+        from detection.coco_eval import write_coco_results
+
+        path = write_coco_results(Path(args.write_results) / "coco_results.json", metrics["results"])
+        print(f"wrote {len(metrics['results'])} detections in the COCO results format to {path}")
+    elif args.write_results:
         from detection.voc_eval import write_voc_results
 
         split = cfg.data.test_splits.split("+")[0].partition("-")[2]
@@ -183,7 +193,8 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
                    "segmentation: model_final.pth or last.pth of a run (mmseg/detectron2: their checkpoints)")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--write-results", metavar="DIR", help="detection: also write the detections in the VOC results "
-                   "format (comp4_det_<split>_<class>.txt) for tricks voc-eval")
+                   "format (comp4_det_<split>_<class>.txt) for tricks voc-eval, or with data.format=coco in the "
+                   "COCO results format (DIR/coco_results.json) for tricks coco-eval")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("demo", help="the main job: pretrain on the embedded Fashion-MNIST, fine-tune for "
                        "segmentation and detection, write a report")
@@ -198,7 +209,8 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="write the embedded datasets (Fashion-MNIST scenes) in ADE20K / VOC layouts")
+    data = sub.add_parser("data", help="write the embedded datasets (Fashion-MNIST scenes) in ADE20K / VOC layouts; "
+                          "convert detection data between VOC and COCO")
     kinds = data.add_subparsers(dest="data_command", required=True, metavar="DATASET")
     scenes = kinds.add_parser("fashion-scenes", help="Fashion-MNIST scenes in the ADE20K layout (segmentation)")
     scenes.add_argument("--out", required=True, help="the ADEChallengeData2016 folder to write")
@@ -214,6 +226,48 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     voc.add_argument("--seed", type=int, default=0)
     voc.add_argument("--size", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))
     voc.set_defaults(func=_run_fashion_voc)
+    # detection/convert.py: VOC 1-based inclusive corners <-> COCO 0-based [x, y, w, h], exact
+    to_coco = kinds.add_parser("voc2coco", help="VOC-layout splits -> a COCO instances JSON (detection/convert.py)")
+    to_coco.add_argument("--devkit", required=True, help="the VOCdevkit folder (or its parent)")
+    to_coco.add_argument("--splits", required=True, help="e.g. 2007-trainval+2012-trainval or 2007-test")
+    to_coco.add_argument("--out", required=True, help="the instances JSON to write")
+    names = to_coco.add_mutually_exclusive_group()
+    names.add_argument("--classes", metavar="A,B,...", help="class names (category ids 1..N); default the 20 VOC")
+    names.add_argument("--classes-file", metavar="FILE", help="file with one class name per line")
+    to_coco.set_defaults(func=_run_voc2coco)
+    to_voc = kinds.add_parser("coco2voc", help="a COCO instances JSON + images -> the VOCdevkit layout")
+    to_voc.add_argument("--gt", required=True, metavar="ANNOTATIONS.json", help="COCO instances JSON")
+    to_voc.add_argument("--images", required=True, help="the folder its file_name entries are relative to")
+    to_voc.add_argument("--out", required=True, help="the folder to hold VOCdevkit/")
+    to_voc.add_argument("--year", default="2007", help="VOC<year> folder to write (default 2007)")
+    to_voc.add_argument("--split", default="train", help="ImageSets/Main/<split>.txt to write (default train)")
+    to_voc.set_defaults(func=_run_coco2voc)
+
+
+def _run_voc2coco(args: argparse.Namespace) -> int:
+    from detection.convert import run_voc2coco
+
+    classes = args.classes_file or ([n.strip() for n in args.classes.split(",")] if args.classes else None)
+    try:
+        print(run_voc2coco(args.devkit, args.splits, args.out, classes))
+    except (ValueError, FileNotFoundError) as e:  # VOCFormatError is a ValueError
+        print(f"voc2coco: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run_coco2voc(args: argparse.Namespace) -> int:
+    from detection.convert import coco_to_voc
+
+    try:
+        counts = coco_to_voc(args.gt, args.images, args.out, args.year, args.split)
+    except (ValueError, FileNotFoundError) as e:  # COCOFormatError is a ValueError
+        print(f"coco2voc: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {counts['images']} images ({counts['reencoded']} re-encoded as JPEG), {counts['objects']} objects "
+          f"to {args.out}/VOCdevkit/VOC{args.year} (split {args.year}-{args.split}; data.classes: "
+          f"{args.out}/VOCdevkit/classes.txt)")
+    return 0
 
 
 def _run_fashion_scenes(args: argparse.Namespace) -> int:

@@ -147,7 +147,8 @@ def write_report(out: Path, results: dict[str, Any], timings: dict[str, float], 
         elif name == "segmentation":
             result = f"mIoU {metrics['mIoU']:.2f}%, mAcc {metrics['mAcc']:.2f}%, aAcc {metrics['aAcc']:.2f}% ({metrics['images']} images)"
         else:
-            result = f"VOC07 mAP {metrics['mAP']:.2f}% ({metrics['images']} test images)"
+            result = (f"VOC07 mAP {metrics['mAP']:.2f}%, AP {metrics['ap']:.2f}%, AP75 {metrics['ap75']:.2f}% "
+                      f"({metrics['images']} test images)")
         lines.append(f"| {name} | {result} | {format_duration(timings[name])} |")
     for name, metrics in results.items():
         run_dir = Path(configs[name].output_dir)
