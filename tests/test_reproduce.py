@@ -217,3 +217,19 @@ def test_unknown_table_or_net_is_one_clear_error():
         rp.reproduce(["table7"], "unused")
     with pytest.raises(ValueError, match="--nets: unknown"):
         rp.reproduce(["table5"], "unused", nets=["vgg"])
+
+
+def test_a_failing_row_does_not_stop_the_others_and_is_retried(tmp_path, monkeypatch):
+    monkeypatch.setattr(rp, "table5_complexity", lambda: {r: ("1M", "9M") for r in rp.PAPER_COMPLEXITY})
+
+    def flaky(cfg):
+        if cfg.model.name == "resnet50b":
+            raise OSError("disk full")
+        return FakeTrainer()(cfg)
+
+    with pytest.raises(RuntimeError, match="1 row-seed\\(s\\) failed: r50b-efficient seed 0: OSError: disk full"):
+        rp.reproduce(["table5"], tmp_path, seeds=1, runner=flaky)
+    assert len(list((tmp_path / "records").glob("*.json"))) == 3
+    retry = FakeTrainer()
+    rp.reproduce(["table5"], tmp_path, seeds=1, runner=retry)
+    assert [c.model.name for c in retry.configs] == ["resnet50b"]

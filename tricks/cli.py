@@ -172,8 +172,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     try:
         reproduce(args.tables, args.out, seeds=args.seeds, epochs=args.epochs, iters=args.iters,
                   nets=args.nets.split(","), run=not args.report_only)
-    except ValueError as e:
-        if "tricks reproduce" not in str(e):
+    except (ValueError, RuntimeError) as e:   # an unknown table or net; rows that failed (after all the others ran)
+        if not str(e).startswith("tricks reproduce"):
             raise
         raise SystemExit(str(e)) from None
     return 0

@@ -322,7 +322,9 @@ def machine() -> dict[str, Any]:
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
+@functools.lru_cache(maxsize=None)   # once per process: the code that runs is the code of its start
 def commit() -> str:
+    """The repository's commit (``+dirty`` with uncommitted changes to tracked files)."""
     try:
         out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              check=True).stdout.strip()
@@ -345,6 +347,7 @@ class Reproduction:
         self.started = time.time()
         self.ran = 0
         self._keys: dict[str, str] = {}
+        self.failed: list[str] = []
 
     # names and paths
     def extra(self, row: Row) -> list[str]:
@@ -411,7 +414,7 @@ class Reproduction:
             return existing
         overrides = self.overrides(row, seed)
         command = f"tricks train {row.config} {' '.join(overrides)}"
-        print(f"\n== {row.id} seed {seed}: {row.label} ==\n   {command}", flush=True)
+        print(f"\n== {row.id} seed {seed} ({row.label}) ==\n   {command}", flush=True)
         from tricks.cli import load_task_config, run_config
 
         cfg = load_task_config(str(REPO / row.config), overrides)
@@ -450,9 +453,17 @@ class Reproduction:
         if run:
             for seed in range(self.seeds):
                 for row in self.rows_of(table):
-                    if seed in self.seeds_of(row):
+                    if seed not in self.seeds_of(row):
+                        continue
+                    try:
                         self.run(row, seed)
-                        self.write_report(table, plot=False)   # the table so far, after every run
+                    except Exception as e:  # noqa: BLE001 - a long unattended run goes on with the other rows
+                        import traceback
+
+                        traceback.print_exc()
+                        self.failed.append(f"{row.id} seed {seed}: {type(e).__name__}: {e}".splitlines()[0])
+                        print(f"!! {self.failed[-1]} (no record written; the next invocation retries it)", flush=True)
+                    self.write_report(table, plot=False)   # the table so far, after every run
         return self.write_report(table)
 
     # reports
@@ -472,7 +483,7 @@ class Reproduction:
         path = self.out / f"{table.name}.md"
         path.write_text(md)
         if plot:
-            plot_table(table, self.values, self.out / f"{table.name}.png")
+            plot_table(table, self.values, self.out / f"{table.name}.png", self.nets)
         return path
 
     def _context(self, table: Table) -> dict[str, Any]:
@@ -605,14 +616,15 @@ def render_markdown(table: Table, values: Callable[[Row, str], list[float]], see
     return "\n".join(lines) + "\n"
 
 
-def plot_table(table: Table, values: Callable[[Row, str], list[float]], path: Path) -> None:
-    """Per column group and metric: our mean ± std per row (left axis) and the paper's number (right axis)."""
+def plot_table(table: Table, values: Callable[[Row, str], list[float]], path: Path, nets: Sequence[str] = NETS) -> None:
+    """Per column group (of the networks in ``nets``) and metric: our mean ± std per row (left axis) and the paper's
+    number (right axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(g, ids, m) for g, ids in table.groups for m in table.metrics]
+    panels = [(g, ids, m) for g, ids in table.groups for m in table.metrics if all(ROWS[i].net in nets for i in ids)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
     for ax, (group, ids, m) in zip(axes[0], panels):
         rows = [ROWS[i] for i in ids]
@@ -659,4 +671,6 @@ def reproduce(tables: Sequence[str], out: Path | str = "runs/reproduce", seeds: 
     for name in expand(tables):
         written.append(repro.run_table(TABLES[name], run=run))
         print(f"-> {written[-1]}", flush=True)
+    if repro.failed:
+        raise RuntimeError(f"tricks reproduce: {len(repro.failed)} row-seed(s) failed: " + "; ".join(repro.failed))
     return written
