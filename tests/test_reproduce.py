@@ -98,7 +98,10 @@ def test_quick_overrides_keep_the_schedule_fractions():
     over = rp.quick_overrides(ROWS["r50-b1024-1"], epochs=1)
     assert over == ["train.epochs=1", "optim.milestones=[0.25,0.5,0.75]", "optim.warmup_epochs=0.1"]
     assert rp.quick_overrides(ROWS["r50d-cos-ls-mixup"], epochs=4)[0] == "train.epochs=6"   # 200/120 of the others
-    assert rp.quick_overrides(ROWS["det-r50d-cos"], iters=5) == ["train.max_iter=5"]
+    # fine-tuning (400 iterations, warm-up 50, steps at 300 and 360): the schedule scaled to 5 iterations
+    assert rp.quick_overrides(ROWS["det-r50d-cos"], iters=5) == ["train.max_iter=5", "optim.warmup_iters=1",
+                                                               "optim.milestones=[4,4]"]
+    assert rp.quick_overrides(ROWS["seg-r50d-cos"], iters=5) == ["train.max_iter=5", "optim.warmup_iters=0"]
     assert rp.quick_overrides(ROWS["r50-baseline"], iters=5) == ["train.max_steps=5"]
 
 

@@ -247,7 +247,8 @@ def verdict(ours: Sequence[float], above: Sequence[float], paper_change: float) 
 # ---------------------------------------------------------------------------------------------- resolving
 def quick_overrides(row: Row, epochs: Optional[int] = None, iters: Optional[int] = None) -> list[str]:
     """``--epochs``/``--iters``: classification rows scaled from BASE_EPOCHS to ``epochs`` (milestones and warm-up
-    at the same fractions; the longer mixup rows keep their ratio), ``iters`` caps the optimizer steps."""
+    at the same fractions; the longer mixup rows keep their ratio) and cut after ``iters`` optimizer steps; the
+    fine-tuning rows' iteration schedules scaled to ``iters`` iterations."""
     out: list[str] = []
     if row.task == "classification" and epochs:
         from tricks.cli import load_task_config
@@ -258,8 +259,14 @@ def quick_overrides(row: Row, epochs: Optional[int] = None, iters: Optional[int]
         ratio = new / cfg.train.epochs
         out += [f"train.epochs={new}", f"optim.milestones=[{','.join(f'{m * ratio:g}' for m in cfg.optim.milestones)}]",
                 f"optim.warmup_epochs={cfg.optim.warmup_epochs * ratio:g}"]
-    if iters:
-        out.append(f"train.max_steps={iters}" if row.task == "classification" else f"train.max_iter={iters}")
+    if iters and row.task == "classification":
+        out.append(f"train.max_steps={iters}")
+    elif iters:   # detection / segmentation: the iteration schedule scaled to `iters` (warm-up, steps at the same fractions)
+        cfg = resolved_config(row)
+        scale = iters / cfg.train.max_iter
+        out += [f"train.max_iter={iters}", f"optim.warmup_iters={round(cfg.optim.warmup_iters * scale)}"]
+        if row.task == "detection":
+            out.append(f"optim.milestones=[{','.join(str(round(m * scale)) for m in cfg.optim.milestones)}]")
     return out
 
 
@@ -344,6 +351,7 @@ class Reproduction:
         self.seeds, self.epochs, self.iters, self.nets = seeds, epochs, iters, tuple(nets)
         self.runner = runner
         self.records_dir = self.out / "records"
+        commit()   # read now: the records name the code this process started with, not later edits of the tree
         self.started = time.time()
         self.ran = 0
         self._keys: dict[str, str] = {}
