@@ -236,3 +236,27 @@ def test_a_failing_row_does_not_stop_the_others_and_is_retried(tmp_path, monkeyp
     retry = FakeTrainer()
     rp.reproduce(["table5"], tmp_path, seeds=1, runner=retry)
     assert [c.model.name for c in retry.configs] == ["resnet50b"]
+
+
+def test_the_trainer_takes_a_narrow_teacher_and_fractional_milestones(tmp_path):
+    """What the reproduction needs from the classification trainer: ``distill.teacher_kwargs`` (the quarter-width
+    teacher) and ``optim.milestones`` in fractions of an epoch (30/60/90 of 120 epochs, scaled to 2)."""
+    from backbones import create_backbone, save_weights
+    from classification.config import Config
+    from classification.train import train
+    from runtime.config import load_config
+    from runtime.logger import read_records
+
+    tiny = ["model.name=resnet18d", "data.name=synthetic", "data.synthetic_size=96", "data.img_size=16",
+            "data.val_resize=16", "data.val_crop=16", "data.workers=0", "data.num_classes=4", "train.batch_size=16",
+            "train.epochs=1", "train.log_every=1", "optim.lr=0.4", "optim.warmup_epochs=0", "model.width_mult=0.25"]
+    save_weights(create_backbone("resnet18d", num_classes=4, width_mult=0.5), tmp_path / "teacher.safetensors")
+    cfg = load_config(None, Config, [*tiny, "optim.schedule=step", "optim.milestones=[0.5]", "optim.gamma=0.1",
+                                     "distill.teacher=resnet18d", "distill.teacher_kwargs={width_mult: 0.5}",
+                                     f"distill.teacher_weights={tmp_path / 'teacher.safetensors'}",
+                                     f"output_dir={tmp_path / 'run'}"])
+    train(cfg)
+    # 96 images / 16 = 6 steps; the milestone at half an epoch is step 3: the lr logged after steps 3-6 is decayed
+    lrs = [r["lr"] for r in read_records(tmp_path / "run" / "metrics.jsonl", "train")]
+    base = 0.4 * 16 / 256
+    assert lrs == pytest.approx([base, base, base / 10, base / 10, base / 10, base / 10])

@@ -215,6 +215,11 @@ TABLES: dict[str, Table] = {t.name: t for t in (
           (("ResNet-50", tuple(f"seg-{b}" for b in BACKBONES_89)),),
           (Metric("aAcc", "pixel acc %", "pixAcc %"), Metric("mIoU", "mIoU %", "mIoU %")), labels=LABELS_89),
 )}
+SCALE = ("Fashion-MNIST at 28 px (Inception-V3: 75 px) in memory, 2 epochs (mixup rows 3, as the paper's 200 vs 120), "
+         "batch 256 / 1024 with lr 0.1 per 256, step decay at 25/50/75% of training, warm-up 10%, bf16 as low "
+         "precision; ResNet-50 family and MobileNet at quarter width; teacher a quarter-width ResNet-101-D trained "
+         "once (seed 0); Tables 8-9 fine-tune each seed's backbone on the embedded VOC/ADE20K-layout scenes with "
+         "the schedules of configs/detection/fashion_voc and configs/segmentation/fashion_scenes.")
 ORDER = ("table5", "table4", "table3", "table6", "table8", "table9")   # cheapest complete tables first
 
 
@@ -560,10 +565,10 @@ def render_markdown(table: Table, values: Callable[[Row, str], list[float]], see
     from runtime.logger import format_duration
 
     lines = [f"# {table.title}", "",
-             f"Small scale: Fashion-MNIST (28 px; 75 px for Inception-V3), quarter-width networks, "
-             f"{seeds} seed(s); tables 8-9 fine-tune on the embedded VOC/ADE20K-layout scenes. Mean ± sample std "
-             "over the seeds; Δ: change from the row above; verdict: within noise when |Δ| < 2 standard errors of the "
-             "difference, else same direction as the paper's Δ or opposite.", ""]
+             f"Small scale: {SCALE} {seeds} seed(s). Mean ± sample std over the seeds; Δ: change from the row "
+             "above; verdict: within noise when |Δ| < 2 standard errors of the difference, else same direction as "
+             "the paper's Δ or opposite. Wall times are per run on the thread count listed under Runs (the long "
+             "run: one thread).", ""]
     if table.note:
         lines += [table.note, ""]
     for group, ids in table.groups:
