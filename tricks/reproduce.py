@@ -37,13 +37,13 @@ from typing import Any, Callable, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 CLS = "configs/classification/fashion_mnist/reproduce"
-BASELINE = {"resnet": f"{CLS}/resnet50-w0.25_1xb256_baseline-2e_fashion-mnist-28px.yaml",
-            "mobilenet": f"{CLS}/mobilenet-w0.25_1xb256_baseline-2e_fashion-mnist-28px.yaml",
-            "inception": f"{CLS}/inception_v3_1xb256_baseline-2e_fashion-mnist-75px.yaml"}
-EFFICIENT = {"resnet": f"{CLS}/resnet50-w0.25_1xb1024_efficient-2e_fashion-mnist-28px.yaml",
-             "mobilenet": f"{CLS}/mobilenet-w0.25_1xb1024_efficient-2e_fashion-mnist-28px.yaml",
-             "inception": f"{CLS}/inception_v3_1xb1024_efficient-2e_fashion-mnist-75px.yaml"}
-TEACHER = f"{CLS}/resnet101d-w0.25_1xb1024_efficient-cosine-ls-2e_fashion-mnist-28px_teacher.yaml"
+BASELINE = {"resnet": f"{CLS}/resnet50_1xb256_baseline-w0.25-28px-2e_fashion-mnist.yaml",
+            "mobilenet": f"{CLS}/mobilenet_1xb256_baseline-w0.25-28px-2e_fashion-mnist.yaml",
+            "inception": f"{CLS}/inception_v3_1xb256_baseline-75px-2e_fashion-mnist.yaml"}
+EFFICIENT = {"resnet": f"{CLS}/resnet50_1xb1024_efficient-w0.25-28px-2e_fashion-mnist.yaml",
+             "mobilenet": f"{CLS}/mobilenet_1xb1024_efficient-w0.25-28px-2e_fashion-mnist.yaml",
+             "inception": f"{CLS}/inception_v3_1xb1024_efficient-75px-2e_fashion-mnist.yaml"}
+TEACHER = f"{CLS}/resnet101d_1xb1024_efficient-cosine-ls-w0.25-28px-2e_fashion-mnist.yaml"
 DETECTION = "configs/detection/fashion_voc/faster-rcnn_resnet18d-fpn_1xb8-400_fashion-voc.yaml"
 SEGMENTATION = "configs/segmentation/fashion_scenes/fcn_resnet18d-d8_1xb8-1k_fashion-scenes.yaml"
 BASE_EPOCHS = 2          # the classification configs' schedule; --epochs scales every row from it
