@@ -213,6 +213,11 @@ def test_markdown_layout_with_the_papers_numbers_beside_ours():
     md6 = rp.render_markdown(TABLES["table6"], lambda row, metric: [], 3, {**context, "commands": {}})
     assert "Not run (`--nets` resnet,mobilenet; add `--nets resnet,mobilenet,inception`)." in md6
     assert "| + cosine decay | pending |  | 77.91 | +0.75 | pending |" in md6
+    # Tables 8-9: the backbone's top-1 beside the paper's ImageNet top-1 as those tables list it, then the transfer
+    same = {"top1": [90.0, 90.2, 90.4], "mAP": [40.0, 41.0, 42.0]}
+    md8 = rp.render_markdown(TABLES["table8"], lambda row, metric: same[metric], 3, {**context, "commands": {}})
+    assert "| B-standard | 90.20 ± 0.20 | 76.14 | 41.00 ± 1.00 |  | 77.54 |  |  |" in md8
+    assert "| + label smoothing | 90.20 ± 0.20 | 78.34 | 41.00 ± 1.00 | +0.00 | 80.71 | +1.48 | within noise |" in md8
 
 
 def test_unknown_table_or_net_is_one_clear_error():
