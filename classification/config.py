@@ -65,7 +65,7 @@ class OptimConfig:
     weight_decay: float = 1e-4
     no_bias_decay: bool = False             # biases and BN gamma/beta without weight decay
     schedule: Literal["step", "cosine"] = "step"
-    milestones: list[int] = field(default_factory=lambda: [30, 60, 90])  # epochs (step schedule)
+    milestones: list[float] = field(default_factory=lambda: [30, 60, 90])  # epochs (step schedule); fractions allowed
     gamma: float = 0.1                      # step decay factor
     warmup_epochs: float = 0.0              # linear warmup from 0, per iteration
 
@@ -93,6 +93,7 @@ class TrainConfig:
 class DistillConfig:
     teacher: Optional[str] = None           # registry name of the teacher; None = no distillation
     teacher_weights: Optional[str] = None   # required when teacher is set
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # further builder arguments of the teacher, e.g. {width_mult: 0.25}
     temperature: float = 20.0               # T of the paper
 
 

@@ -189,7 +189,8 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
     teacher = None
     if cfg.distill.teacher:
         teacher = create_backbone(cfg.distill.teacher, weights=cfg.distill.teacher_weights, num_classes=num_classes,
-                                  in_chans=cfg.model.in_chans).to(device, memory_format=memory_format).eval()
+                                  in_chans=cfg.model.in_chans, **cfg.distill.teacher_kwargs)
+        teacher = teacher.to(device, memory_format=memory_format).eval()
         teacher.requires_grad_(False)
 
     global_batch = t.batch_size * dist_info.world_size * t.accum_steps
@@ -199,7 +200,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
                                 weight_decay=o.weight_decay, no_bias_decay=o.no_bias_decay)
     scheduler = build_scheduler(optimizer, base_lr=base_lr, total_steps=total_steps,
                                 warmup_steps=round(o.warmup_epochs * steps_per_epoch), schedule=o.schedule,
-                                milestones=[m * steps_per_epoch for m in o.milestones], gamma=o.gamma)
+                                milestones=[round(m * steps_per_epoch) for m in o.milestones], gamma=o.gamma)
     stepper = OptimizerStep(optimizer, scheduler, precision.scaler, accum_steps=t.accum_steps,
                             max_nonfinite=t.max_nonfinite)
     criterion = ClassificationLoss(label_smoothing=t.label_smoothing, temperature=cfg.distill.temperature)

@@ -174,6 +174,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """The paper's tables at small scale with seeds: tricks/reproduce.py."""
+    from tricks.reproduce import reproduce
+
+    _setup_logging()
+    try:
+        reproduce(args.tables, args.out, seeds=args.seeds, epochs=args.epochs, iters=args.iters,
+                  nets=args.nets.split(","), run=not args.report_only)
+    except (ValueError, RuntimeError) as e:   # an unknown table or net; rows that failed (after all the others ran)
+        if not str(e).startswith("tricks reproduce"):
+            raise
+        raise SystemExit(str(e)) from None
+    return 0
+
+
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reproduce", help="the paper's Tables 3-6, 8, 9 at small scale with seeds, beside the paper's "
+                       "numbers (resumable): tricks reproduce table5 [table4 ...|all]")
+    p.add_argument("tables", nargs="+", metavar="TABLE", help="table3, table4, table5, table6, table8, table9 or all")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per row (default 3)")
+    p.add_argument("--epochs", type=int, help="shorten: classification rows scaled from 2 epochs to this many")
+    p.add_argument("--iters", type=int, help="shorten: at most this many optimizer steps per run")
+    p.add_argument("--out", default="runs/reproduce", help="records/, runs/, data/ and <table>.md/.png go here")
+    p.add_argument("--nets", default="resnet,mobilenet", help="networks of Tables 3 and 6: resnet,mobilenet[,inception]"
+                   " (Inception-V3 at 75 px costs 16x a ResNet row)")
+    p.add_argument("--report-only", action="store_true", help="write the tables from the records present, run nothing")
+    p.set_defaults(func=cmd_reproduce)
+
+
 def _tasks_epilog() -> str:
     tasks = "; ".join(f"{task} (engines: {', '.join(engines)})" for task, (_, engines) in TASKS.items())
     return f"tricks train / eval run every task; the config's `task` and `engine` keys pick the trainer. Tasks: {tasks}."
@@ -298,7 +327,7 @@ def _add_task_tools(sub: argparse._SubParsersAction) -> None:
 
 # Each entry adds its subcommand; later jobs append theirs here.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_backbones, _add_run_commands, _add_data,
-                                                                   _add_task_tools]
+                                                                   _add_task_tools, _add_reproduce]
 
 
 def build_parser() -> argparse.ArgumentParser:
