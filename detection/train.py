@@ -30,7 +30,7 @@ from runtime.precision import autocast_for, setup_precision
 from runtime.schedules import build_scheduler, scale_lr
 from runtime.step import OptimizerStep
 
-from .config import REFERENCE_BATCH, DetectionConfig
+from .config import REFERENCE_BATCH, DetectionConfig, rpn_topk
 from .model import build_faster_rcnn
 from .visualize import save_detection_pictures
 from .voc import build_voc, resolve_classes
@@ -69,16 +69,15 @@ def build_model(cfg: DetectionConfig, num_classes: int):
         raise ValueError(f"model.arch={m.arch!r}: the torchvision engine builds Faster R-CNN + FPN; C4 runs on "
                          "engine=detectron2")
     mean, std = normalization(cfg.data.mean, cfg.data.std, m.backbone, 3, m.kwargs)  # as the detectron2 engine
+    pre_train, post_train, pre_test, post_test = rpn_topk(m)
     return build_faster_rcnn(m.backbone, num_classes=num_classes + 1, weights=m.weights,
                              frozen_stages=m.frozen_stages,
                              norm_layer="frozenbatchnorm" if m.norm == "frozenbatchnorm" else None,
                              backbone_kwargs=m.kwargs, fpn_channels=m.fpn_channels, box_fc_dim=m.box_fc_dim,
                              image_mean=mean, image_std=std,
                              min_size=tuple(m.min_size_train), max_size=m.max_size, anchor_sizes=m.anchor_sizes,
-                             rpn_pre_nms_top_n_train=m.rpn_pre_nms_topk_train,
-                             rpn_post_nms_top_n_train=m.rpn_post_nms_topk_train,
-                             rpn_pre_nms_top_n_test=m.rpn_pre_nms_topk_test,
-                             rpn_post_nms_top_n_test=m.rpn_post_nms_topk_test,
+                             rpn_pre_nms_top_n_train=pre_train, rpn_post_nms_top_n_train=post_train,
+                             rpn_pre_nms_top_n_test=pre_test, rpn_post_nms_top_n_test=post_test,
                              box_batch_size_per_image=m.roi_batch_per_image, box_score_thresh=m.score_thresh_test,
                              box_detections_per_img=m.detections_per_image)
 
@@ -156,8 +155,11 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
 
     # Workers decode, mirror (v2, per-sample seed) and keep uint8; batches share an aspect-ratio group.
     classes = resolve_classes(cfg.data.classes)
-    dataset = build_voc(cfg.data.root, cfg.data.train_splits, keep_difficult=False, transforms=TrainTransform(cfg.data.hflip),
-                        classes=classes, skip_invalid=cfg.data.skip_invalid)
+    # Difficult boxes train too unless data.train_difficult=false (detectron2's VOC loader keeps them); images
+    # without boxes are left out of training only.
+    dataset = build_voc(cfg.data.root, cfg.data.train_splits, keep_difficult=cfg.data.train_difficult,
+                        transforms=TrainTransform(cfg.data.hflip), classes=classes, skip_invalid=cfg.data.skip_invalid,
+                        drop_empty=True)
     test_set = build_test_set(cfg)
     sampler = SeededSampler(DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
                                                shuffle=True, seed=t.seed, drop_last=True), t.seed, dist_info.rank)

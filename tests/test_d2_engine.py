@@ -142,16 +142,50 @@ def test_d2_config_follows_recipe(devkit, tmp_path):
     assert d2.INPUT.MIN_SIZE_TRAIN == (64, 96) and d2.TEST.EVAL_PERIOD == 5 and d2.SOLVER.STEPS == (100,)
     with pytest.raises(ValueError, match="bf16"):
         d2_engine.build_d2_config(tiny_config(devkit, tmp_path, "train.precision=bf16"))
-    # The train set drops difficult boxes, the test set keeps them (flagged).
+    # Training keeps difficult boxes (as detectron2's load_voc_instances) unless data.train_difficult=false;
+    # the test set keeps them, flagged, for the devkit's AP.
     from detectron2.data import DatasetCatalog
+    from detectron2.data.datasets.pascal_voc import load_voc_instances
 
     train = DatasetCatalog.get(d2.DATASETS.TRAIN[0])
     test = DatasetCatalog.get(d2.DATASETS.TEST[0])
     assert [r["image_id"] for r in test] == ["000005", "000006"] and len(train) == 4
-    assert not any(a["difficult"] for r in train for a in r["annotations"])
+    theirs = load_voc_instances(str(devkit / "VOCdevkit" / "VOC2007"), "trainval", CLASSES)
+    assert [[(a["bbox"], a["category_id"]) for a in r["annotations"]] for r in train] == \
+        [[(a["bbox"], a["category_id"]) for a in r["annotations"]] for r in theirs]
+    assert any(a["difficult"] for r in train for a in r["annotations"])
+    no_difficult = d2_engine.build_d2_config(tiny_config(devkit, tmp_path, "data.train_difficult=false"))
+    assert no_difficult.DATASETS.TEST == d2.DATASETS.TEST
+    dropped = DatasetCatalog.get(no_difficult.DATASETS.TRAIN[0])
+    assert not any(a["difficult"] for r in dropped for a in r["annotations"])
+    assert sum(map(len, (r["annotations"] for r in dropped))) == \
+        sum(not a["difficult"] for r in train for a in r["annotations"])
     first = voc_data.build_voc(devkit, "2007-test", classes=CLASSES).annotation(0)
     assert [a["bbox"] for a in test[0]["annotations"]] == first.boxes.tolist()
     assert Path(test[0]["file_name"]).is_file()
+
+
+def test_proposal_counts_follow_the_architecture_unless_set(devkit, tmp_path):
+    """model.arch=c4 by override gets Base-RCNN-C4's proposals, fpn Base-RCNN-FPN's; a key set wins."""
+    from detectron2.config import get_cfg
+
+    rpn = lambda d2: (d2.MODEL.RPN.PRE_NMS_TOPK_TRAIN, d2.MODEL.RPN.POST_NMS_TOPK_TRAIN,
+                      d2.MODEL.RPN.PRE_NMS_TOPK_TEST, d2.MODEL.RPN.POST_NMS_TOPK_TEST)
+    base_c4 = get_cfg()  # Base-RCNN-C4.yaml changes only the test counts of detectron2's defaults
+    base_c4.MODEL.RPN.PRE_NMS_TOPK_TEST, base_c4.MODEL.RPN.POST_NMS_TOPK_TEST = 6000, 1000
+    fpn = Path(__file__).parents[1] / "configs/detection/faster-rcnn_resnet50d-fpn_8xb2-18k_voc0712_detectron2.yaml"
+    c4 = load_config(fpn, DetectionConfig, [f"output_dir={tmp_path}", "model.arch=c4"])
+    assert rpn(d2_engine.build_d2_config(c4)) == rpn(base_c4) == (12000, 2000, 6000, 1000)
+    assert rpn(d2_engine.build_d2_config(load_config(fpn, DetectionConfig, [f"output_dir={tmp_path}"]))) == \
+        (2000, 1000, 1000, 1000)
+    c4_set = load_config(fpn, DetectionConfig, [f"output_dir={tmp_path}", "model.arch=c4",
+                                                "model.rpn_post_nms_topk_test=300"])
+    assert rpn(d2_engine.build_d2_config(c4_set)) == (12000, 2000, 6000, 300)
+
+
+def test_frozen_random_bn_is_refused(devkit, tmp_path):
+    with pytest.raises(ValueError, match="model.weights"):
+        d2_engine.build_trainer(tiny_config(devkit, tmp_path, "model.norm=frozenbatchnorm"))
 
 
 def test_both_engines_read_the_same_detector_sizes(devkit, tmp_path):
