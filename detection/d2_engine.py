@@ -559,6 +559,15 @@ def _trainer_class():
             return cls.last_evaluator
 
         @classmethod
+        def test(cls, cfg, model, evaluators=None):
+            # DefaultTrainer builds DDP with broadcast_buffers=False, so trainable BN keeps each rank's own
+            # running statistics: every shard is evaluated with rank 0's, the ones its checkpoint holds.
+            if isinstance(model, nn.parallel.DistributedDataParallel):
+                for buffer in model.module.buffers():
+                    torch.distributed.broadcast(buffer, src=0)
+            return super().test(cfg, model, evaluators)
+
+        @classmethod
         def build_train_loader(cls, cfg):
             augmentations = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN,
                                                   cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING)]

@@ -271,6 +271,61 @@ def test_train_evaluate_resume(devkit, tmp_path, small_heads):
     assert set(again) == set(metrics) and again["images"] == 2
 
 
+@pytest.fixture
+def nan_loss_at(monkeypatch) -> set:
+    """Iterations (0-based) at which detectron2's model returns NaN losses in training: add them to the set."""
+    from detectron2.modeling import GeneralizedRCNN
+    from detectron2.utils.events import get_event_storage
+
+    forward, poisoned_iterations = GeneralizedRCNN.forward, set()
+
+    def poisoned(self, batched_inputs):
+        out = forward(self, batched_inputs)
+        if self.training and get_event_storage().iter in poisoned_iterations:
+            out = {k: v * float("nan") for k, v in out.items()}
+        return out
+
+    monkeypatch.setattr(GeneralizedRCNN, "forward", poisoned)
+    return poisoned_iterations
+
+
+def _weights(path: Path) -> dict:
+    """The trained parameters of a checkpoint (BN running statistics left out: a skipped step's forward
+    still updates them, as in the torch engine)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return {k: v for k, v in state.items() if "running_" not in k and "num_batches_tracked" not in k}
+
+
+def test_a_nonfinite_loss_skips_the_step(devkit, tmp_path, small_heads, nan_loss_at):
+    """train.max_nonfinite=2: one NaN loss (iteration 2 of 3) is skipped, not raised; the run goes on."""
+    nan_loss_at.add(1)
+    out = tmp_path / "skip"
+    metrics = d2_engine.train(tiny_config(devkit, out, "train.max_iter=3", "train.checkpoint_every=1",
+                                          "train.max_nonfinite=2"))
+    assert metrics["images"] == 2
+    first, skipped, final = (_weights(out / f"model_{n}.pth") for n in ("0000000", "0000001", "final"))
+    assert all(torch.equal(first[k], skipped[k]) for k in first)  # the NaN step changed no weight
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+    assert any(not torch.equal(skipped[k], final[k]) for k in final)  # the next step trained
+
+
+def test_nonfinite_losses_in_a_row_stop_the_run_at_the_last_good_checkpoint(devkit, tmp_path, small_heads,
+                                                                             nan_loss_at):
+    from runtime.step import TrainingDiverged
+
+    nan_loss_at.update({1, 2, 3})
+    out = tmp_path / "diverge"
+    with pytest.raises(TrainingDiverged, match="2 steps in a row"):
+        d2_engine.train(tiny_config(devkit, out, "train.max_iter=5", "train.checkpoint_every=1",
+                                    "train.max_nonfinite=2"))
+    # Iteration 2 was skipped (and its checkpoint holds iteration 1's weights); iteration 3 stopped the run
+    # before its checkpoint.
+    assert sorted(p.name for p in out.glob("model_*.pth")) == ["model_0000000.pth", "model_0000001.pth"]
+    assert (out / "last_checkpoint").read_text().strip() == "model_0000001.pth"
+    good, last = _weights(out / "model_0000000.pth"), _weights(out / "model_0000001.pth")
+    assert all(torch.equal(good[k], last[k]) for k in good)
+
+
 def test_c4_trains_one_step(devkit, tmp_path, small_heads):
     cfg = tiny_config(devkit, tmp_path, "model.arch=c4", "train.max_iter=1")
     metrics = d2_engine.train(cfg)

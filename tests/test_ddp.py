@@ -169,3 +169,80 @@ def test_two_process_ddp_with_mixup_and_batch_statistics_keeps_ranks_identical(t
     statistics of each rank's 8 images; DDP broadcasts rank 0's running statistics): no single-process
     run computes the same update, but both ranks must end with the same weights and buffers, bit for bit."""
     _assert_ranks_identical(_train_on_two_ranks(tmp_path, [*AUGMENTED, "train.mixup_alpha=0.2"]))
+
+
+# `tricks train` as `python -m tricks train` runs it (tricks.cli.main), recording on every rank how many
+# times detectron2's trainer ran inference on the test set and the engine's result (rank<RANK>.pt).
+_D2_TRAIN_RECORDING_EVERY_RANK = """
+import os, sys
+import torch
+from detection import d2_engine
+from tricks.cli import main
+
+d2_engine.import_detectron2()  # the shims detectron2 v0.6 needs first
+from detectron2.engine import defaults
+
+runs, results, inference, train = [], [], defaults.inference_on_dataset, d2_engine.train
+def counted(*args, **kwargs):
+    runs.append(1)
+    return inference(*args, **kwargs)
+def recorded(cfg):
+    results.append(train(cfg))
+    return results[-1]
+defaults.inference_on_dataset, d2_engine.train = counted, recorded
+assert main(["train", *sys.argv[1:]]) == 0
+detections = {k: (v.boxes, v.labels, v.scores) for k, v in results[0].get("detections", {}).items()}
+torch.save({"evaluations": len(runs), "detections": detections, "mAP": results[0].get("mAP")},
+           os.path.join(sys.argv[-1].split("=", 1)[1], "rank%s.pt" % os.environ["RANK"]))
+"""
+
+
+@pytest.mark.slow
+def test_detectron2_two_process_trains_evaluates_once_and_matches_one_process_eval(tmp_path):
+    """`tricks train ... engine=detectron2` under torchrun on CPU (gloo, 2 x 1 image): training ends, each
+    rank runs the test set once (the end-of-training evaluation, sharded), and the detections gathered on
+    rank 0 are those of `tricks eval` of the saved checkpoint in one process, image by image."""
+    pytest.importorskip("detectron2")
+    import numpy as np
+
+    from detection.voc_eval import read_voc_results
+    from test_d2_engine import CLASSES, write_devkit
+
+    write_devkit(tmp_path, {"trainval": ["000001", "000002", "000003", "000004"],
+                            "test": ["000005", "000006", "000007"]})  # odd: the shards differ in size
+    out = tmp_path / "d2ddp"
+    args = ["task=detection", "engine=detectron2", "model.backbone=resnet18d", "model.norm=batchnorm",
+            "model.frozen_stages=0", "model.min_size_train=[64, 96]", "model.min_size_test=80", "model.max_size=128",
+            "model.fpn_channels=32", "model.box_fc_dim=64", "model.roi_batch_per_image=32",
+            "model.rpn_pre_nms_topk_train=50", "model.rpn_post_nms_topk_train=50", "model.rpn_pre_nms_topk_test=50",
+            "model.rpn_post_nms_topk_test=50", "model.score_thresh_test=0.0",
+            f"data.root={tmp_path}", "data.train_splits=2007-trainval", "data.test_splits=2007-test",
+            f"data.classes=[{', '.join(CLASSES)}]", "data.workers=0", "optim.lr=0.01", "optim.warmup_iters=1",
+            "optim.milestones=[100]", "train.max_iter=3", "train.batch_size=1", "train.log_every=1",
+            "train.checkpoint_every=100", "train.visualize=0", f"output_dir={out}"]
+    script = tmp_path / "d2_train_recording_every_rank.py"
+    script.write_text(_D2_TRAIN_RECORDING_EVERY_RANK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert [r["evaluations"] for r in ranks] == [1, 1]
+    assert ranks[1]["detections"] == {} and ranks[0]["mAP"] is not None
+    gathered = ranks[0]["detections"]
+    assert sorted(gathered) == ["000005", "000006", "000007"]
+    assert sum(len(boxes) for boxes, _, _ in gathered.values()) > 0
+
+    results = tmp_path / "results"
+    res = subprocess.run([sys.executable, "-m", "tricks", "eval", str(out / "config.yaml"), str(out / "model_final.pth"),
+                          "--write-results", str(results)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    single = read_voc_results(results, CLASSES)  # per image, grouped by class in file order
+    for image_id, (boxes, labels, scores) in gathered.items():
+        order = np.lexsort((-scores, labels))  # the same grouping: class, then score (detectron2 sorts by score)
+        theirs = single.get(image_id)
+        assert theirs is not None and len(theirs.boxes) == len(boxes), image_id
+        np.testing.assert_array_equal(theirs.labels, labels[order])
+        np.testing.assert_allclose(theirs.scores, scores[order], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(theirs.boxes, boxes[order], rtol=0, atol=1e-4)
