@@ -68,6 +68,8 @@ class DetOptimConfig:
 @dataclass
 class DetTrainConfig:
     max_iter: int = 18000                    # iterations (optimizer steps)
+    scale_schedule: bool = False             # true: a global batch other than REFERENCE_BATCH (16) rescales max_iter,
+                                             # milestones, warm-up, eval and checkpoint periods to the recipe's epochs
     batch_size: int = 2                      # images per device and step
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     seed: int = 0

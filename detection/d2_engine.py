@@ -49,7 +49,7 @@ import torch.nn as nn
 from runtime.config import dump_config
 from runtime.data import default_workers, normalization
 from runtime.distributed import all_reduce_min, world_size
-from runtime.schedules import scale_lr
+from runtime.schedules import scale_lr, schedule_for_batch
 from runtime.step import TrainingDiverged
 
 from . import voc as voc_data
@@ -616,6 +616,14 @@ def _init_distributed() -> None:
             comm._LOCAL_PROCESS_GROUP = group
 
 
+def _train_images(cfg: DetectionConfig) -> int:
+    """Images detectron2's loader trains on (those with boxes: ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``)."""
+    from detectron2.data import DatasetCatalog
+
+    return sum(1 for record in DatasetCatalog.get(register_voc(cfg, cfg.data.train_splits, train=True))
+               if record["annotations"])
+
+
 def build_trainer(cfg: DetectionConfig, resume: Optional[str] = None):
     """detectron2's trainer for ``cfg``, with weights/state loaded: ``resume`` "auto" continues from
     ``<output_dir>/last_checkpoint`` if present, a path continues from that checkpoint, None starts fresh."""
@@ -629,13 +637,15 @@ def build_trainer(cfg: DetectionConfig, resume: Optional[str] = None):
         raise ValueError("model.norm=frozenbatchnorm with model.weights unset freezes randomly initialised BN, and "
                          "Faster R-CNN then diverges: set model.weights to a pretrained backbone (model.safetensors "
                          "of a classification run) or use model.norm=batchnorm")
+    given = cfg
+    cfg = schedule_for_batch(cfg, cfg.train.batch_size * world_size(), REFERENCE_BATCH, _train_images(cfg))
     d2 = build_d2_config(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     setup_logger(str(out), distributed_rank=comm.get_rank(), name="detectron2")
     seed_all_rng(cfg.train.seed + comm.get_rank())
     if comm.is_main_process():
-        dump_config(cfg, out / "config.yaml")  # ours, resolved
+        dump_config(given, out / "config.yaml")  # ours, resolved (the schedule as given: see train.scale_schedule)
         (out / "detectron2_config.yaml").write_text(d2.dump())  # what detectron2 ran
     d2.freeze()
     trainer_cls = _trainer_class()

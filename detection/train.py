@@ -27,7 +27,7 @@ from runtime.distributed import DistInfo, ShardSampler, cleanup_distributed, ini
 from runtime.logger import Progress, RunLogger, plot_run, reduce_mean
 from runtime.optim import build_optimizer
 from runtime.precision import autocast_for, setup_precision
-from runtime.schedules import build_scheduler, scale_lr
+from runtime.schedules import build_scheduler, scale_lr, schedule_for_batch
 from runtime.step import OptimizerStep
 
 from .config import REFERENCE_BATCH, DetectionConfig, rpn_topk
@@ -161,6 +161,8 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
                         transforms=TrainTransform(cfg.data.hflip), classes=classes, skip_invalid=cfg.data.skip_invalid,
                         drop_empty=True)
     test_set = build_test_set(cfg)
+    cfg = schedule_for_batch(cfg, t.batch_size * dist_info.world_size, REFERENCE_BATCH, len(dataset))
+    t, o = cfg.train, cfg.optim
     sampler = SeededSampler(DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
                                                shuffle=True, seed=t.seed, drop_last=True), t.seed, dist_info.rank)
     groups = [int(ann.width > ann.height) for ann in (dataset.annotation(i) for i in range(len(dataset)))]

@@ -34,7 +34,7 @@ from backbones import create_backbone
 from runtime.config import dump_config
 from runtime.data import default_workers, normalization
 from runtime.distributed import world_size
-from runtime.schedules import scale_lr
+from runtime.schedules import scale_lr, schedule_for_batch
 
 from .config import REFERENCE_BATCH, SegmentationConfig
 
@@ -413,6 +413,11 @@ def train(cfg: SegmentationConfig) -> dict[str, float]:
     if cfg.engine != "mmseg":
         raise ValueError(f"engine={cfg.engine!r}: the mmseg engine runs configs with engine: mmseg")
     dump_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    from .ade20k import ADE20K  # the training images mmseg's loader reads (the same files, max_images likewise)
+
+    train_images = len(ADE20K(cfg.data.root, cfg.data.train_split, max_images=cfg.data.max_images))
+    cfg = schedule_for_batch(cfg, cfg.train.batch_size * world_size() * cfg.train.accum_steps, REFERENCE_BATCH,
+                             train_images)  # train.scale_schedule (config.yaml keeps the recipe's)
     runner, recorder = _runner(cfg)
     with _trusted_checkpoints(cfg.output_dir, _resume(cfg)[1]):
         runner.train()

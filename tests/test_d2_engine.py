@@ -183,6 +183,22 @@ def test_proposal_counts_follow_the_architecture_unless_set(devkit, tmp_path):
     assert rpn(d2_engine.build_d2_config(c4_set)) == (12000, 2000, 6000, 300)
 
 
+def test_scale_schedule_gives_detectron2_the_recipes_epochs(devkit, tmp_path, caplog):
+    """train.scale_schedule=true at global batch 2 (the recipe's 16): 8x the iterations, milestones, warm-up,
+    eval and checkpoint periods; one line names the epochs; config.yaml keeps the recipe's numbers."""
+    cfg = tiny_config(devkit, tmp_path, "train.scale_schedule=true", "train.eval_every=3")
+    with caplog.at_level("WARNING", logger="runtime.schedules"):
+        trainer = d2_engine.build_trainer(cfg)
+    solver = trainer.cfg.SOLVER
+    assert (trainer.max_iter, solver.MAX_ITER, solver.STEPS, solver.WARMUP_ITERS, solver.CHECKPOINT_PERIOD,
+            trainer.cfg.TEST.EVAL_PERIOD) == (16, 16, (800,), 8, 800, 24)
+    assert solver.IMS_PER_BATCH == 2 and solver.BASE_LR == pytest.approx(0.01 * 2 / 16)  # lr: scale_lr, as before
+    [line] = [r.getMessage() for r in caplog.records if r.name == "runtime.schedules"]
+    assert "train.scale_schedule=true runs 16 iterations" in line and "8.00 epochs of 4 training images" in line
+    saved = load_config(tmp_path / "config.yaml", DetectionConfig)
+    assert saved.train.max_iter == 2 and saved.train.scale_schedule
+
+
 def test_frozen_random_bn_is_refused(devkit, tmp_path):
     with pytest.raises(ValueError, match="model.weights"):
         d2_engine.build_trainer(tiny_config(devkit, tmp_path, "model.norm=frozenbatchnorm"))

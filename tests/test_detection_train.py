@@ -1,6 +1,7 @@
 """The torchvision detection engine on a miniature VOCdevkit: training runs, evaluates, resumes exactly."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,19 @@ def test_resume_inside_an_epoch_is_exact(tmp_path, monkeypatch):
     b = torch.load(Path(resumed.output_dir) / "model_final.pth", weights_only=True)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_scale_schedule_runs_the_recipes_epochs(tmp_path, caplog):
+    """Global batch 2 against the recipe's 16: train.scale_schedule=true runs 8x the iterations."""
+    cfg = tiny(tmp_path, "train.max_iter=1", "optim.warmup_iters=0", "optim.milestones=[1]", "train.log_every=1",
+               "train.scale_schedule=true", "train.visualize=0")
+    with caplog.at_level("WARNING", logger="runtime.schedules"):
+        train_detector(cfg)
+    lines = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "train"] == list(range(1, 9))
+    lrs = [r["lr"] for r in lines if r["kind"] == "train"]
+    assert lrs[:7] == pytest.approx([0.02 * 2 / 16] * 7) and lrs[7] == pytest.approx(0.02 * 2 / 16 * 0.1)  # x0.1 at 8
+    assert any("runs 8 iterations instead of 1" in r.getMessage() for r in caplog.records)
 
 
 def test_frozen_bn_without_weights_is_refused(tmp_path):
