@@ -21,6 +21,7 @@ class DetModelConfig:
     weights: Optional[str] = None            # pretrained backbone: the classification run's model.safetensors
     frozen_stages: int = 1                   # stem + first k stages frozen (detectron2 FREEZE_AT=2)
     norm: Literal["frozenbatchnorm", "batchnorm"] = "frozenbatchnorm"  # batchnorm: training from scratch
+    sync_bn: bool = False                    # norm=batchnorm under DDP on CUDA: SyncBatchNorm (statistics over the global batch)
     min_size_train: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))  # shorter side (px), drawn per image
     min_size_test: int = 800                 # shorter side at test (px)
     max_size: int = 1333                     # longer side cap (px)
@@ -94,6 +95,16 @@ def rpn_topk(model: DetModelConfig) -> tuple[int, int, int, int]:
              model.rpn_post_nms_topk_test)
     recipe = RPN_TOPK[model.arch]
     return tuple(r if g is None else g for g, r in zip(given, recipe))
+
+
+def check_sync_bn(model: DetModelConfig, cuda: bool) -> None:
+    """``model.sync_bn=true`` needs trainable BN (``model.norm=batchnorm``) and CUDA (torch's SyncBatchNorm
+    has no CPU kernel); both engines check it before training."""
+    if model.sync_bn and model.norm != "batchnorm":
+        raise ValueError(f"model.sync_bn=true synchronises trainable BN, but model.norm={model.norm} (frozen BN "
+                         "has no batch statistics): set model.norm=batchnorm or model.sync_bn=false")
+    if model.sync_bn and not cuda:
+        raise ValueError("model.sync_bn=true needs CUDA: torch's SyncBatchNorm has no CPU kernel (set model.sync_bn=false)")
 
 
 @dataclass

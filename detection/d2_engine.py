@@ -53,7 +53,7 @@ from runtime.schedules import scale_lr, schedule_for_batch
 from runtime.step import TrainingDiverged
 
 from . import voc as voc_data
-from .config import REFERENCE_BATCH, DetectionConfig, rpn_topk
+from .config import REFERENCE_BATCH, DetectionConfig, check_sync_bn, rpn_topk
 from .voc_eval import VOCBoxes, evaluate_voc
 
 log = logging.getLogger("detection.d2")
@@ -399,7 +399,8 @@ def build_d2_config(cfg: DetectionConfig):
     global_batch = t.batch_size * world_size()
     d2 = get_cfg()
     d2.MODEL.TRICKS = CfgNode({"BACKBONE": m.backbone, "WEIGHTS": m.weights or "", "NORM": m.norm,
-                               "FROZEN_STAGES": m.frozen_stages, "KWARGS": CfgNode(dict(m.kwargs))})
+                               "FROZEN_STAGES": m.frozen_stages, "KWARGS": CfgNode(dict(m.kwargs)),
+                               "SYNC_BN": bool(m.sync_bn and world_size() > 1)})  # SyncBatchNorm under DDP
     d2.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
     d2.MODEL.MASK_ON = False
     d2.MODEL.WEIGHTS = ""  # the backbone loads its own pretrained weights (MODEL.TRICKS.WEIGHTS)
@@ -554,6 +555,13 @@ def _trainer_class():
             self._trainer.checkpoint_dir = cfg.OUTPUT_DIR
 
         @classmethod
+        def build_model(cls, cfg):
+            model = super().build_model(cfg)
+            if cfg.MODEL.TRICKS.SYNC_BN:  # model.sync_bn under DDP: BN statistics over the global batch
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            return model
+
+        @classmethod
         def build_evaluator(cls, cfg, dataset_name, output_folder=None):
             cls.last_evaluator = _voc_evaluator_class()(dataset_name)
             return cls.last_evaluator
@@ -637,6 +645,7 @@ def build_trainer(cfg: DetectionConfig, resume: Optional[str] = None):
         raise ValueError("model.norm=frozenbatchnorm with model.weights unset freezes randomly initialised BN, and "
                          "Faster R-CNN then diverges: set model.weights to a pretrained backbone (model.safetensors "
                          "of a classification run) or use model.norm=batchnorm")
+    check_sync_bn(cfg.model, torch.cuda.is_available())
     given = cfg
     cfg = schedule_for_batch(cfg, cfg.train.batch_size * world_size(), REFERENCE_BATCH, _train_images(cfg))
     d2 = build_d2_config(cfg)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
@@ -30,7 +31,7 @@ from runtime.precision import autocast_for, setup_precision
 from runtime.schedules import build_scheduler, scale_lr, schedule_for_batch
 from runtime.step import OptimizerStep
 
-from .config import REFERENCE_BATCH, DetectionConfig, rpn_topk
+from .config import REFERENCE_BATCH, DetectionConfig, check_sync_bn, rpn_topk
 from .model import build_faster_rcnn
 from .visualize import save_detection_pictures
 from .voc import build_voc, resolve_classes
@@ -80,6 +81,13 @@ def build_model(cfg: DetectionConfig, num_classes: int):
                              rpn_pre_nms_top_n_test=pre_test, rpn_post_nms_top_n_test=post_test,
                              box_batch_size_per_image=m.roi_batch_per_image, box_score_thresh=m.score_thresh_test,
                              box_detections_per_img=m.detections_per_image)
+
+
+def sync_batchnorm(model: nn.Module, cfg: DetectionConfig, dist_info: DistInfo) -> nn.Module:
+    """``model`` with its BN as SyncBatchNorm when ``model.sync_bn`` and the run is distributed, else as is."""
+    if cfg.model.sync_bn and dist_info.distributed:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
 
 @torch.no_grad()
@@ -150,6 +158,7 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
         raise ValueError("model.norm=frozenbatchnorm with model.weights unset freezes randomly initialised BN, and "
                          "Faster R-CNN then diverges: set model.weights to a pretrained backbone (model.safetensors "
                          "of a classification run) or use model.norm=batchnorm")
+    check_sync_bn(cfg.model, device.type == "cuda")
     torch.manual_seed(t.seed + dist_info.rank)
     precision = setup_precision(t.precision, device)
 
@@ -175,7 +184,7 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
         raise ValueError(f"{cfg.data.train_splits} has {len(dataset)} images: fewer than one batch per process "
                          f"({t.batch_size} x {dist_info.world_size})")
 
-    model = build_model(cfg, len(classes)).to(device)
+    model = sync_batchnorm(build_model(cfg, len(classes)).to(device), cfg, dist_info)
     train_model = model
     if dist_info.distributed:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -199,6 +199,22 @@ def test_scale_schedule_gives_detectron2_the_recipes_epochs(devkit, tmp_path, ca
     assert saved.train.max_iter == 2 and saved.train.scale_schedule
 
 
+def test_sync_bn_under_ddp_builds_sync_batchnorm(devkit, tmp_path, monkeypatch):
+    from torch import nn
+
+    cfg = tiny_config(devkit, tmp_path, "model.sync_bn=true")
+    trainer_cls = d2_engine._trainer_class()
+    single = trainer_cls.build_model(d2_engine.build_d2_config(cfg))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it (the config only: no process group is joined)
+    ddp = trainer_cls.build_model(d2_engine.build_d2_config(cfg))
+    bn = sum(isinstance(m, nn.BatchNorm2d) for m in single.modules())
+    assert bn > 0 and not any(isinstance(m, nn.SyncBatchNorm) for m in single.modules())
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in ddp.modules()) == bn
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ValueError, match="needs CUDA"):
+        d2_engine.build_trainer(cfg)
+
+
 def test_frozen_random_bn_is_refused(devkit, tmp_path):
     with pytest.raises(ValueError, match="model.weights"):
         d2_engine.build_trainer(tiny_config(devkit, tmp_path, "model.norm=frozenbatchnorm"))

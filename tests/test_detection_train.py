@@ -99,6 +99,31 @@ def test_scale_schedule_runs_the_recipes_epochs(tmp_path, caplog):
     assert any("runs 8 iterations instead of 1" in r.getMessage() for r in caplog.records)
 
 
+def test_sync_bn_under_ddp_converts_the_trainable_bn(tmp_path):
+    """model.sync_bn=true: every BatchNorm2d becomes SyncBatchNorm in a distributed run (on CUDA), none in one
+    process; refused with frozen BN (nothing to synchronise) and on CPU (no kernel)."""
+    from torch import nn
+
+    from detection.config import check_sync_bn
+    from detection.train import build_model, sync_batchnorm
+    from runtime.distributed import DistInfo
+
+    cfg = tiny(tmp_path, "model.sync_bn=true")
+    count = lambda model, kind: sum(isinstance(m, kind) for m in model.modules())
+    model = build_model(cfg, num_classes=20)
+    bn = count(model, nn.BatchNorm2d)
+    assert bn > 0
+    ddp = sync_batchnorm(model, cfg, DistInfo(0, 0, 2, torch.device("cuda", 0)))
+    assert count(ddp, nn.SyncBatchNorm) == bn and count(ddp, nn.BatchNorm2d) == 0
+    assert count(sync_batchnorm(build_model(cfg, 20), cfg, DistInfo(0, 0, 1, torch.device("cuda", 0))),
+                 nn.SyncBatchNorm) == 0
+    check_sync_bn(cfg.model, cuda=True)
+    with pytest.raises(ValueError, match="needs CUDA"):
+        train_detector(cfg)
+    with pytest.raises(ValueError, match="model.norm=batchnorm"):
+        check_sync_bn(tiny(tmp_path, "model.sync_bn=true", "model.norm=frozenbatchnorm").model, cuda=True)
+
+
 def test_frozen_bn_without_weights_is_refused(tmp_path):
     with pytest.raises(ValueError, match="model.weights"):
         train_detector(tiny(tmp_path, "model.norm=frozenbatchnorm"))
