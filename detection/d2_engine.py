@@ -35,6 +35,7 @@ import importlib.machinery
 import importlib.util
 import logging
 import os
+import random
 import sys
 import types
 from collections import OrderedDict
@@ -506,6 +507,59 @@ def _nonfinite_policy(base):
     return NonFinitePolicy
 
 
+def _rng_state() -> dict:
+    """This process's RNG states (python, numpy, torch, CUDA), as plain lists and tensors (a checkpoint
+    loads with ``weights_only``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _rng_hook_class():
+    from detectron2.engine import HookBase
+    from detectron2.utils import comm
+
+    class RNGStates(HookBase):
+        """Every rank's RNG states in each checkpoint, restored on resume. detectron2 v0.6 checkpoints the
+        model, optimizer, scheduler and iteration, not these: a resumed run drew other RPN / RoI samples and
+        augmentations than the uninterrupted run would. Gathered on the checkpoint iterations (all ranks,
+        before the checkpointer writes). The data stream still restarts on resume (detectron2 keeps no
+        position in its infinite sampler)."""
+
+        def __init__(self, period: int):
+            self._period = period
+            self._states: Optional[list] = None
+
+        def after_step(self):
+            done = self.trainer.iter + 1
+            if done % self._period == 0 or done >= self.trainer.max_iter:
+                self._states = comm.gather(_rng_state(), dst=0)
+
+        def state_dict(self):
+            return {"ranks": self._states} if self._states else {}
+
+        def load_state_dict(self, state):
+            ranks = state.get("ranks") or []
+            if len(ranks) == comm.get_world_size():
+                _set_rng_state(ranks[comm.get_rank()])
+            else:
+                log.warning("the checkpoint holds the RNG states of %d processes, this run has %d: continuing "
+                            "with fresh ones", len(ranks), comm.get_world_size())
+
+    return RNGStates
+
+
 @contextmanager
 def _ddp_without_device_ids():
     """While detectron2's trainer is built on CPU: its ``create_ddp_model`` without ``device_ids``.
@@ -526,7 +580,9 @@ def _ddp_without_device_ids():
 def _trainer_class():
     from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
     from detectron2.data import transforms as T
+    from detectron2.data.common import AspectRatioGroupedDataset
     from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, hooks
+    from detectron2.utils import comm
 
     policies = {SimpleTrainer: _nonfinite_policy(SimpleTrainer), AMPTrainer: _nonfinite_policy(AMPTrainer)}
 
@@ -553,6 +609,20 @@ def _trainer_class():
             self._trainer.__class__ = policies[type(self._trainer)]
             self._trainer.max_nonfinite = self.max_nonfinite
             self._trainer.checkpoint_dir = cfg.OUTPUT_DIR
+
+        def state_dict(self):
+            # detectron2 v0.6's DefaultTrainer checkpoints the iteration and its hooks (the scheduler), not the
+            # optimizer (its momentum) nor AMP's GradScaler, which its SimpleTrainer holds: a resumed run restarted
+            # them from zero. Saved and restored as later detectron2 releases do.
+            return {**super().state_dict(), "_trainer": self._trainer.state_dict()}
+
+        def load_state_dict(self, state_dict):
+            super().load_state_dict(state_dict)
+            if "_trainer" in state_dict:
+                self._trainer.load_state_dict(state_dict["_trainer"])
+            else:
+                log.warning("this checkpoint holds no optimizer state (written before it was saved): the momentum "
+                            "restarts from zero")
 
         @classmethod
         def build_model(cls, cfg):
@@ -581,8 +651,13 @@ def _trainer_class():
                                                   cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING)]
             if cls.flip_prob > 0:
                 augmentations.append(T.RandomFlip(prob=cls.flip_prob, horizontal=True))
-            return build_detection_train_loader(cfg, mapper=DatasetMapper(cfg, is_train=True,
-                                                                          augmentations=augmentations))
+            loader = build_detection_train_loader(cfg, mapper=DatasetMapper(cfg, is_train=True,
+                                                                            augmentations=augmentations))
+            # Its own generator: starting the loader (lazily, at the first batch: after a resume has restored
+            # the RNG states) then draws its workers' base seed from it, not from the training RNG.
+            torch_loader = loader.dataset if isinstance(loader, AspectRatioGroupedDataset) else loader
+            torch_loader.generator = torch.Generator().manual_seed(cfg.SEED + comm.get_rank())
+            return loader
 
         @classmethod
         def build_test_loader(cls, cfg, dataset_name):
@@ -594,8 +669,9 @@ def _trainer_class():
 
         def build_hooks(self):
             # DefaultTrainer fixes the writers' period at 20: the same writers at train.log_every instead.
-            return [hooks.PeriodicWriter(self.writers, period=self.log_every) if isinstance(hook, hooks.PeriodicWriter)
-                    else hook for hook in super().build_hooks()]
+            found = [hooks.PeriodicWriter(self.writers, period=self.log_every) if isinstance(hook, hooks.PeriodicWriter)
+                     else hook for hook in super().build_hooks()]
+            return [_rng_hook_class()(self.cfg.SOLVER.CHECKPOINT_PERIOD), *found]  # before the checkpointer
 
     return Trainer
 
