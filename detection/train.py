@@ -104,6 +104,11 @@ def evaluate_detector(model, cfg: DetectionConfig, dist_info: DistInfo, dataset=
                         num_workers=default_workers(cfg.data.workers), collate_fn=_collate,
                         generator=torch.Generator().manual_seed(0))
     core = model.module if isinstance(model, DistributedDataParallel) else model
+    if dist_info.distributed:
+        # DDP broadcasts rank 0's buffers at the start of each training forward, which then updates every rank's
+        # BN running statistics with its own batch: each shard is evaluated with rank 0's, the checkpoint's.
+        for buffer in core.buffers():
+            torch.distributed.broadcast(buffer, src=0)
     train_sizes, core.transform.min_size = core.transform.min_size, (cfg.model.min_size_test,)
     was_training = core.training
     core.eval()
