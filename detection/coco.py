@@ -305,7 +305,8 @@ def _coco_paths(data, train: bool) -> tuple[str, str]:
 
 
 def build_detection_set(data, train: bool, transforms: Optional[Callable] = None, classes: Any = None):
-    """The training (``train=True``: difficult/crowd boxes and empty images left out) or test set the
+    """The training (``train=True``: crowd boxes, difficult ones if ``data.train_difficult=false``, and empty
+    images left out) or test set the
     ``data`` config names: ``data.format`` ``voc`` (``root``, ``train_splits``/``test_splits``) or ``coco``
     (``train_json``/``train_images`` or ``test_json``/``test_images``). ``classes`` overrides
     ``data.classes`` (the test set of a COCO run takes the training set's names)."""
@@ -316,8 +317,13 @@ def build_detection_set(data, train: bool, transforms: Optional[Callable] = None
                              classes=classes, skip_invalid=data.skip_invalid)
     from .voc import build_voc
 
-    return build_voc(data.root, data.train_splits if train else data.test_splits, keep_difficult=not train,
-                     transforms=transforms, classes=classes, skip_invalid=data.skip_invalid)
+    # Difficult boxes train too unless data.train_difficult=false (detectron2's VOC loader keeps them); images
+    # without boxes are left out of training only.
+    if train:
+        return build_voc(data.root, data.train_splits, keep_difficult=data.train_difficult, transforms=transforms,
+                         classes=classes, skip_invalid=data.skip_invalid, drop_empty=True)
+    return build_voc(data.root, data.test_splits, keep_difficult=True, transforms=transforms, classes=classes,
+                     skip_invalid=data.skip_invalid)
 
 
 def dataset_classes(data) -> tuple[str, ...]:

@@ -21,17 +21,20 @@ class DetModelConfig:
     weights: Optional[str] = None            # pretrained backbone: the classification run's model.safetensors
     frozen_stages: int = 1                   # stem + first k stages frozen (detectron2 FREEZE_AT=2)
     norm: Literal["frozenbatchnorm", "batchnorm"] = "frozenbatchnorm"  # batchnorm: training from scratch
+    sync_bn: bool = False                    # norm=batchnorm under DDP on CUDA: SyncBatchNorm (statistics over the global batch)
     min_size_train: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))  # shorter side (px), drawn per image
     min_size_test: int = 800                 # shorter side at test (px)
     max_size: int = 1333                     # longer side cap (px)
     fpn_channels: int = 256                  # FPN output channels (detectron2 FPN.OUT_CHANNELS)
     box_fc_dim: int = 1024                   # width of the box head's two fully connected layers (ROI_BOX_HEAD.FC_DIM)
-    # Region proposals and RoI sampling, as detectron2's FPN defaults (both engines read them):
+    # Region proposals and RoI sampling (both engines read them). The proposal counts left unset (None) are
+    # the architecture's recipe: fpn as Base-RCNN-FPN 2000/1000 (train), 1000/1000 (test); c4 as
+    # Base-RCNN-C4 12000/2000 (train), 6000/1000 (test); see rpn_topk().
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # px, one per level P2..P6
-    rpn_pre_nms_topk_train: int = 2000       # proposals kept per level before NMS (training)
-    rpn_post_nms_topk_train: int = 1000      # proposals kept per image after NMS (training)
-    rpn_pre_nms_topk_test: int = 1000
-    rpn_post_nms_topk_test: int = 1000
+    rpn_pre_nms_topk_train: Optional[int] = None   # proposals kept (per level with FPN) before NMS (training)
+    rpn_post_nms_topk_train: Optional[int] = None  # proposals kept per image after NMS (training)
+    rpn_pre_nms_topk_test: Optional[int] = None
+    rpn_post_nms_topk_test: Optional[int] = None
     roi_batch_per_image: int = 512           # RoIs sampled per image for the box head (25% positive)
     score_thresh_test: float = 0.05          # detections kept above this score (the devkit's mAP wants low)
     detections_per_image: int = 100
@@ -52,6 +55,8 @@ class DetDataConfig:
     mean: Optional[list[float]] = None       # input normalisation (0-1 scale, RGB); None = the backbone's default
     std: Optional[list[float]] = None
     hflip: float = 0.5                       # horizontal flip probability in training
+    train_difficult: bool = True             # train on boxes marked difficult too (detectron2's VOC loader does);
+                                             # evaluation always keeps them aside (the devkit ignores them)
     workers: int = -1                        # DataLoader workers per process; -1 = from the CPU count
 
 
@@ -69,16 +74,42 @@ class DetOptimConfig:
 @dataclass
 class DetTrainConfig:
     max_iter: int = 18000                    # iterations (optimizer steps)
+    scale_schedule: bool = False             # true: a global batch other than REFERENCE_BATCH (16) rescales max_iter,
+                                             # milestones, warm-up, eval and checkpoint periods to the recipe's epochs
     batch_size: int = 2                      # images per device and step
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     seed: int = 0
     log_every: int = 20                      # iterations
     eval_every: int = 0                      # iterations; 0 = only at the end
     checkpoint_every: int = 2000             # iterations
-    visualize: int = 4                       # PNGs of detections on the first N test images after evaluation (torch engine)
+    visualize: int = 4                       # PNGs of detections on the first N test images after evaluation
     visualize_thresh: float = 0.5            # detections drawn in those PNGs: score >= this
     resume: Optional[str] = None             # "auto" = <output_dir>/last.pth if present, or a path
     max_nonfinite: int = 20                  # stop after this many non-finite losses in a row (skipped steps)
+
+
+# Proposal counts of detectron2's base recipes: (pre-NMS train, post-NMS train, pre-NMS test, post-NMS test).
+RPN_TOPK = {"fpn": (2000, 1000, 1000, 1000),     # Base-RCNN-FPN.yaml (pre-NMS per level)
+            "c4": (12000, 2000, 6000, 1000)}     # Base-RCNN-C4.yaml (detectron2's defaults)
+
+
+def rpn_topk(model: DetModelConfig) -> tuple[int, int, int, int]:
+    """The RPN's proposal counts (pre-NMS train, post-NMS train, pre-NMS test, post-NMS test): each key set
+    in ``model`` as given, each left unset from the recipe of ``model.arch`` (``RPN_TOPK``)."""
+    given = (model.rpn_pre_nms_topk_train, model.rpn_post_nms_topk_train, model.rpn_pre_nms_topk_test,
+             model.rpn_post_nms_topk_test)
+    recipe = RPN_TOPK[model.arch]
+    return tuple(r if g is None else g for g, r in zip(given, recipe))
+
+
+def check_sync_bn(model: DetModelConfig, cuda: bool) -> None:
+    """``model.sync_bn=true`` needs trainable BN (``model.norm=batchnorm``) and CUDA (torch's SyncBatchNorm
+    has no CPU kernel); both engines check it before training."""
+    if model.sync_bn and model.norm != "batchnorm":
+        raise ValueError(f"model.sync_bn=true synchronises trainable BN, but model.norm={model.norm} (frozen BN "
+                         "has no batch statistics): set model.norm=batchnorm or model.sync_bn=false")
+    if model.sync_bn and not cuda:
+        raise ValueError("model.sync_bn=true needs CUDA: torch's SyncBatchNorm has no CPU kernel (set model.sync_bn=false)")
 
 
 @dataclass

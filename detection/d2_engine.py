@@ -15,11 +15,17 @@ suite's ``bash scripts/setup.sh`` installs v0.6 without its C++ extension (Faste
 torchvision supplies nms / roi_align), and ``import_detectron2`` installs the few shims that v0.6 needs
 on numpy>=1.24 / Pillow>=10.
 
-Multi-GPU: launch with torchrun, e.g. ``torchrun --nproc-per-node 8 -m tricks train CONFIG``
-(or a script calling ``train(cfg)``). ``train`` joins the process group torchrun describes and creates
-the per-machine group that detectron2's ``comm.get_local_rank`` needs (v0.6 makes it only in its own
-``launch()``). detectron2 wraps the model in DDP with ``device_ids=[local_rank]``, so multi-process
-training needs CUDA.
+Multi-process: launch with torchrun, e.g. ``torchrun --nproc-per-node 8 -m tricks train CONFIG``
+(or a script calling ``train(cfg)``). ``train`` joins the process group torchrun describes (NCCL on CUDA,
+gloo on CPU) and creates the per-machine group that detectron2's ``comm.get_local_rank`` needs (v0.6 makes
+it only in its own ``launch()``). detectron2 wraps the model in DDP with ``device_ids=[local_rank]``; on
+CPU, where DDP refuses device ids, the trainer is built with DDP without them. Evaluation is sharded over
+the ranks and gathered on rank 0, once per evaluation.
+
+Non-finite losses follow the suite's policy (``train.max_nonfinite``, ``runtime.step``): a step whose loss
+is not finite on any rank is skipped on every rank, and ``max_nonfinite`` in a row stop the run with
+``TrainingDiverged`` before that iteration's checkpoint, so the last checkpoint is the last good one
+(detectron2 itself raises ``FloatingPointError`` on the first, on the main rank only).
 """
 from __future__ import annotations
 
@@ -27,12 +33,13 @@ import copy
 import hashlib
 import importlib.machinery
 import importlib.util
-import inspect
 import logging
 import os
+import random
 import sys
 import types
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,11 +49,12 @@ import torch.nn as nn
 
 from runtime.config import dump_config
 from runtime.data import default_workers, normalization
-from runtime.distributed import world_size
-from runtime.schedules import scale_lr
+from runtime.distributed import all_reduce_min, world_size
+from runtime.schedules import scale_lr, schedule_for_batch
+from runtime.step import TrainingDiverged
 
 from . import voc as voc_data
-from .config import REFERENCE_BATCH, DetectionConfig
+from .config import REFERENCE_BATCH, DetectionConfig, check_sync_bn, rpn_topk
 from .voc_eval import VOCBoxes, evaluate_voc, evaluate_voc_iou_range
 
 log = logging.getLogger("detection.d2")
@@ -238,23 +246,7 @@ def _class_names(cfg: DetectionConfig) -> tuple[str, ...]:
         from .coco import dataset_classes
 
         return dataset_classes(cfg.data)
-    if hasattr(voc_data, "resolve_classes"):
-        return tuple(voc_data.resolve_classes(cfg.data.classes))
-    if cfg.data.classes is not None:
-        raise ValueError("data.classes is set but this detection.voc cannot load other classes than the 20 VOC "
-                         "ones (no resolve_classes): leave data.classes unset")
-    return voc_data.VOC_CLASSES
-
-
-def _build_voc(cfg: DetectionConfig, splits: str, keep_difficult: bool):
-    """Our VOC loader, given ``classes=`` / ``skip_invalid=`` when this detection.voc takes them."""
-    params = inspect.signature(voc_data.build_voc).parameters
-    kwargs: dict[str, Any] = {}
-    if "classes" in params:
-        kwargs["classes"] = cfg.data.classes
-    if "skip_invalid" in params:
-        kwargs["skip_invalid"] = cfg.data.skip_invalid
-    return voc_data.build_voc(cfg.data.root, splits, keep_difficult=keep_difficult, **kwargs)
+    return tuple(voc_data.resolve_classes(cfg.data.classes))
 
 
 def _parts(dataset) -> list:
@@ -264,11 +256,14 @@ def _parts(dataset) -> list:
 def voc_dataset_dicts(cfg: DetectionConfig, splits: str, keep_difficult: bool) -> list[dict]:
     """Our VOC splits as detectron2 dataset dicts: ``file_name``, ``image_id``, ``height``, ``width`` and
     ``annotations`` (``bbox`` XYXY_ABS continuous coordinates, ``category_id`` 0-based, ``iscrowd`` 0,
-    ``difficult``). ``keep_difficult=False`` (training) drops difficult boxes."""
+    ``difficult``). ``keep_difficult=False`` drops difficult boxes (training with ``data.train_difficult=false``;
+    detectron2's own VOC loader keeps them, as the default does)."""
     from detectron2.structures import BoxMode
 
     dicts = []
-    for part in _parts(_build_voc(cfg, splits, keep_difficult)):
+    dataset = voc_data.build_voc(cfg.data.root, splits, keep_difficult=keep_difficult, classes=cfg.data.classes,
+                                 skip_invalid=cfg.data.skip_invalid)
+    for part in _parts(dataset):
         for i, image_id in enumerate(part.ids):
             ann = part.annotation(i)
             dicts.append({
@@ -282,8 +277,10 @@ def voc_dataset_dicts(cfg: DetectionConfig, splits: str, keep_difficult: bool) -
 
 
 def register_voc(cfg: DetectionConfig, splits: str, train: bool) -> str:
-    """Register ``splits`` of ``data.root`` (training: difficult boxes dropped) in detectron2's catalogs;
-    returns the dataset name, unique per (root, splits, classes, train); a second call reuses it.
+    """Register ``splits`` of ``data.root`` in detectron2's catalogs (difficult boxes flagged; in training
+    dropped only with ``data.train_difficult=false``); returns the dataset name, unique per (root, splits,
+    classes, train, difficult); a second call reuses it. Images without boxes are left out of training by
+    detectron2's loader (``DATALOADER.FILTER_EMPTY_ANNOTATIONS``).
 
     The metadata carries ``thing_classes`` and, for a single split, detectron2's VOC keys (``dirname``,
     ``split``, ``year``), so its own ``PascalVOCDetectionEvaluator`` can read the same devkit.
@@ -293,11 +290,12 @@ def register_voc(cfg: DetectionConfig, splits: str, train: bool) -> str:
 
     classes = _class_names(cfg)
     root = Path(cfg.data.root).resolve()
-    key = repr((str(root), splits, classes, train, cfg.data.skip_invalid))
+    keep_difficult = cfg.data.train_difficult or not train
+    key = repr((str(root), splits, classes, train, cfg.data.skip_invalid, keep_difficult))
     name = f"tricks_voc_{splits.replace('+', '_')}_{'train' if train else 'test'}_{hashlib.sha1(key.encode()).hexdigest()[:8]}"
     if name in DatasetCatalog.list():
         return name
-    DatasetCatalog.register(name, lambda: voc_dataset_dicts(cfg, splits, keep_difficult=not train))
+    DatasetCatalog.register(name, lambda: voc_dataset_dicts(cfg, splits, keep_difficult=keep_difficult))
     meta: dict[str, Any] = {"thing_classes": list(classes)}
     if "+" not in splits:
         year, _, image_set = splits.partition("-")
@@ -318,7 +316,9 @@ def _voc_evaluator_class():
 
         ``evaluate()`` returns detectron2-style ``{"bbox": {"AP", "AP50", "AP75", "AP50-<class>"...}}`` (VOC07 11-point,
         percent, as the torch engine reports) plus ``{"voc": {"mAP_area", "AP50_area-<class>"..., "images"}}``
-        (the VOC2010+ area under the precision/recall curve).
+        (the VOC2010+ area under the precision/recall curve) on the main rank, None on the others (as
+        detectron2's evaluators). After it, ``detections`` holds the gathered ``{image_id: VOCBoxes}`` on the
+        main rank (for the VOC results format and the pictures).
         """
 
         def __init__(self, dataset_name: str):
@@ -328,6 +328,7 @@ def _voc_evaluator_class():
 
         def reset(self) -> None:
             self._predictions: dict[str, VOCBoxes] = {}
+            self.detections: dict[str, VOCBoxes] = {}
 
         def process(self, inputs, outputs) -> None:
             for inp, out in zip(inputs, outputs):
@@ -343,6 +344,7 @@ def _voc_evaluator_class():
             predictions = {k: v for part in gathered for k, v in part.items()}
             self.detections = predictions  # every rank's (tricks eval --write-results)
             truth, preds = [], []
+            self.detections = predictions
             empty = VOCBoxes(np.zeros((0, 4)), np.zeros(0, np.int64), scores=np.zeros(0))
             for record in DatasetCatalog.get(self.dataset_name):
                 annos = record["annotations"]
@@ -419,7 +421,8 @@ def build_d2_config(cfg: DetectionConfig):
     global_batch = t.batch_size * world_size()
     d2 = get_cfg()
     d2.MODEL.TRICKS = CfgNode({"BACKBONE": m.backbone, "WEIGHTS": m.weights or "", "NORM": m.norm,
-                               "FROZEN_STAGES": m.frozen_stages, "KWARGS": CfgNode(dict(m.kwargs))})
+                               "FROZEN_STAGES": m.frozen_stages, "KWARGS": CfgNode(dict(m.kwargs)),
+                               "SYNC_BN": bool(m.sync_bn and world_size() > 1)})  # SyncBatchNorm under DDP
     d2.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
     d2.MODEL.MASK_ON = False
     d2.MODEL.WEIGHTS = ""  # the backbone loads its own pretrained weights (MODEL.TRICKS.WEIGHTS)
@@ -455,10 +458,8 @@ def build_d2_config(cfg: DetectionConfig):
     else:
         raise ValueError(f"model.arch={m.arch!r}: use 'fpn' or 'c4'")
     d2.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]]
-    d2.MODEL.RPN.PRE_NMS_TOPK_TRAIN = m.rpn_pre_nms_topk_train
-    d2.MODEL.RPN.POST_NMS_TOPK_TRAIN = m.rpn_post_nms_topk_train
-    d2.MODEL.RPN.PRE_NMS_TOPK_TEST = m.rpn_pre_nms_topk_test
-    d2.MODEL.RPN.POST_NMS_TOPK_TEST = m.rpn_post_nms_topk_test
+    (d2.MODEL.RPN.PRE_NMS_TOPK_TRAIN, d2.MODEL.RPN.POST_NMS_TOPK_TRAIN, d2.MODEL.RPN.PRE_NMS_TOPK_TEST,
+     d2.MODEL.RPN.POST_NMS_TOPK_TEST) = rpn_topk(m)
     d2.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = m.roi_batch_per_image
     d2.MODEL.ROI_HEADS.SCORE_THRESH_TEST = m.score_thresh_test
     d2.TEST.DETECTIONS_PER_IMAGE = m.detections_per_image
@@ -497,20 +498,178 @@ def build_d2_config(cfg: DetectionConfig):
 
 
 # ------------------------------------------------------------------------------------------------ trainer
+def _nonfinite_policy(base):
+    """``base`` (detectron2's ``SimpleTrainer`` or ``AMPTrainer``) with the suite's non-finite policy.
+
+    detectron2 checks the loss in ``_write_metrics`` (between backward and the optimizer step) and raises
+    ``FloatingPointError`` on the main rank alone. Here every rank learns whether the loss was finite on
+    all ranks (one all-reduce); if not, the step is skipped everywhere: in fp32 the gradients are dropped
+    (``grad=None``: SGD leaves such a parameter, its momentum and its weight decay untouched); in fp16 the
+    GradScaler skips it (a non-finite loss makes non-finite gradients) and lowers the scale. The schedule
+    still advances (it counts iterations); ``max_nonfinite`` skipped steps in a row raise
+    ``TrainingDiverged`` before this iteration's checkpoint hook runs."""
+
+    class NonFinitePolicy(base):
+        max_nonfinite = 20
+        nonfinite_streak = 0
+
+        def _write_metrics(self, loss_dict, data_time, prefix=""):
+            total = sum(v.detach().float() for v in loss_dict.values())
+            if bool(all_reduce_min(torch.isfinite(total).float()).item()):
+                self.nonfinite_streak = 0
+                return super()._write_metrics(loss_dict, data_time, prefix)
+            self.nonfinite_streak += 1
+            if not hasattr(self, "grad_scaler"):
+                self.optimizer.zero_grad(set_to_none=True)
+            log.warning("iteration %d: non-finite loss (%s), step skipped (%d in a row; train.max_nonfinite=%d)",
+                        self.iter + 1, {k: float(v) for k, v in loss_dict.items()}, self.nonfinite_streak,
+                        self.max_nonfinite)
+            if self.nonfinite_streak >= self.max_nonfinite:
+                raise TrainingDiverged(
+                    f"the loss was non-finite for {self.nonfinite_streak} steps in a row (iteration {self.iter + 1}); "
+                    f"stopped. The last good checkpoint is the newest model_*.pth in {self.checkpoint_dir}. "
+                    "Lower optim.lr, lengthen the warm-up, or train in fp32")
+
+    return NonFinitePolicy
+
+
+def _rng_state() -> dict:
+    """This process's RNG states (python, numpy, torch, CUDA), as plain lists and tensors (a checkpoint
+    loads with ``weights_only``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _rng_hook_class():
+    from detectron2.engine import HookBase
+    from detectron2.utils import comm
+
+    class RNGStates(HookBase):
+        """Every rank's RNG states in each checkpoint, restored on resume. detectron2 v0.6 checkpoints the
+        model, optimizer, scheduler and iteration, not these: a resumed run drew other RPN / RoI samples and
+        augmentations than the uninterrupted run would. Gathered on the checkpoint iterations (all ranks,
+        before the checkpointer writes). The data stream still restarts on resume (detectron2 keeps no
+        position in its infinite sampler)."""
+
+        def __init__(self, period: int):
+            self._period = period
+            self._states: Optional[list] = None
+
+        def after_step(self):
+            done = self.trainer.iter + 1
+            if done % self._period == 0 or done >= self.trainer.max_iter:
+                self._states = comm.gather(_rng_state(), dst=0)
+
+        def state_dict(self):
+            return {"ranks": self._states} if self._states else {}
+
+        def load_state_dict(self, state):
+            ranks = state.get("ranks") or []
+            if len(ranks) == comm.get_world_size():
+                _set_rng_state(ranks[comm.get_rank()])
+            else:
+                log.warning("the checkpoint holds the RNG states of %d processes, this run has %d: continuing "
+                            "with fresh ones", len(ranks), comm.get_world_size())
+
+    return RNGStates
+
+
+@contextmanager
+def _ddp_without_device_ids():
+    """While detectron2's trainer is built on CPU: its ``create_ddp_model`` without ``device_ids``.
+
+    ``DefaultTrainer.__init__`` calls ``create_ddp_model(model, broadcast_buffers=False)``, which adds
+    ``device_ids=[local_rank]``: right for one GPU per process, refused by DDP for a CPU module (gloo). v0.6
+    has no argument for it, so the module-level function is swapped for the constructor's duration only."""
+    from detectron2.engine import defaults
+
+    create = defaults.create_ddp_model
+    defaults.create_ddp_model = lambda model, **kwargs: create(model, device_ids=None, **kwargs)
+    try:
+        yield
+    finally:
+        defaults.create_ddp_model = create
+
+
 def _trainer_class():
     from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
     from detectron2.data import transforms as T
-    from detectron2.engine import DefaultTrainer, hooks
+    from detectron2.data.common import AspectRatioGroupedDataset
+    from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, hooks
+    from detectron2.utils import comm
+
+    policies = {SimpleTrainer: _nonfinite_policy(SimpleTrainer), AMPTrainer: _nonfinite_policy(AMPTrainer)}
 
     class Trainer(DefaultTrainer):
-        """detectron2's ``DefaultTrainer`` with our evaluator and our flip probability; the loop is its own."""
+        """detectron2's ``DefaultTrainer`` with our evaluator, our flip probability, the writers' period
+        ``train.log_every`` and the suite's non-finite policy; the loop is its own.
+
+        ``last_evaluator`` is the evaluator of the latest evaluation (its ``detections``, on the main rank).
+        """
 
         flip_prob = 0.5
         log_every = 20
+        max_nonfinite = 20
+        last_evaluator = None
+
+        def __init__(self, cfg):
+            if cfg.MODEL.DEVICE == "cpu" and world_size() > 1:
+                with _ddp_without_device_ids():
+                    super().__init__(cfg)
+            else:
+                super().__init__(cfg)
+            # DefaultTrainer builds SimpleTrainer / AMPTrainer itself (no factory method in v0.6): the same
+            # object, given the subclass that adds the non-finite policy to its loss check.
+            self._trainer.__class__ = policies[type(self._trainer)]
+            self._trainer.max_nonfinite = self.max_nonfinite
+            self._trainer.checkpoint_dir = cfg.OUTPUT_DIR
+
+        def state_dict(self):
+            # detectron2 v0.6's DefaultTrainer checkpoints the iteration and its hooks (the scheduler), not the
+            # optimizer (its momentum) nor AMP's GradScaler, which its SimpleTrainer holds: a resumed run restarted
+            # them from zero. Saved and restored as later detectron2 releases do.
+            return {**super().state_dict(), "_trainer": self._trainer.state_dict()}
+
+        def load_state_dict(self, state_dict):
+            super().load_state_dict(state_dict)
+            if "_trainer" in state_dict:
+                self._trainer.load_state_dict(state_dict["_trainer"])
+            else:
+                log.warning("this checkpoint holds no optimizer state (written before it was saved): the momentum "
+                            "restarts from zero")
+
+        @classmethod
+        def build_model(cls, cfg):
+            model = super().build_model(cfg)
+            if cfg.MODEL.TRICKS.SYNC_BN:  # model.sync_bn under DDP: BN statistics over the global batch
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            return model
 
         @classmethod
         def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-            return build_evaluator(dataset_name)
+            cls.last_evaluator = build_evaluator(dataset_name)
+            return cls.last_evaluator
+
+        @classmethod
+        def test(cls, cfg, model, evaluators=None):
+            # DefaultTrainer builds DDP with broadcast_buffers=False, so trainable BN keeps each rank's own
+            # running statistics: every shard is evaluated with rank 0's, the ones its checkpoint holds.
+            if isinstance(model, nn.parallel.DistributedDataParallel):
+                for buffer in model.module.buffers():
+                    torch.distributed.broadcast(buffer, src=0)
+            return super().test(cfg, model, evaluators)
 
         @classmethod
         def build_train_loader(cls, cfg):
@@ -518,19 +677,27 @@ def _trainer_class():
                                                   cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING)]
             if cls.flip_prob > 0:
                 augmentations.append(T.RandomFlip(prob=cls.flip_prob, horizontal=True))
-            return build_detection_train_loader(cfg, mapper=DatasetMapper(cfg, is_train=True,
-                                                                          augmentations=augmentations))
+            loader = build_detection_train_loader(cfg, mapper=DatasetMapper(cfg, is_train=True,
+                                                                            augmentations=augmentations))
+            # Its own generator: starting the loader (lazily, at the first batch: after a resume has restored
+            # the RNG states) then draws its workers' base seed from it, not from the training RNG.
+            torch_loader = loader.dataset if isinstance(loader, AspectRatioGroupedDataset) else loader
+            torch_loader.generator = torch.Generator().manual_seed(cfg.SEED + comm.get_rank())
+            return loader
 
         @classmethod
         def build_test_loader(cls, cfg, dataset_name):
             return build_detection_test_loader(cfg, dataset_name)
 
+        def build_writers(self):
+            self.writers = super().build_writers()  # built once, handed to the writer hook below
+            return self.writers
+
         def build_hooks(self):
-            found = super().build_hooks()
-            for hook in found:  # DefaultTrainer fixes the writer period at 20: use train.log_every
-                if isinstance(hook, hooks.PeriodicWriter):
-                    hook._period = self.log_every
-            return found
+            # DefaultTrainer fixes the writers' period at 20: the same writers at train.log_every instead.
+            found = [hooks.PeriodicWriter(self.writers, period=self.log_every) if isinstance(hook, hooks.PeriodicWriter)
+                     else hook for hook in super().build_hooks()]
+            return [_rng_hook_class()(self.cfg.SOLVER.CHECKPOINT_PERIOD), *found]  # before the checkpointer
 
     return Trainer
 
@@ -544,10 +711,7 @@ def _init_distributed() -> None:
     from runtime.distributed import init_distributed
 
     info = init_distributed()
-    if info.device.type != "cuda":
-        raise RuntimeError("multi-process training with the detectron2 engine needs CUDA (detectron2 builds "
-                           "DDP with device_ids=[local_rank]); run one process on CPU")
-    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
     if getattr(comm, "_LOCAL_PROCESS_GROUP", None) is not None:
         return
     if hasattr(comm, "create_local_process_group"):  # detectron2 > 0.6
@@ -562,6 +726,14 @@ def _init_distributed() -> None:
             comm._LOCAL_PROCESS_GROUP = group
 
 
+def _train_images(cfg: DetectionConfig) -> int:
+    """Images detectron2's loader trains on (those with boxes: ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``)."""
+    from detectron2.data import DatasetCatalog
+
+    return sum(1 for record in DatasetCatalog.get(register_voc(cfg, cfg.data.train_splits, train=True))
+               if record["annotations"])
+
+
 def build_trainer(cfg: DetectionConfig, resume: Optional[str] = None):
     """detectron2's trainer for ``cfg``, with weights/state loaded: ``resume`` "auto" continues from
     ``<output_dir>/last_checkpoint`` if present, a path continues from that checkpoint, None starts fresh."""
@@ -571,17 +743,25 @@ def build_trainer(cfg: DetectionConfig, resume: Optional[str] = None):
     from detectron2.utils.env import seed_all_rng
     from detectron2.utils.logger import setup_logger
 
+    if cfg.model.norm == "frozenbatchnorm" and cfg.model.weights is None:
+        raise ValueError("model.norm=frozenbatchnorm with model.weights unset freezes randomly initialised BN, and "
+                         "Faster R-CNN then diverges: set model.weights to a pretrained backbone (model.safetensors "
+                         "of a classification run) or use model.norm=batchnorm")
+    check_sync_bn(cfg.model, torch.cuda.is_available())
+    given = cfg
+    cfg = schedule_for_batch(cfg, cfg.train.batch_size * world_size(), REFERENCE_BATCH, _train_images(cfg))
     d2 = build_d2_config(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     setup_logger(str(out), distributed_rank=comm.get_rank(), name="detectron2")
     seed_all_rng(cfg.train.seed + comm.get_rank())
     if comm.is_main_process():
-        dump_config(cfg, out / "config.yaml")  # ours, resolved
+        dump_config(given, out / "config.yaml")  # ours, resolved (the schedule as given: see train.scale_schedule)
         (out / "detectron2_config.yaml").write_text(d2.dump())  # what detectron2 ran
     d2.freeze()
     trainer_cls = _trainer_class()
     trainer_cls.flip_prob, trainer_cls.log_every = cfg.data.hflip, cfg.train.log_every
+    trainer_cls.max_nonfinite = cfg.train.max_nonfinite
     trainer = trainer_cls(d2)
     if resume == "auto":
         trainer.resume_or_load(resume=True)
@@ -599,15 +779,44 @@ def build_trainer(cfg: DetectionConfig, resume: Optional[str] = None):
 def train(cfg: DetectionConfig) -> dict[str, Any]:
     """Train on ``data.train_splits`` with detectron2's trainer, evaluate on ``data.test_splits``.
 
-    Returns ``{"mAP", "AP": {class: AP}, "images", "mAP_area"}`` (VOC07 11-point AP in percent) on the main
-    rank (an empty dict on the others). Checkpoints: ``<output_dir>/model_*.pth`` and ``last_checkpoint``.
+    Returns ``{"mAP", "AP": {class: AP}, "images", "mAP_area", "detections"}`` (VOC07 11-point AP in percent;
+    detections per image id) on the main rank, an empty dict on the others. Checkpoints:
+    ``<output_dir>/model_*.pth`` and ``last_checkpoint``; PNGs of the first ``train.visualize`` test images'
+    detections in ``<output_dir>/detections``.
     """
     trainer = build_trainer(cfg, resume=cfg.train.resume)
     trainer.train()
-    results = getattr(trainer, "_last_eval_results", None)
-    if not results:  # detectron2's EvalHook evaluates after the last iteration; this is a fallback
-        results = trainer.test(trainer.cfg, trainer.model)
-    return metrics_from_results(results, _class_names(cfg)) if results else {}
+    # detectron2's EvalHook evaluates after the last iteration on every rank; the main rank gets the
+    # results, the others {}. Evaluate here only if it did not run (on every rank alike: it gathers).
+    if not hasattr(trainer, "_last_eval_results"):
+        trainer._last_eval_results = trainer.test(trainer.cfg, trainer.model)
+    results = trainer._last_eval_results
+    if not results:
+        return {}
+    return _metrics_with_detections(cfg, results, type(trainer).last_evaluator)
+
+
+def _metrics_with_detections(cfg: DetectionConfig, results: dict, evaluator) -> dict[str, Any]:
+    """The suite's metrics of an evaluation, with what ``tricks eval --write-results`` writes: the detections
+    per image (VOC; and their pictures) or the COCO results records."""
+    metrics = metrics_from_results(results, _class_names(cfg))
+    if metrics.get("format") == "coco":
+        metrics["results"] = evaluator.results
+    else:
+        metrics["detections"] = evaluator.detections
+        _save_pictures(cfg, metrics["detections"])
+    return metrics
+
+
+def _save_pictures(cfg: DetectionConfig, detections: dict) -> None:
+    """PNGs of the first ``train.visualize`` test images with their detections (``detection.visualize``)."""
+    if cfg.train.visualize > 0:
+        from .visualize import save_detection_pictures
+
+        test_set = voc_data.build_voc(cfg.data.root, cfg.data.test_splits, keep_difficult=True,
+                                      classes=cfg.data.classes, skip_invalid=cfg.data.skip_invalid)
+        save_detection_pictures(test_set, detections, Path(cfg.output_dir) / "detections", cfg.train.visualize,
+                                cfg.train.visualize_thresh)
 
 
 def evaluate(cfg: DetectionConfig, checkpoint: str) -> dict[str, Any]:
@@ -622,13 +831,7 @@ def evaluate(cfg: DetectionConfig, checkpoint: str) -> dict[str, Any]:
     trainer_cls = _trainer_class()
     model = trainer_cls.build_model(d2)
     DetectionCheckpointer(model).load(checkpoint)
-    evaluator = build_evaluator(d2.DATASETS.TEST[0])
-    results = trainer_cls.test(d2, model, evaluators=[evaluator])
+    results = trainer_cls.test(d2, model)
     if not results:
         return {}
-    metrics = metrics_from_results(results, _class_names(cfg))
-    if metrics.get("format") == "coco":  # for tricks eval --write-results
-        metrics["results"] = evaluator.results
-    else:
-        metrics["detections"] = evaluator.detections
-    return metrics
+    return _metrics_with_detections(cfg, results, trainer_cls.last_evaluator)

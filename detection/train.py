@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
@@ -28,10 +29,10 @@ from runtime.distributed import DistInfo, ShardSampler, cleanup_distributed, ini
 from runtime.logger import Progress, RunLogger, plot_run, reduce_mean
 from runtime.optim import build_optimizer
 from runtime.precision import autocast_for, setup_precision
-from runtime.schedules import build_scheduler, scale_lr
+from runtime.schedules import build_scheduler, scale_lr, schedule_for_batch
 from runtime.step import OptimizerStep
 
-from .config import REFERENCE_BATCH, DetectionConfig
+from .config import REFERENCE_BATCH, DetectionConfig, check_sync_bn, rpn_topk
 from .model import build_faster_rcnn
 from .visualize import save_detection_pictures
 from .coco import build_detection_set, dataset_classes
@@ -71,18 +72,24 @@ def build_model(cfg: DetectionConfig, num_classes: int):
         raise ValueError(f"model.arch={m.arch!r}: the torchvision engine builds Faster R-CNN + FPN; C4 runs on "
                          "engine=detectron2")
     mean, std = normalization(cfg.data.mean, cfg.data.std, m.backbone, 3, m.kwargs)  # as the detectron2 engine
+    pre_train, post_train, pre_test, post_test = rpn_topk(m)
     return build_faster_rcnn(m.backbone, num_classes=num_classes + 1, weights=m.weights,
                              frozen_stages=m.frozen_stages,
                              norm_layer="frozenbatchnorm" if m.norm == "frozenbatchnorm" else None,
                              backbone_kwargs=m.kwargs, fpn_channels=m.fpn_channels, box_fc_dim=m.box_fc_dim,
                              image_mean=mean, image_std=std,
                              min_size=tuple(m.min_size_train), max_size=m.max_size, anchor_sizes=m.anchor_sizes,
-                             rpn_pre_nms_top_n_train=m.rpn_pre_nms_topk_train,
-                             rpn_post_nms_top_n_train=m.rpn_post_nms_topk_train,
-                             rpn_pre_nms_top_n_test=m.rpn_pre_nms_topk_test,
-                             rpn_post_nms_top_n_test=m.rpn_post_nms_topk_test,
+                             rpn_pre_nms_top_n_train=pre_train, rpn_post_nms_top_n_train=post_train,
+                             rpn_pre_nms_top_n_test=pre_test, rpn_post_nms_top_n_test=post_test,
                              box_batch_size_per_image=m.roi_batch_per_image, box_score_thresh=m.score_thresh_test,
                              box_detections_per_img=m.detections_per_image)
+
+
+def sync_batchnorm(model: nn.Module, cfg: DetectionConfig, dist_info: DistInfo) -> nn.Module:
+    """``model`` with its BN as SyncBatchNorm when ``model.sync_bn`` and the run is distributed, else as is."""
+    if cfg.model.sync_bn and dist_info.distributed:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
 
 @torch.no_grad()
@@ -99,6 +106,11 @@ def evaluate_detector(model, cfg: DetectionConfig, dist_info: DistInfo, dataset=
                         num_workers=default_workers(cfg.data.workers), collate_fn=_collate,
                         generator=torch.Generator().manual_seed(0))
     core = model.module if isinstance(model, DistributedDataParallel) else model
+    if dist_info.distributed:
+        # DDP broadcasts rank 0's buffers at the start of each training forward, which then updates every rank's
+        # BN running statistics with its own batch: each shard is evaluated with rank 0's, the checkpoint's.
+        for buffer in core.buffers():
+            torch.distributed.broadcast(buffer, src=0)
     train_sizes, core.transform.min_size = core.transform.min_size, (cfg.model.min_size_test,)
     was_training = core.training
     core.eval()
@@ -162,6 +174,7 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
         raise ValueError("model.norm=frozenbatchnorm with model.weights unset freezes randomly initialised BN, and "
                          "Faster R-CNN then diverges: set model.weights to a pretrained backbone (model.safetensors "
                          "of a classification run) or use model.norm=batchnorm")
+    check_sync_bn(cfg.model, device.type == "cuda")
     torch.manual_seed(t.seed + dist_info.rank)
     precision = setup_precision(t.precision, device, cudnn_benchmark=False)  # image sizes vary (multi-scale)
 
@@ -169,6 +182,8 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
     dataset = build_detection_set(cfg.data, train=True, transforms=TrainTransform(cfg.data.hflip))
     classes = dataset.classes
     test_set = build_test_set(cfg)
+    cfg = schedule_for_batch(cfg, t.batch_size * dist_info.world_size, REFERENCE_BATCH, len(dataset))
+    t, o = cfg.train, cfg.optim
     sampler = SeededSampler(DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
                                                shuffle=True, seed=t.seed, drop_last=True), t.seed, dist_info.rank)
     groups = [int(ann.width > ann.height) for ann in (dataset.annotation(i) for i in range(len(dataset)))]
@@ -181,7 +196,7 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
         raise ValueError(f"{cfg.data.train_splits} has {len(dataset)} images: fewer than one batch per process "
                          f"({t.batch_size} x {dist_info.world_size})")
 
-    model = build_model(cfg, len(classes)).to(device)
+    model = sync_batchnorm(build_model(cfg, len(classes)).to(device), cfg, dist_info)
     train_model = model
     if dist_info.distributed:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -213,16 +213,18 @@ class VOCDetection(Dataset):
     and ``{"boxes": BoundingBoxes XYXY, "labels": int64, "difficult": bool, "image_id": str}``.
 
     ``classes`` (see ``resolve_classes``) names the labels: the 20 VOC classes by default.
-    ``keep_difficult=False`` drops difficult boxes (training, as detectron2 and torchvision references
-    do); evaluation keeps them (``detection.voc_eval`` ignores detections that match them).
+    ``keep_difficult=False`` drops difficult boxes (training with ``data.train_difficult=false``, as
+    torchvision's reference does; detectron2's VOC loader and the engines' default keep them for training);
+    evaluation keeps them (``detection.voc_eval`` ignores detections that match them).
     ``transforms(image, target)`` is applied last (torchvision.transforms.v2 moves the boxes along).
 
     Every annotation is read when the set is built (as detectron2's ``load_voc_instances``), so a broken
     file fails at once rather than mid-training, and ``stats`` counts ``clipped`` boxes, ``skipped``
     invalid objects (``skip_invalid=True``) and ``dropped_images``. An image with no boxes left is kept,
     unless ``drop_empty``: torchvision's detection reference removes images without annotations from
-    the training set only, so ``drop_empty=None`` drops them exactly when ``keep_difficult=False`` (the
-    training setting; evaluation must see every image, or its false positives go uncounted).
+    the training set only, so ``drop_empty=None`` drops them exactly when ``keep_difficult=False``; the
+    engines pass ``drop_empty=True`` for training and build the test set with the defaults (evaluation
+    must see every image, or its false positives go uncounted).
     """
 
     def __init__(self, root: Path | str, year: str, image_set: str, keep_difficult: bool = True,

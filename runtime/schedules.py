@@ -6,12 +6,19 @@ a ``LambdaLR`` so the position in the schedule is saved and restored with ``stat
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
+import os
 from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["SCHEDULES", "scale_lr", "lr_at", "build_scheduler"]
+__all__ = ["SCHEDULES", "scale_lr", "scale_schedule", "schedule_for_batch", "lr_at", "build_scheduler"]
+
+log = logging.getLogger("runtime.schedules")
+C = TypeVar("C")
 
 SCHEDULES = ("step", "cosine", "poly")
 
@@ -27,6 +34,68 @@ def scale_lr(lr: float, global_batch: int, reference_batch: int = 256) -> float:
     if reference_batch <= 0:
         raise ValueError(f"scale_lr: reference_batch must be > 0 images, got {reference_batch}")
     return lr * global_batch / reference_batch
+
+
+def scale_schedule(global_batch: int, reference_batch: int, *, max_iter: int, milestones: Sequence[int] = (),
+                   warmup_iters: int = 0, eval_every: int = 0, checkpoint_every: int = 0) -> dict[str, Any]:
+    """An iteration schedule written for ``reference_batch`` images per step, rescaled for ``global_batch``
+    so that the run sees the same number of epochs: detectron2's ``REFERENCE_WORLD_SIZE`` semantics
+    (``DefaultTrainer.auto_scale_workers``): with ``scale = global_batch / reference_batch``, every length
+    in iterations becomes ``int(round(n / scale))``. The lr is not touched here (``scale_lr`` scales it).
+
+    Returns ``{"max_iter", "milestones", "warmup_iters", "eval_every", "checkpoint_every"}``. Where
+    detectron2 would round a positive length to 0 (a period of 0 breaks its hooks; a run of 0 iterations
+    trains nothing), it is kept at 1; 0 stays 0 (``eval_every=0``: only at the end)."""
+    if global_batch <= 0 or reference_batch <= 0:
+        raise ValueError(f"scale_schedule: global_batch ({global_batch}) and reference_batch ({reference_batch}) "
+                         "must be > 0 images")
+    scale = global_batch / reference_batch
+
+    def scaled(n: int) -> int:
+        return max(int(round(n / scale)), 1) if n > 0 else n
+
+    return {"max_iter": scaled(max_iter), "milestones": [scaled(m) for m in milestones],
+            "warmup_iters": scaled(warmup_iters), "eval_every": scaled(eval_every),
+            "checkpoint_every": scaled(checkpoint_every)}
+
+
+def schedule_for_batch(cfg: C, global_batch: int, reference_batch: int, train_images: int) -> C:
+    """``cfg`` (a detection or segmentation config: ``train.max_iter``, ``train.eval_every``,
+    ``train.checkpoint_every``, ``train.scale_schedule``, ``optim.warmup_iters`` and, for step decay,
+    ``optim.milestones``) for a run at ``global_batch`` images per step.
+
+    A recipe's schedule is written for the task's reference batch (``REFERENCE_BATCH``: the 16 images per
+    step of detectron2's and mmsegmentation's recipes, the batch its ``optim.lr`` is given for). When the
+    global batch differs, one line is logged (main rank) naming the epochs of ``train_images`` the run will
+    see and the recipe's; with ``train.scale_schedule=true`` the schedule is rescaled (``scale_schedule``)
+    so that the run sees the recipe's epochs, and the copy returned holds the scaled lengths. ``cfg`` itself
+    is not changed (its saved ``config.yaml`` stays the recipe plus the flag)."""
+    t, o = cfg.train, cfg.optim
+    if global_batch == reference_batch:
+        return cfg
+    epochs = lambda iterations, batch: iterations * batch / max(train_images, 1)
+    recipe = epochs(t.max_iter, reference_batch)
+    scaled = scale_schedule(global_batch, reference_batch, max_iter=t.max_iter,
+                            milestones=getattr(o, "milestones", ()), warmup_iters=o.warmup_iters,
+                            eval_every=t.eval_every, checkpoint_every=t.checkpoint_every)
+    head = (f"global batch {global_batch} differs from the recipe's {reference_batch} (the schedule is written "
+            f"for {reference_batch} images per step)")
+    if t.scale_schedule:
+        message = (f"{head}: train.scale_schedule=true runs {scaled['max_iter']} iterations instead of {t.max_iter} "
+                   f"(milestones, warm-up, eval and checkpoint periods alike): "
+                   f"{epochs(scaled['max_iter'], global_batch):.2f} epochs of {train_images} training images, "
+                   f"the recipe's {recipe:.2f}")
+        train = dataclasses.replace(t, **{k: scaled[k] for k in ("max_iter", "eval_every", "checkpoint_every")})
+        optim = dataclasses.replace(o, warmup_iters=scaled["warmup_iters"],
+                                    **({"milestones": scaled["milestones"]} if hasattr(o, "milestones") else {}))
+        cfg = dataclasses.replace(cfg, train=train, optim=optim)
+    else:
+        message = (f"{head}: {t.max_iter} iterations are {epochs(t.max_iter, global_batch):.2f} epochs of "
+                   f"{train_images} training images, the recipe's {recipe:.2f}; set train.scale_schedule=true "
+                   f"to run {scaled['max_iter']} iterations for the recipe's epochs")
+    if int(os.environ.get("RANK", 0)) == 0:
+        log.warning(message)
+    return cfg
 
 
 def _validate(base_lr: float, total_steps: int, warmup_steps: int, schedule: str,

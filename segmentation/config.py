@@ -65,6 +65,8 @@ class SegOptimConfig:
 @dataclass
 class SegTrainConfig:
     max_iter: int = 80000                    # iterations (optimizer steps)
+    scale_schedule: bool = False             # true: a global batch other than REFERENCE_BATCH (16) rescales max_iter,
+                                             # warm-up, eval and checkpoint periods to the recipe's epochs
     batch_size: int = 4                      # images per device and step
     accum_steps: int = 1                     # gradient accumulation; global batch = batch_size x world x accum
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"

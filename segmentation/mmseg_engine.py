@@ -34,7 +34,7 @@ from backbones import create_backbone
 from runtime.config import dump_config
 from runtime.data import default_workers, normalization
 from runtime.distributed import init_distributed, world_size
-from runtime.schedules import scale_lr
+from runtime.schedules import scale_lr, schedule_for_batch
 
 from .ade20k import palette
 from .config import REFERENCE_BATCH, SegmentationConfig
@@ -504,10 +504,16 @@ def train(cfg: SegmentationConfig) -> dict[str, float]:
     """
     if cfg.engine != "mmseg":
         raise ValueError(f"engine={cfg.engine!r}: the mmseg engine runs configs with engine: mmseg")
+    from .ade20k import ADE20K  # the training images mmseg's loader reads (the same files, max_images likewise)
+
+    train_images = len(ADE20K(cfg.data.root, cfg.data.train_split, max_images=cfg.data.max_images))
+    recipe = cfg  # config.yaml keeps the recipe's numbers
+    cfg = schedule_for_batch(cfg, cfg.train.batch_size * world_size() * cfg.train.accum_steps, REFERENCE_BATCH,
+                             train_images)  # train.scale_schedule
     runner, recorder = _runner(cfg)  # joins the process group under torchrun
     from mmengine.dist import is_main_process
     if is_main_process():
-        dump_config(cfg, Path(cfg.output_dir) / "config.yaml")
+        dump_config(recipe, Path(cfg.output_dir) / "config.yaml")
     with _trusted_checkpoints(cfg.output_dir, _resume(cfg)[1]):
         runner.train()
         if recorder.metrics is None:  # resumed at max_iter: no iteration ran, so no validation either

@@ -33,7 +33,7 @@ from runtime.distributed import DistInfo, ShardSampler, all_reduce_sum, cleanup_
 from runtime.logger import Progress, RunLogger, plot_run, reduce_mean
 from runtime.optim import build_optimizer
 from runtime.precision import autocast_for, cudnn_benchmark_off, setup_precision
-from runtime.schedules import build_scheduler, scale_lr
+from runtime.schedules import build_scheduler, scale_lr, schedule_for_batch
 from runtime.step import OptimizerStep, TrainingDiverged
 
 from .ade20k import ADE20K, IGNORE_INDEX, palette
@@ -264,6 +264,9 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
 
     # ---- data -------------------------------------------------------------------------------------------
     loader, sampler = build_train_loader(cfg, dist_info)
+    cfg = schedule_for_batch(cfg, t.batch_size * dist_info.world_size * t.accum_steps, REFERENCE_BATCH,
+                             len(loader.dataset))  # train.scale_schedule (config.yaml keeps the recipe's)
+    t, o = cfg.train, cfg.optim
     batches_per_epoch = len(loader)
     if batches_per_epoch == 0:
         raise ValueError(f"the training split ({len(sampler)} images per process) is smaller than one batch "

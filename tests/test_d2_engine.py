@@ -142,16 +142,82 @@ def test_d2_config_follows_recipe(devkit, tmp_path):
     assert d2.INPUT.MIN_SIZE_TRAIN == (64, 96) and d2.TEST.EVAL_PERIOD == 5 and d2.SOLVER.STEPS == (100,)
     with pytest.raises(ValueError, match="bf16"):
         d2_engine.build_d2_config(tiny_config(devkit, tmp_path, "train.precision=bf16"))
-    # The train set drops difficult boxes, the test set keeps them (flagged).
+    # Training keeps difficult boxes (as detectron2's load_voc_instances) unless data.train_difficult=false;
+    # the test set keeps them, flagged, for the devkit's AP.
     from detectron2.data import DatasetCatalog
+    from detectron2.data.datasets.pascal_voc import load_voc_instances
 
     train = DatasetCatalog.get(d2.DATASETS.TRAIN[0])
     test = DatasetCatalog.get(d2.DATASETS.TEST[0])
     assert [r["image_id"] for r in test] == ["000005", "000006"] and len(train) == 4
-    assert not any(a["difficult"] for r in train for a in r["annotations"])
+    theirs = load_voc_instances(str(devkit / "VOCdevkit" / "VOC2007"), "trainval", CLASSES)
+    assert [[(a["bbox"], a["category_id"]) for a in r["annotations"]] for r in train] == \
+        [[(a["bbox"], a["category_id"]) for a in r["annotations"]] for r in theirs]
+    assert any(a["difficult"] for r in train for a in r["annotations"])
+    no_difficult = d2_engine.build_d2_config(tiny_config(devkit, tmp_path, "data.train_difficult=false"))
+    assert no_difficult.DATASETS.TEST == d2.DATASETS.TEST
+    dropped = DatasetCatalog.get(no_difficult.DATASETS.TRAIN[0])
+    assert not any(a["difficult"] for r in dropped for a in r["annotations"])
+    assert sum(map(len, (r["annotations"] for r in dropped))) == \
+        sum(not a["difficult"] for r in train for a in r["annotations"])
     first = voc_data.build_voc(devkit, "2007-test", classes=CLASSES).annotation(0)
     assert [a["bbox"] for a in test[0]["annotations"]] == first.boxes.tolist()
     assert Path(test[0]["file_name"]).is_file()
+
+
+def test_proposal_counts_follow_the_architecture_unless_set(devkit, tmp_path):
+    """model.arch=c4 by override gets Base-RCNN-C4's proposals, fpn Base-RCNN-FPN's; a key set wins."""
+    from detectron2.config import get_cfg
+
+    rpn = lambda d2: (d2.MODEL.RPN.PRE_NMS_TOPK_TRAIN, d2.MODEL.RPN.POST_NMS_TOPK_TRAIN,
+                      d2.MODEL.RPN.PRE_NMS_TOPK_TEST, d2.MODEL.RPN.POST_NMS_TOPK_TEST)
+    base_c4 = get_cfg()  # Base-RCNN-C4.yaml changes only the test counts of detectron2's defaults
+    base_c4.MODEL.RPN.PRE_NMS_TOPK_TEST, base_c4.MODEL.RPN.POST_NMS_TOPK_TEST = 6000, 1000
+    fpn = Path(__file__).parents[1] / "configs/detection/faster-rcnn_resnet50d-fpn_8xb2-18k_voc0712_detectron2.yaml"
+    c4 = load_config(fpn, DetectionConfig, [f"output_dir={tmp_path}", "model.arch=c4"])
+    assert rpn(d2_engine.build_d2_config(c4)) == rpn(base_c4) == (12000, 2000, 6000, 1000)
+    assert rpn(d2_engine.build_d2_config(load_config(fpn, DetectionConfig, [f"output_dir={tmp_path}"]))) == \
+        (2000, 1000, 1000, 1000)
+    c4_set = load_config(fpn, DetectionConfig, [f"output_dir={tmp_path}", "model.arch=c4",
+                                                "model.rpn_post_nms_topk_test=300"])
+    assert rpn(d2_engine.build_d2_config(c4_set)) == (12000, 2000, 6000, 300)
+
+
+def test_scale_schedule_gives_detectron2_the_recipes_epochs(devkit, tmp_path, caplog):
+    """train.scale_schedule=true at global batch 2 (the recipe's 16): 8x the iterations, milestones, warm-up,
+    eval and checkpoint periods; one line names the epochs; config.yaml keeps the recipe's numbers."""
+    cfg = tiny_config(devkit, tmp_path, "train.scale_schedule=true", "train.eval_every=3")
+    with caplog.at_level("WARNING", logger="runtime.schedules"):
+        trainer = d2_engine.build_trainer(cfg)
+    solver = trainer.cfg.SOLVER
+    assert (trainer.max_iter, solver.MAX_ITER, solver.STEPS, solver.WARMUP_ITERS, solver.CHECKPOINT_PERIOD,
+            trainer.cfg.TEST.EVAL_PERIOD) == (16, 16, (800,), 8, 800, 24)
+    assert solver.IMS_PER_BATCH == 2 and solver.BASE_LR == pytest.approx(0.01 * 2 / 16)  # lr: scale_lr, as before
+    [line] = [r.getMessage() for r in caplog.records if r.name == "runtime.schedules"]
+    assert "train.scale_schedule=true runs 16 iterations" in line and "8.00 epochs of 4 training images" in line
+    saved = load_config(tmp_path / "config.yaml", DetectionConfig)
+    assert saved.train.max_iter == 2 and saved.train.scale_schedule
+
+
+def test_sync_bn_under_ddp_builds_sync_batchnorm(devkit, tmp_path, monkeypatch):
+    from torch import nn
+
+    cfg = tiny_config(devkit, tmp_path, "model.sync_bn=true")
+    trainer_cls = d2_engine._trainer_class()
+    single = trainer_cls.build_model(d2_engine.build_d2_config(cfg))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it (the config only: no process group is joined)
+    ddp = trainer_cls.build_model(d2_engine.build_d2_config(cfg))
+    bn = sum(isinstance(m, nn.BatchNorm2d) for m in single.modules())
+    assert bn > 0 and not any(isinstance(m, nn.SyncBatchNorm) for m in single.modules())
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in ddp.modules()) == bn
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ValueError, match="needs CUDA"):
+        d2_engine.build_trainer(cfg)
+
+
+def test_frozen_random_bn_is_refused(devkit, tmp_path):
+    with pytest.raises(ValueError, match="model.weights"):
+        d2_engine.build_trainer(tiny_config(devkit, tmp_path, "model.norm=frozenbatchnorm"))
 
 
 def test_both_engines_read_the_same_detector_sizes(devkit, tmp_path):
@@ -213,29 +279,146 @@ def test_backbone_output_shape_matches_features(devkit, tmp_path, arch):
         assert set(feats) == {"res4"} and shapes["res4"].channels == 256 and shapes["res4"].stride == 16
 
 
-def test_train_evaluate_resume(devkit, tmp_path, small_heads):
-    cfg = tiny_config(devkit, tmp_path / "run")
+def test_train_evaluate(devkit, tmp_path, small_heads):
+    cfg = tiny_config(devkit, tmp_path / "run", "train.visualize=1", "train.visualize_thresh=0")
     metrics = d2_engine.train(cfg)
     assert set(metrics["AP"]) == set(CLASSES) and metrics["images"] == 2
-    assert 0 <= metrics["mAP"] <= 100 and all(np.isnan(v) or 0 <= v <= 100 for v in metrics["AP"].values())
+    assert sorted(metrics["detections"]) == ["000005", "000006"]
     final = tmp_path / "run" / "model_final.pth"
     assert final.is_file() and (tmp_path / "run" / "last_checkpoint").read_text().strip() == "model_final.pth"
     assert (tmp_path / "run" / "config.yaml").is_file()
+    assert [p.name for p in (tmp_path / "run" / "detections").glob("*.png")] == ["000005.png"]
+    again = d2_engine.evaluate(cfg, str(final))  # the same weights, the same detections
+    assert again["mAP"] == metrics["mAP"] and again["images"] == 2
+    for image_id, boxes in metrics["detections"].items():
+        assert np.array_equal(again["detections"][image_id].boxes, boxes.boxes)
+        assert np.array_equal(again["detections"][image_id].scores, boxes.scores)
 
-    # Resume: a longer schedule continues after the saved iteration (1, 0-based) and runs one more step.
-    longer = tiny_config(devkit, tmp_path / "run", "train.max_iter=3", "train.resume=auto")
-    trainer = d2_engine.build_trainer(longer, resume="auto")
+
+@pytest.mark.skip(reason="not calibrated yet: 40 iterations score 2.8 (torch engine) and 1.3 (detectron2) VOC07 "
+                         "mAP against 0.3 for random boxes, too thin a margin for a reliable test; needs a setting "
+                         "that beats them safely within the unit suite's time")
+def test_a_short_run_beats_random_boxes(tmp_path):
+    """Learning happened: detectron2's trainer, 40 iterations on the fashion VOC scenes (the torch engine's
+    learning check, the same overrides), scores well above random boxes."""
+    from test_detection_train import LEARN, LEARN_CLASSES, random_boxes_map, write_learning_scenes
+
+    devkit = write_learning_scenes(tmp_path)
+    metrics = d2_engine.train(load_config(None, DetectionConfig, ["engine=detectron2", *LEARN, f"data.root={devkit}",
+                                                                  f"output_dir={tmp_path / 'run'}"]))
+    baseline = random_boxes_map(devkit, LEARN_CLASSES)
+    assert metrics["images"] == 60 and baseline < 2.0
+    assert metrics["mAP"] > baseline + 5.0, (metrics["mAP"], baseline)
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def one_image_devkit(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("voc1")
+    write_devkit(root, {"trainval": ["000001"], "test": ["000005", "000006"]})
+    return root
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(one_image_devkit, tmp_path, small_heads, monkeypatch):
+    """train.resume=auto restores the optimizer (its momentum), the schedule and (the engine's hook) every
+    rank's RNG: a run interrupted after the checkpoint of iteration 2 of 4 and resumed ends with the weights
+    of the uninterrupted run, bit for bit. One training image, one per batch, one size, no flip: detectron2
+    restarts its data stream on resume, so the test leaves the stream's position nothing to change."""
+    from detectron2.modeling import GeneralizedRCNN
+    from detectron2.utils.events import get_event_storage
+
+    args = ("train.batch_size=1", "train.max_iter=4", "train.checkpoint_every=2", "model.min_size_train=[80]",
+            "data.hflip=0", "optim.milestones=[3]", "optim.warmup_iters=2", "train.visualize=0")
+    d2_engine.train(tiny_config(one_image_devkit, tmp_path / "full", *args))
+
+    forward, crash = GeneralizedRCNN.forward, {"at": 2}
+
+    def crashing(self, batched_inputs):
+        if self.training and get_event_storage().iter == crash["at"]:
+            raise Crash
+        return forward(self, batched_inputs)
+
+    monkeypatch.setattr(GeneralizedRCNN, "forward", crashing)
+    part = tmp_path / "part"
+    with pytest.raises(Crash):
+        d2_engine.train(tiny_config(one_image_devkit, part, *args))
+    assert (part / "last_checkpoint").read_text().strip() == "model_0000001.pth"
+    crash["at"] = None
+
+    trainer = d2_engine.build_trainer(tiny_config(one_image_devkit, part, *args, "train.resume=auto"), resume="auto")
+    saved = torch.load(part / "model_0000001.pth", map_location="cpu", weights_only=False)
     assert trainer.start_iter == 2
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    saved = torch.load(final, map_location="cpu", weights_only=False)["model"]
-    assert all(torch.equal(before[k], saved[k]) for k in saved)
+    state, saved_state = trainer.optimizer.state_dict()["state"], saved["trainer"]["_trainer"]["optimizer"]["state"]
+    assert state.keys() == saved_state.keys() and state
+    for k in state:  # the momentum buffers as saved (not zero: two steps were taken)
+        assert torch.equal(state[k]["momentum_buffer"], saved_state[k]["momentum_buffer"])
+    assert any(v["momentum_buffer"].abs().sum() > 0 for v in state.values())
+    assert trainer.scheduler.state_dict() == saved["trainer"]["hooks"]["LRScheduler"]
+    assert trainer.scheduler.last_epoch == 2
     trainer.train()
-    assert trainer.iter == 3
-    assert torch.load(final, map_location="cpu", weights_only=False)["iteration"] == 2
+    full = _weights(tmp_path / "full" / "model_final.pth")
+    resumed = _weights(part / "model_final.pth")
+    assert full.keys() == resumed.keys()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
 
-    again = d2_engine.evaluate(cfg, str(final))
-    assert set(again) == set(metrics) | {"detections"} and again["images"] == 2  # + for --write-results
-    assert len(again["detections"]) == 2 and all(len(d.boxes) == len(d.scores) for d in again["detections"].values())
+
+@pytest.fixture
+def nan_loss_at(monkeypatch) -> set:
+    """Iterations (0-based) at which detectron2's model returns NaN losses in training: add them to the set."""
+    from detectron2.modeling import GeneralizedRCNN
+    from detectron2.utils.events import get_event_storage
+
+    forward, poisoned_iterations = GeneralizedRCNN.forward, set()
+
+    def poisoned(self, batched_inputs):
+        out = forward(self, batched_inputs)
+        if self.training and get_event_storage().iter in poisoned_iterations:
+            out = {k: v * float("nan") for k, v in out.items()}
+        return out
+
+    monkeypatch.setattr(GeneralizedRCNN, "forward", poisoned)
+    return poisoned_iterations
+
+
+def _weights(path: Path) -> dict:
+    """The trained parameters of a checkpoint (BN running statistics left out: a skipped step's forward
+    still updates them, as in the torch engine)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return {k: v for k, v in state.items() if "running_" not in k and "num_batches_tracked" not in k}
+
+
+def test_a_nonfinite_loss_skips_the_step(devkit, tmp_path, small_heads, nan_loss_at):
+    """train.max_nonfinite=2: one NaN loss (iteration 2 of 3) is skipped, not raised; the run goes on."""
+    nan_loss_at.add(1)
+    out = tmp_path / "skip"
+    metrics = d2_engine.train(tiny_config(devkit, out, "train.max_iter=3", "train.checkpoint_every=1",
+                                          "train.max_nonfinite=2"))
+    assert metrics["images"] == 2
+    first, skipped, final = (_weights(out / f"model_{n}.pth") for n in ("0000000", "0000001", "final"))
+    assert all(torch.equal(first[k], skipped[k]) for k in first)  # the NaN step changed no weight
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+    assert any(not torch.equal(skipped[k], final[k]) for k in final)  # the next step trained
+
+
+def test_nonfinite_losses_in_a_row_stop_the_run_at_the_last_good_checkpoint(devkit, tmp_path, small_heads,
+                                                                             nan_loss_at):
+    from runtime.step import TrainingDiverged
+
+    nan_loss_at.update({1, 2, 3})
+    out = tmp_path / "diverge"
+    with pytest.raises(TrainingDiverged, match="2 steps in a row"):
+        d2_engine.train(tiny_config(devkit, out, "train.max_iter=5", "train.checkpoint_every=1",
+                                    "train.max_nonfinite=2"))
+    # Iteration 2 was skipped (and its checkpoint holds iteration 1's weights); iteration 3 stopped the run
+    # before its checkpoint.
+    assert sorted(p.name for p in out.glob("model_*.pth")) == ["model_0000000.pth", "model_0000001.pth"]
+    assert (out / "last_checkpoint").read_text().strip() == "model_0000001.pth"
+    good, last = _weights(out / "model_0000000.pth"), _weights(out / "model_0000001.pth")
+    assert all(torch.equal(good[k], last[k]) for k in good)
 
 
 def test_c4_trains_one_step(devkit, tmp_path, small_heads):

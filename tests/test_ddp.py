@@ -51,24 +51,17 @@ def test_two_process_ddp_matches_single_process(tmp_path):
 @pytest.mark.slow
 def test_detection_two_process_ddp_trains_and_evaluates_sharded(tmp_path):
     """`tricks train` (task=detection) under torchrun (gloo, 2 x 1 image): training runs, the sharded VOC07
-    evaluation gathered over ranks equals a single-process evaluation of the saved weights."""
+    evaluation gathered over ranks equals a single-process evaluation of the saved weights, image by image."""
     from test_detection_train import TINY, make_devkit
 
     devkit = make_devkit(tmp_path / "VOCdevkit")
-    args = ["task=detection", *TINY, f"data.root={devkit}", "train.batch_size=1", "train.max_iter=4", f"output_dir={tmp_path / 'ddp'}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "tricks", "train", *args], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
-    ddp_line = next(line for line in res.stdout.splitlines() if line.startswith("VOC07 mAP"))
-    assert "(4 images)" in ddp_line
-    res = subprocess.run([sys.executable, "-m", "tricks", "eval", str(tmp_path / "ddp" / "config.yaml"),
-                          str(tmp_path / "ddp" / "model_final.pth")], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
-    single_line = next(line for line in res.stdout.splitlines() if line.startswith("VOC07 mAP"))
-    assert single_line.split("(")[0] == ddp_line.split("(")[0]  # "VOC07 mAP xx.xx%"
+    out = tmp_path / "ddp"
+    ranks = _train_recording_every_rank(tmp_path, "detection.train:train_detector", [
+        "task=detection", *TINY, f"data.root={devkit}", "train.batch_size=1", "train.max_iter=4",
+        "model.score_thresh_test=0.0", f"output_dir={out}"])
+    for rank in ranks:  # every rank reports the gathered result
+        assert sorted(rank["detections"]) == ["000100", "000101", "000102", "000103"]
+    _assert_one_process_eval_gives(ranks[0]["detections"], out, tmp_path, VOC_NAMES)
 
 
 # A classification run as `tricks train` does it; then every rank saves its own model (initial and final
@@ -169,3 +162,102 @@ def test_two_process_ddp_with_mixup_and_batch_statistics_keeps_ranks_identical(t
     statistics of each rank's 8 images; DDP broadcasts rank 0's running statistics): no single-process
     run computes the same update, but both ranks must end with the same weights and buffers, bit for bit."""
     _assert_ranks_identical(_train_on_two_ranks(tmp_path, [*AUGMENTED, "train.mixup_alpha=0.2"]))
+
+
+# `tricks train` as `python -m tricks train` runs it (tricks.cli.main), recording on every rank the result of
+# the engine's train function (RECORD=module:function) and, for detectron2, how many times its trainer ran
+# inference on the test set (rank<RANK>.pt in output_dir).
+_TRAIN_RECORDING_EVERY_RANK = """
+import importlib, os, sys
+import torch
+from tricks.cli import main
+
+module_name, function = os.environ["RECORD"].split(":")
+module = importlib.import_module(module_name)
+results, runs, train = [], [], getattr(module, function)
+def recorded(cfg):
+    results.append(train(cfg))
+    return results[-1]
+setattr(module, function, recorded)
+if module_name == "detection.d2_engine":
+    module.import_detectron2()  # the shims detectron2 v0.6 needs first
+    from detectron2.engine import defaults
+    inference = defaults.inference_on_dataset
+    def counted(*args, **kwargs):
+        runs.append(1)
+        return inference(*args, **kwargs)
+    defaults.inference_on_dataset = counted
+assert main(["train", *sys.argv[1:]]) == 0
+detections = {k: (v.boxes, v.labels, v.scores) for k, v in results[0].get("detections", {}).items()}
+torch.save({"evaluations": len(runs), "detections": detections, "mAP": results[0].get("mAP")},
+           os.path.join(sys.argv[-1].split("=", 1)[1], "rank%s.pt" % os.environ["RANK"]))
+"""
+
+VOC_NAMES = None  # the 20 VOC classes
+
+
+def _train_recording_every_rank(tmp_path, record: str, args) -> list[dict]:
+    """torchrun (gloo, 2 processes) of ``_TRAIN_RECORDING_EVERY_RANK``; args end with output_dir=..."""
+    script = tmp_path / "train_recording_every_rank.py"
+    script.write_text(_TRAIN_RECORDING_EVERY_RANK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "RECORD": record}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = Path(args[-1].split("=", 1)[1])
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def _assert_one_process_eval_gives(gathered: dict, out: Path, tmp_path, classes) -> None:
+    """`tricks eval <out>/config.yaml <out>/model_final.pth --write-results` in one process writes, image by
+    image, the detections ``gathered`` ({image_id: (boxes, labels, scores)}) from the sharded evaluation."""
+    import numpy as np
+
+    from detection.voc import resolve_classes
+    from detection.voc_eval import read_voc_results
+
+    assert sum(len(boxes) for boxes, _, _ in gathered.values()) > 0
+    results = tmp_path / "results"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-m", "tricks", "eval", str(out / "config.yaml"), str(out / "model_final.pth"),
+                          "--write-results", str(results)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    single = read_voc_results(results, resolve_classes(classes))  # per image, grouped by class in file order
+    assert sorted(single) == sorted(k for k, (boxes, _, _) in gathered.items() if len(boxes))
+    for image_id, (boxes, labels, scores) in gathered.items():
+        if not len(boxes):
+            continue
+        order = np.lexsort((-scores, labels))  # the files' grouping: by class, then by score (both sort by it)
+        theirs = single[image_id]
+        assert len(theirs.boxes) == len(boxes), image_id
+        np.testing.assert_array_equal(theirs.labels, labels[order])
+        np.testing.assert_allclose(theirs.scores, scores[order], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(theirs.boxes, boxes[order], rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_detectron2_two_process_trains_evaluates_once_and_matches_one_process_eval(tmp_path):
+    """`tricks train ... engine=detectron2` under torchrun on CPU (gloo, 2 x 1 image): training ends, each
+    rank runs the test set once (the end-of-training evaluation, sharded), and the detections gathered on
+    rank 0 are those of `tricks eval` of the saved checkpoint in one process, image by image."""
+    pytest.importorskip("detectron2")
+    from test_d2_engine import CLASSES, write_devkit
+
+    write_devkit(tmp_path, {"trainval": ["000001", "000002", "000003", "000004"],
+                            "test": ["000005", "000006", "000007"]})  # odd: the shards differ in size
+    out = tmp_path / "d2ddp"
+    args = ["task=detection", "engine=detectron2", "model.backbone=resnet18d", "model.norm=batchnorm",
+            "model.frozen_stages=0", "model.min_size_train=[64, 96]", "model.min_size_test=80", "model.max_size=128",
+            "model.fpn_channels=32", "model.box_fc_dim=64", "model.roi_batch_per_image=32",
+            "model.rpn_pre_nms_topk_train=50", "model.rpn_post_nms_topk_train=50", "model.rpn_pre_nms_topk_test=50",
+            "model.rpn_post_nms_topk_test=50", "model.score_thresh_test=0.0",
+            f"data.root={tmp_path}", "data.train_splits=2007-trainval", "data.test_splits=2007-test",
+            f"data.classes=[{', '.join(CLASSES)}]", "data.workers=0", "optim.lr=0.01", "optim.warmup_iters=1",
+            "optim.milestones=[100]", "train.max_iter=3", "train.batch_size=1", "train.log_every=1",
+            "train.checkpoint_every=100", "train.visualize=0", f"output_dir={out}"]
+    ranks = _train_recording_every_rank(tmp_path, "detection.d2_engine:train", args)
+    assert [r["evaluations"] for r in ranks] == [1, 1]
+    assert ranks[1]["detections"] == {} and ranks[0]["mAP"] is not None
+    assert sorted(ranks[0]["detections"]) == ["000005", "000006", "000007"]
+    _assert_one_process_eval_gives(ranks[0]["detections"], out, tmp_path, CLASSES)

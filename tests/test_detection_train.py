@@ -1,6 +1,7 @@
 """The torchvision detection engine on a miniature VOCdevkit: training runs, evaluates, resumes exactly."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +47,66 @@ TINY = ["model.backbone=resnet18d", "model.norm=batchnorm", "model.frozen_stages
         "optim.milestones=[4]", "data.train_splits=2007-trainval"]
 
 
+# Learning, on the embedded fashion VOC scenes: one item (42-56 px) per 64 x 64 canvas, two of the ten classes
+# labelled (the others skipped: unlabelled items to tell apart), a quarter-width ResNet-18-D from scratch,
+# 40 iterations of 4 images. Both engines read the same overrides.
+LEARN_CLASSES = ["trouser", "bag"]
+LEARN = ["model.backbone=resnet18d", "model.kwargs={width_mult: 0.25}", "model.norm=batchnorm",
+         "model.frozen_stages=-1", "model.min_size_train=[64]", "model.min_size_test=64", "model.max_size=64",
+         "model.fpn_channels=32", "model.box_fc_dim=64", "model.anchor_sizes=[16, 32, 48, 64, 96]",
+         "model.rpn_pre_nms_topk_train=100", "model.rpn_post_nms_topk_train=50", "model.rpn_pre_nms_topk_test=50",
+         "model.rpn_post_nms_topk_test=50", "model.roi_batch_per_image=32", "data.train_splits=2007-trainval",
+         "data.test_splits=2007-test", f"data.classes=[{', '.join(LEARN_CLASSES)}]", "data.skip_invalid=true",
+         "data.workers=0", "train.batch_size=4", "train.max_iter=40", "train.log_every=10",
+         "train.checkpoint_every=1000", "train.visualize=0", "optim.lr=0.08", "optim.warmup_iters=10",
+         "optim.milestones=[32]"]
+
+
+def write_learning_scenes(root: Path) -> Path:
+    """The fashion VOC scenes of the learning checks (300 trainval, 60 test); returns the VOCdevkit."""
+    from detection.scenes import write_fashion_voc
+
+    return write_fashion_voc(root, n_train=300, n_test=60, canvas=(64, 64), items=(1, 1), scale=(1.5, 2.0))
+
+
+def random_boxes_map(devkit: Path, classes, draws: int = 5, per_image: int = 10) -> float:
+    """The trivial baseline: VOC07 mAP (%) of ``per_image`` random boxes (uniform corners in the image, random
+    class and score) per test image, averaged over ``draws`` draws."""
+    from detection.voc import build_voc
+    from detection.voc_eval import VOCBoxes, evaluate_voc
+
+    test = build_voc(devkit, "2007-test", classes=classes, skip_invalid=True)
+    truth = [VOCBoxes(a.boxes, a.labels, difficult=a.difficult) for a in (test.annotation(i) for i in range(len(test)))]
+    rng = np.random.default_rng(0)
+    maps = []
+    for _ in range(draws):
+        preds = []
+        for a in (test.annotation(i) for i in range(len(test))):
+            xs, ys = np.sort(rng.uniform(0, a.width, (per_image, 2)), 1), np.sort(rng.uniform(0, a.height, (per_image, 2)), 1)
+            preds.append(VOCBoxes(np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], 1),
+                                  rng.integers(len(classes), size=per_image), scores=rng.random(per_image)))
+        maps.append(100 * evaluate_voc(preds, truth, len(classes))["mAP"])
+    return float(np.mean(maps))
+
+
 def tiny(tmp_path: Path, *extra: str, name: str = "run") -> DetectionConfig:
     devkit = tmp_path / "VOCdevkit"
     if not devkit.exists():
         make_devkit(devkit)
     return load_config(None, DetectionConfig, [*TINY, f"data.root={devkit}", f"output_dir={tmp_path / name}", *extra])
+
+
+@pytest.mark.skip(reason="not calibrated yet: 40 iterations score 2.8 (torch engine) and 1.3 (detectron2) VOC07 "
+                         "mAP against 0.3 for random boxes, too thin a margin for a reliable test; needs a setting "
+                         "that beats them safely within the unit suite's time")
+def test_a_short_run_beats_random_boxes(tmp_path):
+    """Learning happened: 40 iterations on the fashion VOC scenes score well above random boxes."""
+    devkit = write_learning_scenes(tmp_path)
+    metrics = train_detector(load_config(None, DetectionConfig, [*LEARN, f"data.root={devkit}",
+                                                                 f"output_dir={tmp_path / 'run'}"]))
+    baseline = random_boxes_map(devkit, LEARN_CLASSES)
+    assert metrics["images"] == 60 and baseline < 2.0
+    assert metrics["mAP"] > baseline + 5.0, (metrics["mAP"], baseline)
 
 
 def test_training_writes_artefacts_and_reports_voc_map(tmp_path):
@@ -59,7 +115,7 @@ def test_training_writes_artefacts_and_reports_voc_map(tmp_path):
     out = Path(cfg.output_dir)
     for name in ("config.yaml", "last.pth", "model_final.pth", "metrics.jsonl"):
         assert (out / name).is_file(), name
-    assert 0 <= metrics["mAP"] <= 100 and metrics["images"] == 4
+    assert metrics["images"] == 4
     assert set(metrics["AP"]) == set(VOC_CLASSES)
     assert np.isnan(metrics["AP"]["car"])  # no car in the test set: left out of the mean
     again = evaluate_checkpoint(cfg, str(out / "model_final.pth"))
@@ -83,6 +139,44 @@ def test_resume_inside_an_epoch_is_exact(tmp_path, monkeypatch):
     b = torch.load(Path(resumed.output_dir) / "model_final.pth", weights_only=True)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_scale_schedule_runs_the_recipes_epochs(tmp_path, caplog):
+    """Global batch 2 against the recipe's 16: train.scale_schedule=true runs 8x the iterations."""
+    cfg = tiny(tmp_path, "train.max_iter=1", "optim.warmup_iters=0", "optim.milestones=[1]", "train.log_every=1",
+               "train.scale_schedule=true", "train.visualize=0")
+    with caplog.at_level("WARNING", logger="runtime.schedules"):
+        train_detector(cfg)
+    lines = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "train"] == list(range(1, 9))
+    lrs = [r["lr"] for r in lines if r["kind"] == "train"]
+    assert lrs[:7] == pytest.approx([0.02 * 2 / 16] * 7) and lrs[7] == pytest.approx(0.02 * 2 / 16 * 0.1)  # x0.1 at 8
+    assert any("runs 8 iterations instead of 1" in r.getMessage() for r in caplog.records)
+
+
+def test_sync_bn_under_ddp_converts_the_trainable_bn(tmp_path):
+    """model.sync_bn=true: every BatchNorm2d becomes SyncBatchNorm in a distributed run (on CUDA), none in one
+    process; refused with frozen BN (nothing to synchronise) and on CPU (no kernel)."""
+    from torch import nn
+
+    from detection.config import check_sync_bn
+    from detection.train import build_model, sync_batchnorm
+    from runtime.distributed import DistInfo
+
+    cfg = tiny(tmp_path, "model.sync_bn=true")
+    count = lambda model, kind: sum(isinstance(m, kind) for m in model.modules())
+    model = build_model(cfg, num_classes=20)
+    bn = count(model, nn.BatchNorm2d)
+    assert bn > 0
+    ddp = sync_batchnorm(model, cfg, DistInfo(0, 0, 2, torch.device("cuda", 0)))
+    assert count(ddp, nn.SyncBatchNorm) == bn and count(ddp, nn.BatchNorm2d) == 0
+    assert count(sync_batchnorm(build_model(cfg, 20), cfg, DistInfo(0, 0, 1, torch.device("cuda", 0))),
+                 nn.SyncBatchNorm) == 0
+    check_sync_bn(cfg.model, cuda=True)
+    with pytest.raises(ValueError, match="needs CUDA"):
+        train_detector(cfg)
+    with pytest.raises(ValueError, match="model.norm=batchnorm"):
+        check_sync_bn(tiny(tmp_path, "model.sync_bn=true", "model.norm=frozenbatchnorm").model, cuda=True)
 
 
 def test_frozen_bn_without_weights_is_refused(tmp_path):

@@ -318,3 +318,21 @@ def test_shipped_config_is_the_80k_ade20k_recipe():
     assert mc.train_cfg.max_iters == 80000 and mc.train_cfg.val_interval == 8000
     assert mc.model.backbone.name == "resnet50d" and mc.model.decode_head.in_channels == 2048
     assert mc.model.auxiliary_head.in_channels == 1024 and mc.model.auxiliary_head.loss_decode.loss_weight == 0.4
+
+
+def test_scale_schedule_runs_the_recipes_epochs(tmp_path, caplog):
+    """Global batch 4 against the recipe's 16: train.scale_schedule=true runs 4x the iterations."""
+    root = tmp_path / "ADEChallengeData2016"
+    _write_ade20k(root, {"training": 4, "validation": 1}, num_classes=3)
+    out = tmp_path / "run"
+    cfg = load_config(None, SegmentationConfig, [
+        "engine=mmseg", f"data.root={tmp_path}", f"output_dir={out}", "model.backbone=resnet18d",
+        "model.kwargs={width_mult: 0.25}", "model.channels=16", "model.aux_channels=8", "data.num_classes=3",
+        "data.scale=[40, 32]", "data.crop_size=[32, 32]", "data.workers=0", "train.batch_size=4",
+        "train.max_iter=1", "train.eval_every=0", "train.checkpoint_every=1", "train.log_every=1",
+        "train.scale_schedule=true"])
+    with caplog.at_level("WARNING", logger="runtime.schedules"):
+        mmseg_engine.train(cfg)
+    assert sorted(p.name for p in out.glob("iter_*.pth")) == ["iter_4.pth"]  # the period too: 1 -> 4
+    assert [r["step"] for r in _scalars(out) if "loss" in r] == [1, 2, 3, 4]
+    assert any("runs 4 iterations instead of 1" in r.getMessage() for r in caplog.records)

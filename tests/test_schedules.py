@@ -173,3 +173,79 @@ def test_poly_validates_power_and_min_lr() -> None:
         lr_at(0, base_lr=0.1, total_steps=10, schedule="poly", power=0.0)
     with pytest.raises(ValueError, match="optim.min_lr"):
         lr_at(0, base_lr=0.1, total_steps=10, schedule="poly", min_lr=0.5)
+
+
+# ---- train.scale_schedule: detectron2's REFERENCE_WORLD_SIZE semantics -----------------------------------
+def test_scale_schedule_by_hand() -> None:
+    from runtime.schedules import scale_schedule
+
+    # The VOC recipe (16 images per step, 18k iterations) on one GPU of 2 images: 8x as many iterations.
+    assert scale_schedule(2, 16, max_iter=18000, milestones=[12000, 16000], warmup_iters=100, eval_every=0,
+                          checkpoint_every=2000) == \
+        {"max_iter": 144000, "milestones": [96000, 128000], "warmup_iters": 800, "eval_every": 0,
+         "checkpoint_every": 16000}
+    # 32 images per step: half; 5 / 2 = 2.5 rounds to 2 (Python's round, as detectron2), 3 / 2 = 1.5 to 2.
+    assert scale_schedule(32, 16, max_iter=5, milestones=[3], warmup_iters=1, eval_every=5, checkpoint_every=1) == \
+        {"max_iter": 2, "milestones": [2], "warmup_iters": 1, "eval_every": 2, "checkpoint_every": 1}
+    # 1/64 of a 10-iteration period rounds to 0 in detectron2; kept at 1 here (0 is a period its hooks divide by).
+    assert scale_schedule(1024, 16, max_iter=10, checkpoint_every=10)["checkpoint_every"] == 1
+    with pytest.raises(ValueError, match="global_batch"):
+        scale_schedule(0, 16, max_iter=10)
+
+
+@pytest.mark.parametrize("workers,reference", [(1, 8), (2, 8), (16, 8), (3, 8), (8, 4)])
+def test_scale_schedule_equals_detectron2_auto_scale_workers(workers: int, reference: int) -> None:
+    """The same numbers through detectron2's DefaultTrainer.auto_scale_workers (2 images per worker)."""
+    d2_engine = pytest.importorskip("detection.d2_engine")
+    try:
+        d2_engine.import_detectron2()
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        pytest.skip(f"detectron2 cannot be imported: {e}")
+    from detectron2.config import get_cfg
+    from detectron2.engine import DefaultTrainer
+
+    from runtime.schedules import scale_schedule
+
+    cfg = get_cfg()
+    cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.REFERENCE_WORLD_SIZE = 2 * reference, reference
+    cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS, cfg.SOLVER.WARMUP_ITERS = 18000, (12000, 16000), 100
+    cfg.TEST.EVAL_PERIOD, cfg.SOLVER.CHECKPOINT_PERIOD = 5000, 2000
+    theirs = DefaultTrainer.auto_scale_workers(cfg, workers)
+    ours = scale_schedule(2 * workers, 2 * reference, max_iter=18000, milestones=[12000, 16000], warmup_iters=100,
+                          eval_every=5000, checkpoint_every=2000)
+    assert theirs.SOLVER.IMS_PER_BATCH == 2 * workers
+    assert ours == {"max_iter": theirs.SOLVER.MAX_ITER, "milestones": list(theirs.SOLVER.STEPS),
+                    "warmup_iters": theirs.SOLVER.WARMUP_ITERS, "eval_every": theirs.TEST.EVAL_PERIOD,
+                    "checkpoint_every": theirs.SOLVER.CHECKPOINT_PERIOD}
+
+
+def test_schedule_for_batch_scales_a_config_and_says_so(caplog) -> None:
+    """The line names the epochs the run will see and the key; the scaled copy leaves the given config alone."""
+    from detection.config import DetectionConfig
+    from runtime.config import load_config
+    from runtime.schedules import schedule_for_batch
+
+    cfg = load_config(None, DetectionConfig, ["train.max_iter=18000", "optim.milestones=[12000, 16000]",
+                                              "optim.warmup_iters=100", "train.checkpoint_every=2000"])
+    with caplog.at_level("WARNING", logger="runtime.schedules"):
+        same = schedule_for_batch(cfg, 2, 16, train_images=16551)  # VOC 07+12 trainval, one GPU of 2 images
+    assert same is cfg
+    [line] = [r.getMessage() for r in caplog.records]
+    # 18000 x 2 / 16551 = 2.18 epochs; the recipe's 18000 x 16 / 16551 = 17.40
+    assert "2.18 epochs of 16551" in line and "17.40" in line and "train.scale_schedule=true" in line
+    assert "144000 iterations" in line
+
+    caplog.clear()
+    scaled_cfg = load_config(None, DetectionConfig, ["train.scale_schedule=true", "optim.milestones=[12000, 16000]"])
+    with caplog.at_level("WARNING", logger="runtime.schedules"):
+        scaled = schedule_for_batch(scaled_cfg, 2, 16, train_images=16551)
+    assert (scaled.train.max_iter, scaled.optim.milestones, scaled.optim.warmup_iters, scaled.train.checkpoint_every) \
+        == (144000, [96000, 128000], 800, 16000)
+    assert scaled_cfg.train.max_iter == 18000  # the given config is not changed
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "17.40 epochs of 16551" in line and "train.scale_schedule=true" in line
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="runtime.schedules"):
+        assert schedule_for_batch(scaled_cfg, 16, 16, train_images=16551) is scaled_cfg  # the recipe's batch
+    assert not caplog.records

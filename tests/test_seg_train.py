@@ -195,3 +195,12 @@ def test_whole_image_evaluation_runs_without_the_cudnn_autotuner(data_root, tmp_
     seg_train.evaluate(model, cfg, DistInfo(0, 0, 1, torch.device("cpu")))
     assert model.flags and set(model.flags) == {mode == "slide"}
     assert torch.backends.cudnn.benchmark is True
+
+
+def test_scale_schedule_runs_the_recipes_epochs(data_root, tmp_path, caplog):
+    """Global batch 4 against the recipe's 16: train.scale_schedule=true runs 4x the iterations and warm-up."""
+    cfg = tiny_cfg(data_root, tmp_path, max_iter=1, batch_size=4, checkpoint_every=1, scale_schedule=True)
+    with caplog.at_level("WARNING", logger="runtime.schedules"):
+        seg_train.train(cfg)
+    assert [r["step"] for r in _records(cfg.output_dir, "train")] == [1, 2, 3, 4]
+    assert any("runs 4 iterations instead of 1" in r.getMessage() for r in caplog.records)

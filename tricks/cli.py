@@ -110,7 +110,10 @@ def _engine(cfg, verb: str) -> Callable:
 
 
 def _report(cfg, metrics: dict) -> None:
-    """The result of a run or an evaluation as the task reports it."""
+    """The result of a run or an evaluation as the task reports it (nothing for an empty result: the ranks
+    other than the main one under the detectron2 engine, which scores on the main rank)."""
+    if not metrics:
+        return
     if cfg.task == "classification":
         if "top1" in metrics:
             print(f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['images']} images)")
@@ -142,19 +145,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_task_config(args.config, args.overrides)
     coco = cfg.task == "detection" and getattr(cfg.data, "format", "voc") == "coco"
     if args.write_results and cfg.task != "detection":
-        raise SystemExit("tricks eval --write-results: detection runs write results (VOC or COCO format)")
+        raise SystemExit("tricks eval --write-results: detection runs (both engines) write results (VOC or COCO format)")
     metrics = _engine(cfg, "eval")(cfg, args.checkpoint)
     _report(cfg, metrics)
     if cfg.task == "classification" and "loss" in metrics:
         print(f"loss {metrics['loss']:.4f}")
-    if args.write_results and coco:
+    if args.write_results and metrics and coco:
         from pathlib import Path
 
         from detection.coco_eval import write_coco_results
 
         path = write_coco_results(Path(args.write_results) / "coco_results.json", metrics["results"])
         print(f"wrote {len(metrics['results'])} detections in the COCO results format to {path}")
-    elif args.write_results:
+    elif args.write_results and metrics:
         from detection.voc_eval import write_voc_results
 
         split = cfg.data.test_splits.split("+")[0].partition("-")[2]
