@@ -125,15 +125,16 @@ def _load_mmseg(out: Path, printed: str, x: torch.Tensor) -> dict:
 
     models = _mmseg()
     cfg = Config.fromstring(printed, ".py")
-    backbone_cfg = dict(cfg.model.backbone, out_indices=(0, 1, 2, 3))
-    # The config route (init_cfg=Pretrained, as a recipe's init_weights runs it) ...
-    by_config = models.build(backbone_cfg)
-    by_config.init_weights()
-    # ... and mmengine's strict loader.
-    strict = models.build({k: v for k, v in backbone_cfg.items() if k != "init_cfg"})
-    load_checkpoint(strict, str(out), strict=True)
-    for k, v in strict.state_dict().items():
-        assert torch.equal(v, by_config.state_dict()[k]), k
+    # The config route (init_cfg=Pretrained, as a recipe's init_weights runs it) loads every key ...
+    backbone = models.build(dict(cfg.model.backbone, out_indices=(0, 1, 2, 3)))
+    backbone.init_weights()
+    exported = torch.load(out, weights_only=True)["state_dict"]
+    assert set(exported) == set(backbone.state_dict())
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(v, exported[k]), k
+    # ... and so does mmengine's strict loader.
+    load_checkpoint(backbone, str(out), strict=True)
+    strict = backbone
     strict.eval()  # (mmseg's ResNet.train returns None)
     with torch.no_grad():
         return dict(zip(FEATURES, strict(x)))
@@ -179,7 +180,7 @@ def test_export_loads_in_target_with_same_features(tmp_path, name, target):
         assert not out.exists()
         return
     printed = export(weights, target, out)
-    size = 299 if name == "inception_v3" else SIZE
+    size = 96 if name == "inception_v3" else SIZE  # torchvision's Inception-V3 takes >= 75 px
     x = _image(size=size)
     ours = _our_features(model, x)
     if target == "detectron2":
@@ -312,6 +313,9 @@ def test_mmseg_fcn_r50_d8_loads_export(tmp_path):
     cfg.merge_from_dict(Config.fromstring(printed, ".py").to_dict())
     cfg.model.backbone.norm_cfg = dict(type="BN", requires_grad=True)  # SyncBN needs a process group
     cfg.model.decode_head.norm_cfg = cfg.model.auxiliary_head.norm_cfg = dict(type="BN", requires_grad=True)
+    from mmengine.registry import init_default_scope
+
+    init_default_scope("mmseg")  # the recipe's data_preprocessor type is mmseg's
     segmentor = models.build(cfg.model)
     segmentor.init_weights()
     exported = torch.load(tmp_path / "r50c.pth", weights_only=True)["state_dict"]
@@ -383,6 +387,22 @@ def test_openmmlab_checkpoints_load(tmp_path, mm_type, name, layout):
         _assert_same(_our_features(ours, x), dict(zip(FEATURES, theirs(x))))
 
 
+@pytest.mark.parametrize("mm_type,name", [("ResNetV1d", "resnet50d")])
+def test_openmmlab_fcn_d8_dilation_is_output_stride_8(tmp_path, mm_type, name):
+    """fcn_r50-d8's backbone settings (strides 1,2,1,1; dilations 1,1,2,4; contract_dilation) = output_stride=8.
+    (Bottlenecks only: mmseg's BasicBlock dilates its first conv only, ours and timm's both.)"""
+    models = _mmseg()
+    theirs = models.build(dict(type=mm_type, depth=int(name[6:8]), strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4),
+                               contract_dilation=True, out_indices=(0, 1, 2, 3)))
+    _randomise_norms(theirs)
+    theirs.eval()
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in theirs.state_dict().items()}}, tmp_path / "fcn.pth")
+    ours = create_backbone(name, num_classes=0, output_stride=8, weights=str(tmp_path / "fcn.pth"))
+    x = _image()
+    with torch.no_grad():
+        _assert_same(_our_features(ours, x), dict(zip(FEATURES, theirs(x))))
+
+
 @pytest.mark.parametrize("mm_type,into,differs", [("ResNetV1c", "resnet50d", "avg_down False vs the model's True"),
                                                   ("ResNetV1d", "resnet50c", "avg_down True vs the model's False"),
                                                   ("ResNetV1c", "resnet50b", "stem 'deep' vs the model's 'plain'")])
@@ -394,3 +414,71 @@ def test_openmmlab_mismatch_names_what_differs(tmp_path, mm_type, into, differs)
     msg = str(e.value)
     assert differs in msg and "mm.pth" in msg
     assert f"build resnet50{'c' if mm_type == 'ResNetV1c' else 'd'}" in msg
+
+
+def _caffe2_name(d2_key: str) -> str:
+    """detectron2 ResNet name -> the MSRA/Detectron1 Caffe2 blob name (checked below by detectron2's own
+    ``convert_c2_detectron_names``, which maps the other way)."""
+    module, _, param = d2_key.rpartition(".")
+    norm = module.endswith(".norm")
+    module = module[: -len(".norm")] if norm else module
+    suffix = {"weight": "_bn_s", "bias": "_bn_b"}[param] if norm else "_w"
+    if module == "stem.conv1":
+        return ("res_conv1" if norm else "conv1") + suffix
+    stage, block, conv = module.split(".")
+    branch = "branch1" if conv == "shortcut" else {"conv1": "branch2a", "conv2": "branch2b", "conv3": "branch2c"}[conv]
+    return f"{stage}_{block}_{branch}{suffix}"
+
+
+def test_caffe2_msra_pkl_loads_like_detectron2_and_warns_about_bgr(tmp_path, caplog):
+    """A Caffe2-named ResNet-50 .pkl (MSRA layout: affine-channel BN, no statistics): ours equals
+    detectron2's model loaded by its own checkpointer (c2 conversion), and the BGR convention is logged."""
+    import logging
+    import pickle
+
+    cfg = _detectron2_cfg("MODEL:\n  RESNETS:\n    DEPTH: 50\n    STRIDE_IN_1X1: True\n")
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.checkpoint.c2_model_loading import convert_c2_detectron_names
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+    cfg.MODEL.RESNETS.OUT_FEATURES = list(FEATURES)
+    source = _randomise_norms(build_resnet_backbone(cfg, ShapeSpec(channels=3)))
+    blobs = {_caffe2_name(k): v.numpy() for k, v in source.state_dict().items()
+             if not k.endswith(("running_mean", "running_var"))}
+    renamed, _ = convert_c2_detectron_names(dict(blobs))
+    assert set(renamed) == {k for k in source.state_dict() if not k.endswith(("running_mean", "running_var"))}
+    with open(tmp_path / "R-50.pkl", "wb") as f:
+        pickle.dump(blobs, f)
+    d2 = build_resnet_backbone(cfg, ShapeSpec(channels=3)).eval()
+    DetectionCheckpointer(d2).load(str(tmp_path / "R-50.pkl"))
+    loaded = {k: v for k, v in d2.state_dict().items() if not k.endswith(("running_mean", "running_var"))}
+    assert all(torch.equal(v, torch.as_tensor(source.state_dict()[k])) for k, v in loaded.items())
+    with caplog.at_level(logging.WARNING, logger="backbones.convert"):
+        ours = create_backbone("resnet50", num_classes=0, weights=str(tmp_path / "R-50.pkl"))
+    assert "BGR" in caplog.text and "103.53" in caplog.text
+    x = _image()
+    with torch.no_grad():
+        as_loaded = d2(x)
+        # detectron2 fills the absent statistics with mean 0, var 1 (FrozenBatchNorm2d._load_from_state_dict,
+        # checkpoint version None): scale / sqrt(1 + 1e-5) per layer. Caffe2's affine channel is exactly
+        # x * scale + bias, which ours computes (var 1 - eps); with that in detectron2's layers the two agree.
+        for m in d2.modules():
+            if hasattr(m, "running_var"):
+                m.running_var.fill_(1 - m.eps)
+        _assert_same(_our_features(ours, x), d2(x))
+        for name in FEATURES:
+            assert (as_loaded[name] - d2(x)[name]).abs().max() <= 1e-3 * as_loaded[name].abs().max()
+
+
+def test_pkl_with_code_is_refused(tmp_path):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump({"model": {"stem.conv1.weight": Payload()}}, f)
+    with pytest.raises(RuntimeError, match="builtins.print is not a numpy array.*allow_pickle=True"):
+        create_backbone("resnet18", num_classes=0, weights=str(tmp_path / "evil.pkl"))
