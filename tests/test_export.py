@@ -482,3 +482,37 @@ def test_pkl_with_code_is_refused(tmp_path):
         pickle.dump({"model": {"stem.conv1.weight": Payload()}}, f)
     with pytest.raises(RuntimeError, match="builtins.print is not a numpy array.*allow_pickle=True"):
         create_backbone("resnet18", num_classes=0, weights=str(tmp_path / "evil.pkl"))
+
+
+BASE_RCNN_C4 = """
+MODEL:
+  META_ARCHITECTURE: "GeneralizedRCNN"
+  MASK_ON: False
+  RESNETS:
+    DEPTH: 50
+    OUT_FEATURES: ["res4"]
+  RPN:
+    IN_FEATURES: ["res4"]
+  ROI_HEADS:
+    NAME: "Res5ROIHeads"
+    IN_FEATURES: ["res4"]
+  DEVICE: "cpu"
+"""
+
+
+def test_detectron2_c4_detector_checkpoint_loads_res5_from_box_head(tmp_path):
+    """detectron2's C4 Faster R-CNN keeps res5 in roi_heads.res5: it is part of the backbone loaded."""
+    cfg = _detectron2_cfg(BASE_RCNN_C4)
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    detector = build_model(cfg).eval()
+    _randomise_norms(detector)
+    DetectionCheckpointer(detector, save_dir=str(tmp_path)).save("model_final")
+    ours = create_backbone("resnet50", num_classes=0, weights=str(tmp_path / "model_final.pth"))
+    x = _image()
+    with torch.no_grad():
+        res4 = detector.backbone(x)["res4"]
+        theirs = {"res4": res4, "res5": detector.roi_heads.res5(res4)}
+        feats = _our_features(ours, x)
+    _assert_same({k: feats[k] for k in ("res4", "res5")}, theirs)
