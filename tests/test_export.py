@@ -516,3 +516,23 @@ def test_detectron2_c4_detector_checkpoint_loads_res5_from_box_head(tmp_path):
         theirs = {"res4": res4, "res5": detector.roi_heads.res5(res4)}
         feats = _our_features(ours, x)
     _assert_same({k: feats[k] for k in ("res4", "res5")}, theirs)
+
+
+def test_export_reads_a_training_checkpoint(tmp_path):
+    """last.pth of tricks train: the architecture and mean/std come from its resolved config."""
+    import dataclasses
+
+    from classification.config import Config
+    from runtime.config import to_dict
+
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="resnet18d"),
+                              data=dataclasses.replace(cfg.data, mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3]))
+    model = _randomise_norms(create_backbone("resnet18d", num_classes=7))
+    torch.save({"model": model.state_dict(), "config": to_dict(cfg), "step": 1}, tmp_path / "last.pth")
+    printed = export(tmp_path / "last.pth", "mmseg", tmp_path / "r18d.pth")
+    assert "type='ResNetV1d', depth=18" in printed
+    assert "mean=[127.5, 102, 76.5], std=[51, 63.75, 76.5]" in printed
+    back = create_backbone("resnet18d", num_classes=0, weights=str(tmp_path / "r18d.pth"))
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
