@@ -258,6 +258,7 @@ def to_suite_names(state: Mapping[str, Tensor], source: str = "state dict") -> t
     (``res2_0_branch2a_w``), each bare or inside a whole model (``backbone.``, ``backbone.bottom_up.``).
     """
     part, prefix = _backbone_part(state)
+    dropped = len(state) - len(part)
     if "stem.conv1.weight" in part or any(k.startswith("res2.") for k in part):
         fmt, part = "detectron2", from_detectron2(part)
     elif "stem.0.weight" in part:
@@ -272,7 +273,6 @@ def to_suite_names(state: Mapping[str, Tensor], source: str = "state dict") -> t
     else:
         return dict(state), None
     if prefix:
-        dropped = len(state) - len(part) if fmt != "Caffe2/MSRA" else 0
         fmt += f" (the backbone under {prefix!r}; {dropped} entries of the rest of the model not loaded)"
     return part, fmt
 

@@ -536,3 +536,10 @@ def test_export_reads_a_training_checkpoint(tmp_path):
     back = create_backbone("resnet18d", num_classes=0, weights=str(tmp_path / "r18d.pth"))
     for k, v in back.state_dict().items():
         assert torch.equal(v, model.state_dict()[k]), k
+
+
+def test_cli_targets_are_the_converters():
+    from backbones import convert
+    from tricks import export as export_module
+
+    assert export_module.TARGETS == convert.TARGETS

@@ -6,7 +6,7 @@ OpenMMLab (mmsegmentation / mmdetection / mmpretrain), with the config lines tha
 The key mappings live in ``backbones.convert`` (torch only); this module reads the suite's file, writes
 the target's and prints what the target needs: its model name or config keys, the load call, and the
 pretraining's mean/std in the target's convention (0-255 and RGB input for detectron2 and OpenMMLab).
-No target library is imported here.
+No target library is imported here, and nothing heavy at import time (``tricks --help`` stays light).
 """
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
-from backbones import convert, load_state_dict, read_metadata
-
+# = backbones.convert.TARGETS (a test checks), spelled out so the parser needs no torch.
+TARGETS = ("timm", "torchvision", "detectron2", "mmseg")
 # The output suffixes each target reads.
 SUFFIXES = {"timm": (".safetensors", ".pth"), "torchvision": (".pth",), "detectron2": (".pkl", ".pth"),
             "mmseg": (".pth",)}
@@ -42,6 +42,10 @@ class SuiteWeights:
 
 def read_suite_weights(path: str | Path) -> SuiteWeights:
     """A ``model.safetensors`` of ``tricks train`` (metadata), or its ``last.pth``/``best.pth`` (config)."""
+    import torch
+
+    from backbones import load_state_dict, read_metadata
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -87,6 +91,8 @@ def _fmt(values: list[float]) -> str:
 def export(weights: str | Path, target: str, out: str | Path) -> str:
     """Write ``weights`` (the suite's) for ``target`` to ``out`` and return the lines to print: config
     and load call. A network the target cannot build raises ``convert.NotExportableError``."""
+    from backbones import convert
+
     src = read_suite_weights(weights)
     out = Path(out)
     spec = convert.export_target(src.arch, src.variant, target)
@@ -98,6 +104,8 @@ def export(weights: str | Path, target: str, out: str | Path) -> str:
 
 
 def _timm(src: SuiteWeights, spec: dict, out: Path, mean255, std255) -> str:
+    import torch
+
     kwargs = dict(spec.get("kwargs") or {})
     if src.arch == "inception_v3" and any(k.startswith("AuxLogits.") for k in src.state):
         kwargs["aux_logits"] = True
@@ -123,6 +131,8 @@ def _timm(src: SuiteWeights, spec: dict, out: Path, mean255, std255) -> str:
 
 
 def _torchvision(src: SuiteWeights, spec: dict, out: Path, mean255, std255) -> str:
+    import torch
+
     torch.save(src.state, out)
     head = f"num_classes={src.num_classes}" if src.num_classes else "num_classes=1000"
     lines = [f"# torchvision: {src.arch} is torchvision's {spec['name']}; the classifier is kept "
@@ -143,6 +153,10 @@ def _torchvision(src: SuiteWeights, spec: dict, out: Path, mean255, std255) -> s
 
 
 def _detectron2(src: SuiteWeights, spec: dict, out: Path, mean255, std255) -> str:
+    import torch
+
+    from backbones import convert
+
     state = convert.to_detectron2(src.state)
     author = f"bag-of-tricks ({src.arch})"
     if out.suffix == ".pkl":  # the layout of detectron2's tools/convert-torchvision-to-d2.py
@@ -170,6 +184,10 @@ def _detectron2(src: SuiteWeights, spec: dict, out: Path, mean255, std255) -> st
 
 
 def _openmmlab(src: SuiteWeights, spec: dict, out: Path, mean255, std255) -> str:
+    import torch
+
+    from backbones import convert
+
     state = convert.to_openmmlab(src.state, deep_stem=src.variant.get("stem") == "deep")
     meta = {"exported_from": src.arch, "variant": json.dumps(src.variant), "mean": mean255, "std": std255,
             "bgr_to_rgb": True, "backbone": spec["type"], **{k: v for k, v in spec["kwargs"].items()}}
@@ -189,6 +207,8 @@ def _openmmlab(src: SuiteWeights, spec: dict, out: Path, mean255, std255) -> str
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from backbones import convert
+
     try:
         lines = export(args.weights, args.to, args.out)
     except (convert.NotExportableError, ValueError, FileNotFoundError) as e:
@@ -202,7 +222,7 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a backbone for timm, torchvision, detectron2 or OpenMMLab and print "
                        "the config lines that load it")
     p.add_argument("weights", help="model.safetensors (or last.pth / best.pth) of tricks train")
-    p.add_argument("--to", required=True, choices=convert.TARGETS,
+    p.add_argument("--to", required=True, choices=TARGETS,
                    help="mmseg: the OpenMMLab layout (mmsegmentation, mmdetection, mmpretrain)")
     p.add_argument("--out", required=True, help="file to write: timm .safetensors/.pth, torchvision .pth, "
                    "detectron2 .pkl (as convert-torchvision-to-d2.py) or .pth, mmseg .pth")
