@@ -281,10 +281,10 @@ def _faster_rcnn(printed: str = ""):
     return cfg, build_model(cfg).eval()
 
 
-@pytest.mark.parametrize("name", ["resnet50", "resnet50b"])
-def test_detectron2_faster_rcnn_r50_fpn_loads_export(tmp_path, name):
+@pytest.mark.parametrize("name,suffix", [("resnet50", ".pkl"), ("resnet50b", ".pth")])
+def test_detectron2_faster_rcnn_r50_fpn_loads_export(tmp_path, name, suffix):
     model, weights = _suite_weights(tmp_path, name)
-    printed = export(weights, "detectron2", tmp_path / "r50.pkl")
+    printed = export(weights, "detectron2", tmp_path / f"r50{suffix}")
     cfg, detector = _faster_rcnn(printed)
     from detectron2.checkpoint import DetectionCheckpointer
 
