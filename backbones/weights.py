@@ -1,14 +1,17 @@
-"""Weights I/O: safetensors with metadata out; safetensors, suite checkpoints, timm and torchvision in.
+"""Weights I/O: safetensors with metadata out; safetensors, suite checkpoints, timm, torchvision,
+OpenMMLab, detectron2 and Caffe2/MSRA ResNets in (foreign names: ``backbones.convert``).
 
 Pickled files (``.pth``) are read with ``torch.load(weights_only=True)``: tensors and plain
 containers only. A file that needs arbitrary unpickling must be opted into with ``allow_pickle=True``
-because unpickling runs code from the file.
+because unpickling runs code from the file. detectron2's ``.pkl`` files (numpy arrays in a plain
+pickle) are read by an unpickler that builds numpy arrays and plain containers only.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -80,12 +83,51 @@ def read_metadata(path: PathLike) -> dict[str, Any]:
     return out
 
 
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, numbers, strings and containers; any other class is refused (a pickle can
+    name any callable, and unpickling calls it)."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED or (module == "numpy.dtypes" and name.endswith("DType")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not a numpy array or a plain container")
+
+
+def _load_pkl(path: Path, allow_pickle: bool) -> Any:
+    """A detectron2 ``.pkl`` (``{"model": {name: array}, "__author__": ...}``) or a Caffe2/Detectron1 one
+    (``{name: array}``, detections under ``"blobs"``), as a mapping of names to tensors."""
+    with open(path, "rb") as f:
+        try:
+            unpickler = pickle.Unpickler if allow_pickle else _ArraysOnlyUnpickler
+            data = unpickler(f, encoding="latin1").load()
+        except pickle.UnpicklingError as e:
+            raise RuntimeError(f"{path}: {e}. If you trust the file, pass allow_pickle=True (it runs code "
+                               "from the file)") from e
+    if isinstance(data, Mapping) and isinstance(data.get("model"), Mapping):
+        data = data["model"]
+    elif isinstance(data, Mapping) and isinstance(data.get("blobs"), Mapping):
+        data = data["blobs"]
+    if not isinstance(data, Mapping):
+        return data
+    # Caffe2 files hold solver state (``*_momentum``) and counters beside the arrays.
+    return {k: torch.as_tensor(v) for k, v in data.items()
+            if hasattr(v, "dtype") and hasattr(v, "shape") and not k.endswith("_momentum")}
+
+
 def load_state_dict(path: PathLike, *, allow_pickle: bool = False) -> dict[str, Tensor]:
-    """Read a state dict from safetensors, a suite checkpoint, or a timm/torchvision ``.pth``."""
+    """Read a state dict from safetensors, a suite checkpoint, a timm/torchvision ``.pth``, an OpenMMLab
+    (``state_dict``) or detectron2 (``model``) checkpoint, or a detectron2/Caffe2 ``.pkl``. Names are
+    the file's own (see ``backbones.convert.to_suite_names``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".pkl":
+        state: Any = _load_pkl(path, allow_pickle)
+    elif path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         state: Any = load_file(str(path))
@@ -148,8 +190,20 @@ def load_weights(model: nn.Module, weights: Union[PathLike, Mapping[str, Tensor]
       model's ``C`` channels and divided by ``C``, so a grey image given as ``C`` equal channels produces
       exactly the activations the 1-channel network computed.
     """
+    from .convert import structure_mismatch, to_suite_names
+
     source = str(weights) if not isinstance(weights, Mapping) else "state dict"
     state = dict(weights) if isinstance(weights, Mapping) else load_state_dict(weights, allow_pickle=allow_pickle)
+    state, foreign = to_suite_names(state, source)
+    if foreign:
+        log.info("%s: %s checkpoint, converted to the suite's names", source, foreign)
+        # BN step counters: detectron2's FrozenBN and Caffe2 have none; nothing reads them in eval or fine-tuning.
+        own_keys = model.state_dict()
+        for k in [k for k in state if k.endswith("num_batches_tracked") and k not in own_keys]:
+            del state[k]
+        for k in own_keys:
+            if k.endswith("num_batches_tracked") and k not in state and k.rsplit(".", 1)[0] + ".running_mean" in state:
+                state[k] = torch.zeros((), dtype=torch.long)
     skipped = _classifier_keys(model, state)
     if skipped and not new_head:
         fc = getattr(model, "fc", None)
@@ -163,6 +217,15 @@ def load_weights(model: nn.Module, weights: Union[PathLike, Mapping[str, Tensor]
         del state[k]
     if skipped:
         log.info("%s: classifier %s not loaded (model has another head); it keeps its initialisation", source, skipped)
+    fc = getattr(model, "fc", None)
+    headless = isinstance(fc, nn.Linear) and not any(k.startswith("fc.") for k in state)
+    if headless and not new_head:
+        raise ValueError(f"weights {source} hold no classifier (a backbone without its head) but the model has a "
+                         f"{fc.weight.shape[0]}-class one: build it with num_classes=0, or load for fine-tuning with "
+                         "a new head (new_head=True; model.weights in a training config does)")
+    if headless:
+        skipped = [f"fc.{n}" for n, _ in fc.named_parameters()]
+        log.info("%s: no classifier in the file; the model's keeps its initialisation", source)
     stem = _first_conv_key(model)
     own = model.state_dict()
     theirs, ours = (state[stem].shape, own[stem].shape) if stem in state and stem in own else (None, None)
@@ -184,6 +247,9 @@ def load_weights(model: nn.Module, weights: Union[PathLike, Mapping[str, Tensor]
         parts = [f"{name} ({len(keys)}): {show(keys)}" for name, keys in
                  (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if keys]
         arch = getattr(model, "arch", type(model).__name__)
-        raise ValueError(f"weights {source} do not fit {arch}:\n  " + "\n  ".join(parts)
-                         + "\nCheck that the file was saved from the same architecture and variant.")
+        variant = getattr(model, "variant", None)
+        # For a ResNet, say which network the file holds (stem, shortcut, depth), then list the keys.
+        mismatch = structure_mismatch(variant, state) if isinstance(variant, Mapping) else None
+        raise ValueError(f"weights {source} do not fit {arch}" + (f": {mismatch}" if mismatch else "") + ":\n  "
+                         + "\n  ".join(parts) + "\nCheck that the file was saved from the same architecture and variant.")
     model.load_state_dict(state, strict=not skipped)

@@ -320,6 +320,12 @@ def _run_fashion_voc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from tricks.export import add_subcommand
+
+    add_subcommand(sub)
+
+
 def _add_task_tools(sub: argparse._SubParsersAction) -> None:
     from detection.cli import add_subcommands as add_detection_tools
     from segmentation.cli import add_subcommands as add_segmentation_tools
@@ -330,7 +336,7 @@ def _add_task_tools(sub: argparse._SubParsersAction) -> None:
 
 # Each entry adds its subcommand; later jobs append theirs here.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_backbones, _add_run_commands, _add_data,
-                                                                   _add_task_tools, _add_reproduce]
+                                                                   _add_task_tools, _add_reproduce, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:
