@@ -14,40 +14,21 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import RESULTS, header, paired_seconds, table  # noqa: E402
+from benchmarks._common import RESULTS, header, paired_seconds, table, train_step  # noqa: E402
 
 from backbones import create_backbone  # noqa: E402
 from classification.config import Config  # noqa: E402
-from runtime.optim import build_optimizer  # noqa: E402
 from classification.train import model_kwargs  # noqa: E402
 from runtime.config import load_config  # noqa: E402
 
 FASHION = "configs/classification/fashion_mnist/resnet18d_1xb128_efficient-cosine-ls_fashion-mnist.yaml"
 
 
-def _train_step(model, batch: int, size: int, in_chans: int, num_classes: int, dtype):
-    """A closure running forward + backward + SGD step on a fixed random batch: no data, no logging."""
-    model = model.to(memory_format=torch.channels_last).train()
-    opt = build_optimizer(model, lr=0.01)
-    x = torch.randn(batch, in_chans, size, size).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, num_classes, (batch,))
-
-    def step():
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
 def bare_step_rate(model, batch: int, size: int, in_chans: int, num_classes: int, dtype, steps: int) -> float:
     """img/s of the bare train step."""
-    step = _train_step(model, batch, size, in_chans, num_classes, dtype)
+    step = train_step(model, batch, size, in_chans, num_classes, dtype)
     for _ in range(2):
         step()
     tic = time.perf_counter()
@@ -58,7 +39,7 @@ def bare_step_rate(model, batch: int, size: int, in_chans: int, num_classes: int
 
 def paired_step_rates(model_a, model_b, batch: int, size: int, dtype, steps: int) -> tuple[float, float]:
     """img/s of two models' train steps, alternated step by step (``paired_seconds``)."""
-    seconds = paired_seconds([_train_step(m, batch, size, 3, 1000, dtype) for m in (model_a, model_b)], steps)
+    seconds = paired_seconds([train_step(m, batch, size, 3, 1000, dtype) for m in (model_a, model_b)], steps)
     return batch / seconds[0], batch / seconds[1]
 
 
