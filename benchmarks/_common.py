@@ -54,6 +54,13 @@ def table(rows: list[list], head: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def round_order(sides: int, round_index: int) -> list[int]:
+    """The order the sides of a comparison run in round ``round_index``: 0, 1, ... in even rounds, reversed
+    in odd ones (A B, B A, ...), so a drift of the shared machine's speed hits all sides alike."""
+    order = list(range(sides))
+    return order if round_index % 2 == 0 else order[::-1]
+
+
 def paired_seconds(steps: list, rounds: int) -> list[float]:
     """Seconds per call of each closure in ``steps``, after one warm-up call each. The closures alternate
     call by call, the order reversed every round (A B, B A, ...), so the shared machine's speed drifts hit
@@ -62,7 +69,7 @@ def paired_seconds(steps: list, rounds: int) -> list[float]:
         step()
     spent = [0.0] * len(steps)
     for r in range(rounds):
-        for j in (range(len(steps)) if r % 2 == 0 else reversed(range(len(steps)))):
+        for j in round_order(len(steps), r):
             tic = time.perf_counter()
             steps[j]()
             spent[j] += time.perf_counter() - tic

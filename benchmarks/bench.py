@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from benchmarks._common import header, table
+from benchmarks._common import header, round_order, table
 
 GROUPS = ("train", "engines", "pipeline", "eval")
 REPO = Path(__file__).resolve().parents[1]
@@ -41,12 +41,6 @@ DET_CONFIG = "configs/detection/fashion_voc/faster-rcnn_resnet18d-fpn_1xb8-400_f
 FASHION_CONFIG = "configs/classification/fashion_mnist/resnet18d_1xb128_efficient-cosine-ls_fashion-mnist.yaml"
 
 # ------------------------------------------------------------------------------------------------ method
-
-
-def round_order(sides: int, round_index: int) -> list[int]:
-    """The order the sides run in round ``round_index``: 0, 1, ... in even rounds, reversed in odd ones."""
-    order = list(range(sides))
-    return order if round_index % 2 == 0 else order[::-1]
 
 
 def run_rounds(sides: Sequence[Callable[[], list[float]]], rounds: int, warmup_calls: int = 1) -> list[list[list[float]]]:
