@@ -526,11 +526,16 @@ def _seconds(s: float) -> str:
     return f"{s:.3g} s" if s >= 0.01 else f"{s * 1e3:.3g} ms"
 
 
-def markdown(rows: list[Row], peaks: dict | None, title: str, command: str, mode: str) -> str:
-    """The report: machine and commit, the method, one table per group, the measured peaks."""
+def markdown(rows: list[Row], peaks: dict | None, title: str, command: str, mode: str,
+             load: tuple[float, float] | None = None) -> str:
+    """The report: machine and commit, the method, one table per group, the measured peaks. ``load``: the
+    1-minute load average at the start and the end (how shared the machine was)."""
     text = header(title, command)
     rounds = sorted({len(r.times) for r in rows})
-    text += (f"- mode: {mode}; rounds per row: {', '.join(map(str, rounds))}\n\n"
+    text += f"- mode: {mode}; rounds per row: {', '.join(map(str, rounds))}\n"
+    if load is not None:
+        text += f"- 1-minute load average: {load[0]:.1f} at the start, {load[1]:.1f} at the end\n"
+    text += ("\n"
              "Method: the two sides of a row alternate round by round (A B, B A, ...); a side's value in a round is "
              "the median of its per-unit times after warm-up (per iteration: the engines' own step timers; per "
              "train step, image or evaluation: timed around the call). **ratio = suite / reference time per unit, "
@@ -585,11 +590,12 @@ def plot(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
-def write(rows: list[Row], peaks: dict | None, out: Path, command: str, mode: str) -> Path:
+def write(rows: list[Row], peaks: dict | None, out: Path, command: str, mode: str,
+          load: tuple[float, float] | None = None) -> Path:
     """``out/bench.md``, ``bench.png`` and ``bench.json`` (the raw per-round, per-unit seconds)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.md").write_text(markdown(rows, peaks, "tricks bench: the suite vs its reference libraries",
-                                           command, mode))
+                                           command, mode, load))
     plot(rows, out / "bench.png")
     raw = [{"group": r.group, "what": r.what, "ours": r.ours, "reference": r.reference, "unit": r.unit,
             "times": r.times, "ratios": ratios(r.times)} for r in rows]
@@ -597,11 +603,18 @@ def write(rows: list[Row], peaks: dict | None, out: Path, command: str, mode: st
     return out / "bench.md"
 
 
+def check_groups(groups: Sequence[str]) -> None:
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown or not groups:
+        raise ValueError(f"--only {','.join(groups)}: row groups are {', '.join(GROUPS)} (comma-separated)")
+
+
 def run_bench(out: Path | str, quick: bool = False, groups: Sequence[str] = GROUPS, command: str = "tricks bench") -> Path:
     """Measure the rows of ``groups`` (``QUICK`` or ``FULL`` sizes) and write the report into ``out``."""
-    unknown = [g for g in groups if g not in GROUPS]
-    if unknown:
-        raise ValueError(f"tricks bench --only {','.join(unknown)}: choose from {', '.join(GROUPS)}")
+    import os
+
+    check_groups(groups)
+    load_start = os.getloadavg()[0]
     sizes, out = (QUICK if quick else FULL), Path(out)
     rows: list[Row] = []
     peaks = None
@@ -617,4 +630,4 @@ def run_bench(out: Path | str, quick: bool = False, groups: Sequence[str] = GROU
             rows += pipeline_rows(sizes, work / "pipeline")
         if "eval" in groups:
             rows += eval_rows(sizes, work / "eval")
-    return write(rows, peaks, out, command, "quick" if quick else "full")
+    return write(rows, peaks, out, command, "quick" if quick else "full", (load_start, os.getloadavg()[0]))

@@ -58,12 +58,13 @@ def test_markdown_layout():
                       target="<= 0.80"),
             bench.Row("pipeline", "jpeg", "samples", "v2", "image", [[[0.01], [0.02]]], notes={})]
     peaks = {torch.float32: {"matmul": 2e9, "conv": 1e9}}
-    text = bench.markdown(rows, peaks, "Title", "tricks bench --quick", "quick")
+    text = bench.markdown(rows, peaks, "Title", "tricks bench --quick", "quick", load=(3.25, 4.0))
     lines = text.splitlines()
     assert lines[0] == "# Title"
     assert lines[2].startswith("- machine: ") and "cores" in lines[2]
     assert lines[3] == "- command: `tricks bench --quick`"
     assert lines[4].startswith("- commit: ") and lines[5] == "- mode: quick; rounds per row: 1, 3"
+    assert lines[6] == "- 1-minute load average: 3.2 at the start, 4.0 at the end"
     head = ("| what | suite | reference | suite / reference (s per iteration) | ratio | IQR | min-max | per round "
             "| target |")
     i = lines.index("## Task engines vs reference engines")
@@ -75,6 +76,15 @@ def test_markdown_layout():
     assert lines[j + 4] == "| jpeg | samples | v2 | 100 / 50 img/s | **0.50** | 0.50-0.50 | 0.50-0.50 | 0.50 | - |"
     assert "## Train step vs timm and torchvision" not in text  # groups without rows are left out
     assert "| float32 | 2.0 | 1.0 |" in text
+
+
+def test_unknown_row_group_is_one_clear_line(capsys):
+    from tricks.cli import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["bench", "--quick", "--only", "engines,speed"])
+    assert str(err.value) == ("tricks bench --only engines,speed: row groups are train, engines, pipeline, eval "
+                              "(comma-separated)")
 
 
 def test_write_outputs(tmp_path):

@@ -244,12 +244,16 @@ def _add_task_tools(sub: argparse._SubParsersAction) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Every speed comparison against the reference libraries, one method: benchmarks/bench.py."""
-    from benchmarks.bench import run_bench
+    from benchmarks.bench import GROUPS, check_groups, run_bench
 
+    groups = args.only.split(",") if args.only else list(GROUPS)
+    try:
+        check_groups(groups)
+    except ValueError as e:
+        raise SystemExit(f"tricks bench {e}")
     _setup_logging()
-    groups = [g for g in args.only.split(",") if g] if args.only else None
     command = "tricks bench" + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
-    report = run_bench(args.out, quick=args.quick, command=command, **({"groups": groups} if groups else {}))
+    report = run_bench(args.out, quick=args.quick, groups=groups, command=command)
     print(report.read_text())
     print(f"-> {report}")
     return 0
