@@ -38,14 +38,15 @@ def test_run_rounds_rejects_an_empty_measurement():
 
 
 # Three rounds, [round][side][unit] seconds: round medians (2, 2), (4, 2), (1, 4) -> ratios 1, 2, 0.25.
-TIMES = [[[1.0, 2.0, 3.0], [2.0, 2.0, 2.0]], [[4.0], [2.0]], [[1.0], [4.0]]]
+TIMES = [[[1.0, 2.0, 6.0], [2.0, 2.0, 2.0]], [[4.0], [2.0]], [[1.0], [4.0]]]
 
 
 def test_ratio_is_the_median_of_per_round_ratios_with_quartiles_and_extremes():
     assert bench.round_values(TIMES) == [[2.0, 2.0], [4.0, 2.0], [1.0, 4.0]]
     assert bench.ratios(TIMES) == [1.0, 2.0, 0.25]
     spread = bench.Row("eval", "x", "a", "b", "evaluation", TIMES).ratio
-    # Not the ratio of the summed times (7 / 8) nor of the side medians (2 / 2): the median of 1, 2, 0.25.
+    # Not the ratio of the summed times (14 / 12), nor of each round's sums (round 0: 9 / 6), nor of the sides'
+    # medians over rounds (2 / 2): the median of 1, 2, 0.25.
     assert spread.median == 1.0
     assert (spread.low, spread.high) == (0.25, 2.0)
     # Inclusive quartiles of 0.25, 1, 2: halfway between neighbours.
