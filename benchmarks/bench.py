@@ -304,13 +304,12 @@ def engine_side(config: str, engine: str, overrides: list[str], work: Path, warm
     return measure
 
 
-def engine_rows(sizes: Sizes, work: Path) -> list[Row]:
+def engine_rows(sizes: Sizes, work: Path, tasks: Sequence[str] = ("segmentation", "detection")) -> list[Row]:
     """Each task engine of the suite vs its reference engine: the demo's configs, the same data, model and batch,
     data loaded in the main process (``data.workers=0``), every iteration logged by both (``train.log_every=1``),
-    random initialisation, evaluation only after the last iteration (on 2 scenes)."""
+    random initialisation (trainable BN), evaluation only after the last iteration (on 2 scenes)."""
     from detection.scenes import write_fashion_voc
     from segmentation.scenes import write_fashion_scenes
-    from tricks.demo import STAGES
 
     iters = sizes.engine_warmup + sizes.engine_timed
     common = ["data.workers=0", f"train.max_iter={iters}", "train.log_every=1", f"train.checkpoint_every={iters}",
@@ -318,12 +317,14 @@ def engine_rows(sizes: Sizes, work: Path) -> list[Row]:
     seg_root = write_fashion_scenes(work / "data" / "fashion_scenes", sizes.engine_scenes, 2)
     devkit = write_fashion_voc(work / "data" / "fashion_voc", sizes.engine_scenes, 2)
     seg = [f"data.root={seg_root}", "eval.overlays=0", *common]
-    det = [f"data.root={devkit}", f"data.classes={devkit / 'classes.txt'}", *STAGES["detection"].overrides,
+    det = [f"data.root={devkit}", f"data.classes={devkit / 'classes.txt'}",
            "optim.warmup_iters=0", f"optim.milestones=[{iters + 1}]", "train.visualize=0", *common]
     rows = []
     for task, config, reference, overrides, target in (
             ("segmentation", SEG_CONFIG, "mmseg", seg, "<= 0.80"),
             ("detection", DET_CONFIG, "detectron2", det, "<= 0.90")):
+        if task not in tasks:
+            continue
         sides = [engine_side(config, engine, overrides, work / task, sizes.engine_warmup)
                  for engine in ("torch", reference)]
         times = run_rounds(sides, sizes.rounds, warmup_calls=0)
