@@ -173,7 +173,10 @@ STEP_SETTINGS = (("bf16 autocast, channels_last", (torch.bfloat16, True), (torch
 
 def _library_model(library: str, name: str) -> torch.nn.Module:
     if library == "timm":
-        import timm
+        try:
+            import timm
+        except ImportError as e:
+            raise ImportError(f"tricks bench compares with timm ({e}): pip install -e '.[dev]'") from e
 
         return timm.create_model(name)
     import torchvision
@@ -452,10 +455,11 @@ def eval_rows(sizes: Sizes, work: Path) -> list[Row]:
     from benchmarks.voc_eval_speed import ours as voc_ours, synthesize, theirs as voc_theirs, write_devkit
     from detection.d2_engine import import_detectron2
     from detection.voc_eval import VOCBoxes
-    from mmseg.evaluation import IoUMetric
     from segmentation.metrics import SegmentationMetric
+    from segmentation.mmseg_engine import import_mmseg
 
     import_detectron2()
+    IoUMetric = import_mmseg().mmseg.evaluation.IoUMetric
     rows = []
     truth, detections = synthesize(sizes.voc_images, np.random.default_rng(0))
     truth_boxes = [VOCBoxes(np.array([(x1 - 1, y1 - 1, x2, y2) for x1, y1, x2, y2, _, _ in gt], np.float64),
