@@ -580,16 +580,19 @@ def plot(rows: list[Row], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.2))
+    import textwrap
+
+    fig, ax = plt.subplots(figsize=(10, 0.6 * len(rows) + 1.2))
     y = list(range(len(rows)))[::-1]
     spreads = [r.ratio for r in rows]
     colors = {"train": "tab:blue", "engines": "tab:orange", "pipeline": "tab:green", "eval": "tab:purple"}
     ax.barh(y, [s.median for s in spreads], color=[colors[r.group] for r in rows],
             xerr=[[s.median - s.low for s in spreads], [s.high - s.median for s in spreads]], capsize=2)
     ax.axvline(1.0, color="k", lw=0.8)
-    ax.set_yticks(y, [f"{r.ours} vs {r.reference}: {r.what[:48]}" for r in rows], fontsize=6)
+    labels = [f"{r.ours} vs {r.reference}\n" + "\n".join(textwrap.wrap(r.what, 80)[:2]) for r in rows]
+    ax.set_yticks(y, [label.replace("`", "") for label in labels], fontsize=5.5)
     ax.set_xscale("log")
-    ax.set_xlabel("time ratio suite / reference (median of rounds; < 1: suite faster)")
+    ax.set_xlabel("time suite / reference: median of per-round ratios, whiskers min-max (< 1: suite faster)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
