@@ -1,12 +1,7 @@
-"""The suite's own engines vs the reference libraries' engines, on the same model, data, sizes and batch.
-
-* speed: segmentation ``engine=torch`` vs ``engine=mmseg`` (mmengine's Runner), detection ``engine=torch``
-  (torchvision's Faster R-CNN) vs ``engine=detectron2`` (detectron2's trainer). Each run is a whole
-  ``tricks train`` in a fresh process (set-up, data loading in the main process: ``data.workers=0``, the
-  final evaluation); s/iter = (wall(N2) - wall(N1)) / (N2 - N1), so set-up and evaluation cancel out.
-  Peak memory: the process's maximum resident set (CPU; on CUDA the engines' allocators differ anyway).
-* results: the demo's segmentation checkpoint evaluated by both engines (mIoU), and detection fine-tuned
-  from the demo's pretrained backbone by both engines with the same schedule (VOC07 mAP).
+"""The suite's own engines vs the reference libraries' engines, on the same model, data, sizes and batch:
+the results. The demo's segmentation checkpoint evaluated by both engines (mIoU), and detection fine-tuned
+from the demo's pretrained backbone by both engines with the same schedule (VOC07 mAP, wall time and peak
+resident memory of each whole run). Their speed per iteration is a row of ``tricks bench``.
 
 Run after ``tricks demo`` (its weights and data): ``python benchmarks/engines.py``
 """
@@ -64,24 +59,11 @@ def _run(verb: str, config: str, overrides: list[str], checkpoint: str) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def speed(config: str, engines: list[str], common: list[str], iters: tuple[int, int], work: Path) -> list[dict]:
-    rows = []
-    for engine in engines:
-        walls, rss = [], 0.0
-        for n in iters:
-            result = run("train", config, [f"engine={engine}", f"train.max_iter={n}", *common,
-                                           f"output_dir={work / f'{engine}_{n}'}"])
-            walls.append(result["seconds"])
-            rss = max(rss, result["max_rss_gib"])
-        rows.append({"engine": engine, "s_per_iter": (walls[1] - walls[0]) / (iters[1] - iters[0]), "rss": rss})
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", default="runs/demo", help="the tricks demo output (weights, data, checkpoints)")
     parser.add_argument("--work", default="runs/bench/engines")
-    parser.add_argument("--skip-full", action="store_true", help="speed only: no full detection runs")
+    parser.add_argument("--skip-full", action="store_true", help="no full detection runs")
     args = parser.parse_args()
     global CACHE
     from tricks.demo import STAGES, normalization_overrides
@@ -96,13 +78,6 @@ def main() -> None:
     det_data = [f"data.root={devkit}", f"data.classes={devkit / 'classes.txt'}", *norm]
     det_pretrained = [f"model.weights={weights}", *STAGES["detection"].overrides]  # frozen BN, stem + res2 frozen
 
-    seg_common = [*seg_data, f"model.weights={weights}", "data.workers=0", "train.eval_every=0",
-                  "train.checkpoint_every=1000", "train.log_every=10", "train.seed=0"]
-    seg_speed = speed(SEG, ["torch", "mmseg"], seg_common, (10, 40), work / "seg_speed")
-    det_common = [*det_data, *det_pretrained, "data.workers=0", "optim.warmup_iters=5", "optim.milestones=[1000]",
-                  "train.checkpoint_every=1000", "train.log_every=10"]
-    det_speed = speed(DET, ["torch", "detectron2"], det_common, (10, 30), work / "det_speed")
-
     # The same segmentation checkpoint (the demo's) through both engines' evaluation.
     seg_ckpt = demo / "segmentation" / "model_final.pth"
     seg_eval = {engine: run("eval", SEG, [f"engine={engine}", *seg_data, "data.workers=0",
@@ -113,33 +88,14 @@ def main() -> None:
         det_full = {engine: run("train", DET, [f"engine={engine}", *det_data, *det_pretrained,
                                                f"output_dir={work / f'det_full_{engine}'}"])
                     for engine in ("torch", "detectron2")}
-    write(seg_speed, det_speed, seg_eval, det_full, seg_ckpt)
+    write(seg_eval, det_full, seg_ckpt)
 
 
-def write(seg_speed, det_speed, seg_eval, det_full, seg_ckpt) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def write(seg_eval, det_full, seg_ckpt) -> None:
     text = header("Engines: the suite's vs mmsegmentation's and detectron2's, same model and data")
     text += ("\nEvery number comes from a whole `tricks train`/`tricks eval` in a fresh process on the demo's "
-             "configs, data and pretrained backbone. s/iter = (wall at N2 iterations - wall at N1) / (N2 - N1), "
-             "so set-up and the final evaluation cancel; data loading runs in the main process (`data.workers=0`) "
-             "for both engines. Peak memory = maximum resident set of the process.\n\n")
-    rows = []
-    for task, config, speeds, ref in (("segmentation", SEG, seg_speed, "mmseg"), ("detection", DET, det_speed, "detectron2")):
-        ours = speeds[0]["s_per_iter"]
-        for r in speeds:
-            rows.append([task, f"`{Path(config).name}`", r["engine"], f"{r['s_per_iter']:.3f}",
-                         f"{r['s_per_iter'] / ours:.2f}", f"{r['rss']:.2f}"])
-    text += table(rows, ["task", "config", "engine", "s/iter", "vs torch engine", "peak RSS GiB"])
-    seg_ratio = seg_speed[0]["s_per_iter"] / seg_speed[1]["s_per_iter"]
-    det_ratio = det_speed[0]["s_per_iter"] / det_speed[1]["s_per_iter"]
-    text += (f"\n- segmentation: torch engine / mmseg engine = **{seg_ratio:.2f}x** the time per iteration "
-             f"(target <= 0.8x: **{'met' if seg_ratio <= 0.8 else 'NOT met'}**)\n"
-             f"- detection: torch engine / detectron2 engine = **{det_ratio:.2f}x** "
-             f"(target <= 1.0x: **{'met' if det_ratio <= 1.0 else 'NOT met'}**)\n")
+             "configs, data and pretrained backbone. Peak memory = maximum resident set of the process. Speed per "
+             "iteration: `tricks bench` (benchmarks/bench.py).\n")
     a, b = seg_eval["torch"]["metrics"], seg_eval["mmseg"]["metrics"]
     text += (f"\n## One segmentation checkpoint, both engines' evaluation\n\n`{seg_ckpt}` (the demo's fine-tuned FCN; "
              "the mmseg engine loads it renamed by `segmentation.mmseg_engine.torch_engine_state_to_mmseg`).\n\n")
@@ -155,25 +111,14 @@ def write(seg_speed, det_speed, seg_eval, det_full, seg_ckpt) -> None:
              "rounding differs.\n")
     if det_full:
         text += "\n## Detection fine-tuned by both engines (same backbone, schedule, sizes)\n\n"
-        text += table([[e, f"{r['metrics']['mAP']:.2f}", f"{r['seconds'] / 60:.1f}"] for e, r in det_full.items()],
-                      ["engine", "VOC07 mAP %", "wall min (train + eval)"])
+        text += table([[e, f"{r['metrics']['mAP']:.2f}", f"{r['seconds'] / 60:.1f}", f"{r['max_rss_gib']:.2f}"]
+                       for e, r in det_full.items()], ["engine", "VOC07 mAP %", "wall min (train + eval)", "peak RSS GiB"])
         text += ("\nOne seed each, the demo's pretrained backbone, schedule, sizes, proposals and RoI sampling. The "
                  "networks have the same parameters but for detectron2's class-agnostic background row in the box "
                  "regressor (3,900,146 vs 3,901,174); the losses differ: detectron2 regresses boxes with L1 "
                  "(`SMOOTH_L1_BETA` 0), torchvision with smooth L1 (beta 1/9) in the box head, and the two "
                  "initialise the FPN and heads differently (caffe2 Xavier / MSRA fill vs PyTorch defaults).\n")
-    text += "\n![engines](engines.png)\n"
     (RESULTS / "engines.md").write_text(text)
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, (task, speeds) in zip(axes, (("segmentation", seg_speed), ("detection", det_speed))):
-        ax.bar([r["engine"] for r in speeds], [r["s_per_iter"] for r in speeds], color=["tab:blue", "tab:gray"])
-        for i, r in enumerate(speeds):
-            ax.text(i, r["s_per_iter"], f"{r['s_per_iter']:.3f}", ha="center", va="bottom")
-        ax.set_ylabel("s / iteration (lower is better)")
-        ax.set_title(task)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "engines.png", dpi=100)
     print(text)
 
 

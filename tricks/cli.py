@@ -334,9 +334,38 @@ def _add_task_tools(sub: argparse._SubParsersAction) -> None:
     add_segmentation_tools(sub)   # seg-eval
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Every speed comparison against the reference libraries, one method: benchmarks/bench.py."""
+    from benchmarks.bench import GROUPS, check_groups, run_bench
+
+    groups = args.only.split(",") if args.only else list(GROUPS)
+    try:
+        check_groups(groups)
+    except ValueError as e:
+        raise SystemExit(f"tricks bench {e}")
+    _setup_logging()
+    command = "tricks bench" + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
+    report = run_bench(args.out, quick=args.quick, groups=groups, command=command)
+    print(report.read_text())
+    print(f"-> {report}")
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="time the suite against timm, torchvision, detectron2 and mmseg (alternated "
+                       "rounds, medians of per-round ratios): Markdown + PNG")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and 2 rounds (minutes): checks the command, "
+                   "its numbers are not results")
+    p.add_argument("--out", default="benchmarks/results/bench", help="folder for bench.md, bench.png, bench.json")
+    p.add_argument("--only", default="", metavar="GROUPS", help="comma-separated subset of the row groups: "
+                   "train, engines, pipeline, eval (default: all)")
+    p.set_defaults(func=cmd_bench)
+
+
 # Each entry adds its subcommand; later jobs append theirs here.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_backbones, _add_run_commands, _add_data,
-                                                                   _add_task_tools, _add_reproduce, _add_export]
+                                                                   _add_task_tools, _add_reproduce, _add_export,
+                                                                   _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
