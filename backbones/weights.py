@@ -26,6 +26,16 @@ _CHECKPOINT_KEYS = ("model", "state_dict", "model_state_dict", "model_ema")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
+class WeightsError(ValueError):
+    """A weights file that cannot be read or does not fit the model; the message names the file.
+
+    (``runtime.errors.user_errors()`` lists it: the ``tricks`` command prints it as one line.)"""
+
+
+class WeightsNotFoundError(WeightsError, FileNotFoundError):
+    """The weights file does not exist."""
+
+
 def _atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same directory and rename: a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,18 +94,26 @@ def load_state_dict(path: PathLike, *, allow_pickle: bool = False) -> dict[str, 
     """Read a state dict from safetensors, a suite checkpoint, or a timm/torchvision ``.pth``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise WeightsNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state: Any = load_file(str(path))
+        try:
+            state: Any = load_file(str(path))
+        except (SafetensorError, OSError) as e:  # truncated, or not safetensors at all
+            raise WeightsError(f"{path}: not a readable safetensors file ({e}); the file is damaged or "
+                               "incomplete: copy or save it again") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
         except Exception as e:  # torch raises UnpicklingError subclasses and RuntimeErrors here
             if allow_pickle:
                 raise
-            raise RuntimeError(
+            if "Weights only load failed" not in str(e):  # torch's words when only the pickle safety refused it
+                raise WeightsError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); the file is "
+                                   "damaged or incomplete (an interrupted copy or save?): copy or save it again") from None
+            raise WeightsError(
                 f"{path} cannot be loaded with weights_only=True ({type(e).__name__}: {e}). If you trust "
                 "the file, pass allow_pickle=True (it runs code from the file), or convert it to safetensors."
             ) from e
@@ -105,7 +123,7 @@ def load_state_dict(path: PathLike, *, allow_pickle: bool = False) -> dict[str, 
                 state = state[key]
                 break
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+        raise WeightsError(f"{path} does not hold a state dict (a mapping of names to tensors)")
     out = {}
     for k, v in state.items():
         for prefix in _WRAPPER_PREFIXES:
@@ -125,6 +143,16 @@ def _classifier_keys(model: nn.Module, state: Mapping[str, Tensor]) -> list[str]
         return keys
     own = {f"fc.{n}": p.shape for n, p in fc.named_parameters()}
     return keys if any(k in own and state[k].shape != own[k] for k in keys) else []
+
+
+def _saved_arch(weights: Any) -> Optional[str]:
+    """The architecture a safetensors file of ``save_weights`` records in its metadata, if any."""
+    if isinstance(weights, Mapping) or Path(weights).suffix != ".safetensors":
+        return None
+    try:
+        return read_metadata(weights).get("architecture")
+    except Exception:  # metadata is a courtesy here: the mismatch itself is the error
+        return None
 
 
 def _first_conv_key(model: nn.Module) -> Optional[str]:
@@ -151,11 +179,14 @@ def load_weights(model: nn.Module, weights: Union[PathLike, Mapping[str, Tensor]
     source = str(weights) if not isinstance(weights, Mapping) else "state dict"
     state = dict(weights) if isinstance(weights, Mapping) else load_state_dict(weights, allow_pickle=allow_pickle)
     skipped = _classifier_keys(model, state)
+    fc = getattr(model, "fc", None)
+    theirs = state["fc.weight"].shape[0] if "fc.weight" in state else "?"
+    ours = fc.weight.shape[0] if isinstance(fc, nn.Linear) else 0
+    if skipped and not new_head and theirs == ours:
+        # Same number of classes, another feature width: a different architecture, reported below.
+        skipped = []
     if skipped and not new_head:
-        fc = getattr(model, "fc", None)
-        theirs = state["fc.weight"].shape[0] if "fc.weight" in state else "?"
-        ours = fc.weight.shape[0] if isinstance(fc, nn.Linear) else 0
-        raise ValueError(f"weights {source} hold a {theirs}-class classifier but the model has "
+        raise WeightsError(f"weights {source} hold a {theirs}-class classifier but the model has "
                          f"{f'a {ours}-class one' if ours else 'none (num_classes=0)'}: set num_classes={theirs} to "
                          "use it, or load for fine-tuning with a new head (new_head=True; model.weights in a "
                          "training config does)")
@@ -184,6 +215,9 @@ def load_weights(model: nn.Module, weights: Union[PathLike, Mapping[str, Tensor]
         parts = [f"{name} ({len(keys)}): {show(keys)}" for name, keys in
                  (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if keys]
         arch = getattr(model, "arch", type(model).__name__)
-        raise ValueError(f"weights {source} do not fit {arch}:\n  " + "\n  ".join(parts)
-                         + "\nCheck that the file was saved from the same architecture and variant.")
+        saved = _saved_arch(weights)
+        raise WeightsError(f"weights {source} do not fit {arch}"
+                           + (f" (the file was saved from {saved})" if saved and saved != arch else "")
+                           + ":\n  " + "\n  ".join(parts)
+                           + "\nCheck that the file was saved from the same architecture and variant.")
     model.load_state_dict(state, strict=not skipped)
