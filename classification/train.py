@@ -31,6 +31,7 @@ from runtime.optim import build_optimizer
 from runtime.precision import autocast_for, setup_precision
 from runtime.schedules import build_scheduler, scale_lr
 from runtime.step import OptimizerStep, TrainingDiverged
+from runtime.strict import check_fits
 
 from .batch_transforms import BatchAugment
 from .config import REFERENCE_BATCH, Config
@@ -210,6 +211,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
     resume_path = resolve_resume(t.resume, out)
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
+        check_fits(model, ckpt["model"], resume_path, f"this run's {cfg.model.name} ({num_classes} classes)", ckpt)
         restore_training_state(ckpt, model, stepper)
         step, best_top1 = ckpt["step"], ckpt["best_top1"]
         metrics = dict(ckpt["metrics"])  # a finished run resumed again just re-exports its result
@@ -299,6 +301,8 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
 
         last_epoch = epoch == t.epochs - 1 or step >= end_step
         is_best = False
+        if last_epoch:  # the trained model is on disk before the final evaluation can fail
+            checkpoint(epoch + 1)
         if (epoch + 1) % t.eval_every == 0 or last_epoch:
             metrics = evaluate(train_model, val_loader, device, precision.autocast, cfg.model.channels_last,
                                val_prepare, cfg.data.val_hflip_tta)

@@ -43,7 +43,9 @@ import torch.nn as nn
 from runtime.config import dump_config
 from runtime.data import default_workers, normalization
 from runtime.distributed import world_size
+from runtime.errors import UserPathError
 from runtime.schedules import scale_lr
+from runtime.strict import check_fits, model_state, read_checkpoint
 
 from . import voc as voc_data
 from .config import REFERENCE_BATCH, DetectionConfig
@@ -242,10 +244,9 @@ def _class_names(cfg: DetectionConfig) -> tuple[str, ...]:
     return voc_data.VOC_CLASSES
 
 
-def _build_voc(cfg: DetectionConfig, splits: str, keep_difficult: bool):
+def _build_voc(cfg: DetectionConfig, splits: str, keep_difficult: bool, **kwargs: Any):
     """Our VOC loader, given ``classes=`` / ``skip_invalid=`` when this detection.voc takes them."""
     params = inspect.signature(voc_data.build_voc).parameters
-    kwargs: dict[str, Any] = {}
     if "classes" in params:
         kwargs["classes"] = cfg.data.classes
     if "skip_invalid" in params:
@@ -268,7 +269,7 @@ def voc_dataset_dicts(cfg: DetectionConfig, splits: str, keep_difficult: bool) -
         for i, image_id in enumerate(part.ids):
             ann = part.annotation(i)
             dicts.append({
-                "file_name": str(part.root / "JPEGImages" / f"{image_id}.jpg"),
+                "file_name": str(part.image_path(i)),
                 "image_id": image_id, "height": ann.height, "width": ann.width,
                 "annotations": [{"bbox": [float(v) for v in box], "bbox_mode": BoxMode.XYXY_ABS,
                                  "category_id": int(label), "iscrowd": 0, "difficult": int(flag)}
@@ -554,16 +555,31 @@ def build_trainer(cfg: DetectionConfig, resume: Optional[str] = None):
     trainer_cls.flip_prob, trainer_cls.log_every = cfg.data.hflip, cfg.train.log_every
     trainer = trainer_cls(d2)
     if resume == "auto":
+        if trainer.checkpointer.has_checkpoint():  # strictly: fvcore would skip what does not fit
+            _check_fits(trainer.checkpointer.model, trainer.checkpointer.get_checkpoint_file(), cfg)
         trainer.resume_or_load(resume=True)
     elif resume:
         if not Path(resume).is_file():
-            raise FileNotFoundError(f"train.resume={resume!r}: no such checkpoint (use 'auto' or a model_*.pth "
-                                    f"of a detectron2-engine run)")
+            raise UserPathError(f"train.resume={resume!r}: no such checkpoint (use 'auto' or a model_*.pth "
+                                f"of a detectron2-engine run)")
+        _check_fits(trainer.checkpointer.model, resume, cfg)
         trainer.checkpointer.load(resume)  # model, optimizer, scheduler and iteration
         trainer.start_iter = trainer.iter + 1
     else:
         trainer.resume_or_load(resume=False)
     return trainer
+
+
+def _check_fits(model, checkpoint: str, cfg: DetectionConfig) -> None:
+    """Strict loading: detectron2's checkpointer (fvcore) loads what fits and logs "Skip loading" for the
+    rest, which would evaluate or resume a partly random model. A checkpoint of another engine, architecture
+    or number of classes is an error naming the file and what differs."""
+    if str(checkpoint).endswith(".pkl"):  # Detectron / model-zoo pickles: detectron2 renames their keys itself
+        return
+    loaded = read_checkpoint(checkpoint)
+    state = {k.removeprefix("module."): v for k, v in model_state(loaded, checkpoint).items()}
+    check_fits(model, state, checkpoint, f"a detectron2-engine Faster R-CNN ({cfg.model.arch}, "
+               f"{len(_class_names(cfg))} classes)", loaded)
 
 
 def train(cfg: DetectionConfig) -> dict[str, Any]:
@@ -572,6 +588,10 @@ def train(cfg: DetectionConfig) -> dict[str, Any]:
     Returns ``{"mAP", "AP": {class: AP}, "images", "mAP_area"}`` (VOC07 11-point AP in percent) on the main
     rank (an empty dict on the others). Checkpoints: ``<output_dir>/model_*.pth`` and ``last_checkpoint``.
     """
+    # Both splits read and every image decoded before detectron2 builds anything: a broken test image stops
+    # the run now, not after training (errors name the file).
+    _build_voc(cfg, cfg.data.train_splits, keep_difficult=False, check_images=True)
+    _build_voc(cfg, cfg.data.test_splits, keep_difficult=True, check_images=True)
     trainer = build_trainer(cfg, resume=cfg.train.resume)
     trainer.train()
     results = getattr(trainer, "_last_eval_results", None)
@@ -587,10 +607,11 @@ def evaluate(cfg: DetectionConfig, checkpoint: str) -> dict[str, Any]:
     from detectron2.checkpoint import DetectionCheckpointer
 
     if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"{checkpoint}: no such checkpoint (a model_*.pth of a detectron2-engine run)")
+        raise UserPathError(f"{checkpoint}: no such checkpoint (a model_*.pth of a detectron2-engine run)")
     d2 = build_d2_config(cfg)
     trainer_cls = _trainer_class()
     model = trainer_cls.build_model(d2)
+    _check_fits(model, checkpoint, cfg)  # fvcore's load skips what does not fit ("Skip loading ...")
     DetectionCheckpointer(model).load(checkpoint)
     results = trainer_cls.test(d2, model)
     return metrics_from_results(results, _class_names(cfg)) if results else {}

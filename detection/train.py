@@ -29,6 +29,7 @@ from runtime.optim import build_optimizer
 from runtime.precision import autocast_for, setup_precision
 from runtime.schedules import build_scheduler, scale_lr
 from runtime.step import OptimizerStep
+from runtime.strict import check_fits, load_model_strictly
 
 from .config import REFERENCE_BATCH, DetectionConfig
 from .model import build_faster_rcnn
@@ -129,7 +130,7 @@ def evaluate_detector(model, cfg: DetectionConfig, dist_info: DistInfo, dataset=
 
 def build_test_set(cfg: DetectionConfig):
     return build_voc(cfg.data.root, cfg.data.test_splits, keep_difficult=True, classes=cfg.data.classes,
-                     skip_invalid=cfg.data.skip_invalid)
+                     skip_invalid=cfg.data.skip_invalid, check_images=True)
 
 
 def train_detector(cfg: DetectionConfig) -> dict[str, Any]:
@@ -157,7 +158,7 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
     # Workers decode, mirror (v2, per-sample seed) and keep uint8; batches share an aspect-ratio group.
     classes = resolve_classes(cfg.data.classes)
     dataset = build_voc(cfg.data.root, cfg.data.train_splits, keep_difficult=False, transforms=TrainTransform(cfg.data.hflip),
-                        classes=classes, skip_invalid=cfg.data.skip_invalid)
+                        classes=classes, skip_invalid=cfg.data.skip_invalid, check_images=True)
     test_set = build_test_set(cfg)
     sampler = SeededSampler(DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
                                                shuffle=True, seed=t.seed, drop_last=True), t.seed, dist_info.rank)
@@ -190,6 +191,7 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
     resume = resolve_resume(t.resume, out)
     if resume is not None:
         ckpt = load_checkpoint(resume)
+        check_fits(model, ckpt["model"], resume, f"this run's Faster R-CNN ({len(classes)} classes)", ckpt)
         restore_training_state(ckpt, model, stepper)
         start = ckpt["iteration"]
         restore_rng_states(ckpt["rng"], dist_info.rank, dist_info.world_size)
@@ -233,13 +235,15 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
             shown = progress.report(done, loss=values.get("loss", float("nan")), lr=lr)
             logger.log("train", done, lr=lr, img_per_s=shown["img_per_s"], **values)
             loss_sums, logged = {}, 0
+        if done == t.max_iter:  # the trained model is on disk before the final evaluation can fail
+            checkpoint(done)
         if (t.eval_every and done % t.eval_every == 0) or done == t.max_iter:
             metrics = evaluate_detector(model, cfg, dist_info, test_set)
             logger.log("val", done, mAP=metrics["mAP"], **{f"AP/{k}": v for k, v in metrics["AP"].items()})
             if is_main:
                 log.info("iter %d: VOC07 mAP %.2f%% (%d images)", done, metrics["mAP"], metrics["images"])
             train_model.train()
-        if done % t.checkpoint_every == 0 or done == t.max_iter:
+        if done % t.checkpoint_every == 0 and done != t.max_iter:
             checkpoint(done)
     progress.close()
     if not metrics:  # a finished run resumed again: report its result
@@ -259,8 +263,8 @@ def evaluate_checkpoint(cfg: DetectionConfig, checkpoint: str) -> dict[str, Any]
     try:
         test_set = build_test_set(cfg)
         model = build_model(cfg, len(test_set.classes))
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+        load_model_strictly(model, checkpoint, f"a torchvision-engine Faster R-CNN with {len(test_set.classes)} "
+                            "classes")
         metrics = evaluate_detector(model.to(dist_info.device), cfg, dist_info, test_set)
         if dist_info.is_main:
             save_detection_pictures(test_set, metrics["detections"], Path(cfg.output_dir) / "detections",

@@ -34,7 +34,9 @@ from backbones import create_backbone
 from runtime.config import dump_config
 from runtime.data import default_workers, normalization
 from runtime.distributed import world_size
+from runtime.errors import CheckpointError, UserPathError, one_line
 from runtime.schedules import scale_lr
+from runtime.strict import check_fits
 
 from .config import REFERENCE_BATCH, SegmentationConfig
 
@@ -334,7 +336,7 @@ def _resume(cfg: SegmentationConfig) -> tuple[bool, Optional[str]]:
     if resume == "auto":
         return True, None  # mmengine finds <work_dir>/last_checkpoint itself (and starts afresh without it)
     if not Path(resume).is_file():
-        raise FileNotFoundError(f"train.resume={resume!r}: no such checkpoint (use 'auto' or a .pth of this engine)")
+        raise UserPathError(f"train.resume={resume!r}: no such checkpoint (use 'auto' or a .pth of this engine)")
     return True, resume
 
 
@@ -460,15 +462,22 @@ def evaluate(cfg: SegmentationConfig, checkpoint: str) -> dict[str, float]:
     """
     path = Path(checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint!r} not found")
+        raise UserPathError(f"checkpoint {checkpoint!r} not found")
     # Without resume (and load_from), Runner.test() loads nothing itself: the strict load here is the only one.
     runner, recorder = _runner(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=None)))
     state = _torch_engine_state(path)
+    what = f"the mmseg engine's FCN ({cfg.model.backbone}, {cfg.data.num_classes} classes)"
     if state is not None:
-        runner.model.load_state_dict(torch_engine_state_to_mmseg(state), strict=True)
+        state = torch_engine_state_to_mmseg(state)
+        check_fits(runner.model, state, path, what)
+        runner.model.load_state_dict(state, strict=True)
         metrics = runner.test()
     else:
         with _trusted_checkpoints(cfg.output_dir, checkpoint):
-            runner.load_checkpoint(str(checkpoint), strict=True)
+            try:
+                runner.load_checkpoint(str(checkpoint), strict=True)
+            except (RuntimeError, KeyError, ValueError, OSError) as e:  # mmengine's strict load, or not a checkpoint
+                raise CheckpointError(f"checkpoint {path} does not fit {what}: {one_line(e)}; evaluate it with "
+                                      "the config (engine, model, classes) it was trained with") from None
             metrics = runner.test()
     return _summary(metrics if metrics else recorder.metrics)

@@ -33,6 +33,7 @@ from runtime.optim import build_optimizer
 from runtime.precision import autocast_for, setup_precision
 from runtime.schedules import build_scheduler, scale_lr
 from runtime.step import OptimizerStep, TrainingDiverged
+from runtime.strict import check_fits, load_model_strictly
 
 from .ade20k import ADE20K, IGNORE_INDEX
 from .config import REFERENCE_BATCH, SegmentationConfig
@@ -284,6 +285,7 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
     resume_path = resolve_resume(t.resume, out)
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
+        check_fits(model, ckpt["model"], resume_path, f"this run's FCN ({cfg.data.num_classes} classes)", ckpt)
         restore_training_state(ckpt, model, stepper)
         step = ckpt["iteration"]
         metrics = dict(ckpt.get("metrics") or {})  # a finished run resumed again reports its result
@@ -354,6 +356,8 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
             for value in sums.values():
                 value.zero_()
             stepped_count = 0
+        if step == t.max_iter:  # the trained model is on disk before the final evaluation can fail
+            checkpoint()
         if (t.eval_every and step % t.eval_every == 0) or step == t.max_iter:
             metrics = run_eval()
             train_model.train()
@@ -378,8 +382,8 @@ def evaluate_checkpoint(cfg: SegmentationConfig, checkpoint: str) -> dict[str, A
     dist_info = init_distributed()
     try:
         model = build_model(cfg, pretrained=False)  # every weight comes from the checkpoint
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"] if isinstance(state, dict) and "model" in state else state)
+        load_model_strictly(model, checkpoint, f"a torch-engine FCN ({cfg.model.backbone}, "
+                            f"{cfg.data.num_classes} classes)")
         memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         model = model.to(dist_info.device, memory_format=memory_format)
         metrics = evaluate(model, cfg, dist_info,

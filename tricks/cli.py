@@ -97,7 +97,31 @@ def load_task_config(path: Optional[str], overrides: Sequence[str]):
     if task not in TASKS:
         raise ConfigError(f"task={task!r} ({path or 'command line'}): one of {', '.join(TASKS)}")
     module, cls = TASKS[task][0].split(":")
-    return load_config(path, getattr(importlib.import_module(module), cls), overrides)
+    cfg = load_config(path, getattr(importlib.import_module(module), cls), overrides)
+    check_run_lengths(cfg, path)
+    return cfg
+
+
+# Counts every engine needs to be at least 1 (the keys a task's schema has).
+_POSITIVE_KEYS = ("train.batch_size", "train.epochs", "train.max_iter", "train.accum_steps")
+
+
+def check_run_lengths(cfg, path: Optional[str] = None) -> None:
+    """Batch size, run length and accumulation >= 1, and a warm-up no longer than the run: checked on the
+    config, so the error names the key (an inner function would only see its own argument names)."""
+    from runtime.config import ConfigError
+
+    where = path or "command line"
+    for key in _POSITIVE_KEYS:
+        section, _, name = key.partition(".")
+        value = getattr(getattr(cfg, section, None), name, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}={value} ({where}): must be at least 1")
+    t, o = cfg.train, cfg.optim
+    for warmup_key, length_key in (("warmup_iters", "max_iter"), ("warmup_epochs", "epochs")):
+        warmup, length = getattr(o, warmup_key, None), getattr(t, length_key, None)
+        if warmup is not None and length is not None and not 0 <= warmup <= length:
+            raise ConfigError(f"optim.{warmup_key}={warmup} ({where}): must be in [0, train.{length_key}={length}]")
 
 
 def _engine(cfg, verb: str) -> Callable:
