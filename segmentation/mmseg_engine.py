@@ -31,13 +31,14 @@ import torch.nn as nn
 from torch import Tensor
 
 from backbones import create_backbone
-from runtime.config import dump_config
+from runtime.config import ConfigError, dump_config
 from runtime.data import default_workers, normalization
 from runtime.distributed import world_size
 from runtime.errors import CheckpointError, UserPathError, one_line
 from runtime.schedules import scale_lr
 from runtime.strict import check_fits
 
+from .ade20k import ADE20K
 from .config import REFERENCE_BATCH, SegmentationConfig
 
 log = logging.getLogger("segmentation")
@@ -175,16 +176,30 @@ def _data_root(root: str) -> str:
 def _class_names(cfg: SegmentationConfig) -> Optional[list[str]]:
     names = cfg.data.class_names
     if names is not None and len(names) != cfg.data.num_classes:
-        raise ValueError(f"data.class_names has {len(names)} names but data.num_classes is {cfg.data.num_classes}")
+        raise ConfigError(f"data.class_names has {len(names)} names but data.num_classes is {cfg.data.num_classes}: "
+                          "give one name per class")
     if cfg.data.num_classes == ADE20K_NUM_CLASSES and names is None:
         return None  # ADE20KDataset's own names and palette
     return list(names) if names is not None else [f"class_{i}" for i in range(cfg.data.num_classes)]
 
 
+def check_data(cfg: SegmentationConfig) -> None:
+    """Before the first iteration: class names against ``data.num_classes``, both splits' images and masks
+    decoded and checked in worker processes (``segmentation.ade20k.ADE20K(check=True)``)."""
+    _class_names(cfg)
+    d = cfg.data
+    for split in (d.train_split, d.val_split):
+        ADE20K(d.root, split, num_classes=d.num_classes, reduce_zero_label=d.reduce_zero_label,
+               max_images=d.max_images, check=True)
+
+
 def _dataset(cfg: SegmentationConfig, split: str, pipeline: list[dict]) -> dict:
     names = _class_names(cfg)
+    d = cfg.data
+    suffix = ADE20K(d.root, split, num_classes=d.num_classes, reduce_zero_label=d.reduce_zero_label).image_suffix()
     common = dict(data_root=_data_root(cfg.data.root), pipeline=pipeline, reduce_zero_label=cfg.data.reduce_zero_label,
-                  data_prefix=dict(img_path=f"images/{split}", seg_map_path=f"annotations/{split}"))
+                  data_prefix=dict(img_path=f"images/{split}", seg_map_path=f"annotations/{split}"),
+                  img_suffix=suffix)
     if cfg.data.max_images > 0:
         common["indices"] = cfg.data.max_images
     if names is None:
@@ -193,7 +208,7 @@ def _dataset(cfg: SegmentationConfig, split: str, pipeline: list[dict]) -> dict:
     # another dataset in the ADE20K layout uses the base class with the same file suffixes and its own classes.
     # The palette is fixed (seeded), as mmseg draws one for classes without colours.
     palette = torch.randint(0, 256, (len(names), 3), generator=torch.Generator().manual_seed(42)).tolist()
-    return dict(type="BaseSegDataset", img_suffix=".jpg", seg_map_suffix=".png",
+    return dict(type="BaseSegDataset", seg_map_suffix=".png",
                 metainfo=dict(classes=tuple(names), palette=palette), **common)
 
 
@@ -415,6 +430,7 @@ def train(cfg: SegmentationConfig) -> dict[str, float]:
     if cfg.engine != "mmseg":
         raise ValueError(f"engine={cfg.engine!r}: the mmseg engine runs configs with engine: mmseg")
     dump_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    check_data(cfg)  # both splits, before mmengine builds anything
     runner, recorder = _runner(cfg)
     with _trusted_checkpoints(cfg.output_dir, _resume(cfg)[1]):
         runner.train()

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from runtime.checkpoint import (gather_rng_states, load_checkpoint, resolve_resume, restore_rng_states,
                                 restore_training_state, save_checkpoint, training_state)
-from runtime.config import dump_config, to_dict
+from runtime.config import ConfigError, dump_config, to_dict
 from runtime.data import EpochStream, SeededDataset, SeededSampler, SkipBatches, default_workers
 from runtime.data import normalization as resolve_normalization
 from runtime.distributed import DistInfo, ShardSampler, all_reduce_sum, cleanup_distributed, init_distributed
@@ -85,7 +85,8 @@ def class_names(cfg: SegmentationConfig) -> list[str]:
     if names is None:
         return [f"class_{i}" for i in range(cfg.data.num_classes)]
     if len(names) != cfg.data.num_classes:
-        raise ValueError(f"data.class_names has {len(names)} names but data.num_classes is {cfg.data.num_classes}")
+        raise ConfigError(f"data.class_names has {len(names)} names but data.num_classes is {cfg.data.num_classes}: "
+                          "give one name per class")
     return list(names)
 
 
@@ -94,10 +95,18 @@ def palette(num_classes: int) -> np.ndarray:
     return torch.randint(0, 256, (num_classes, 3), generator=torch.Generator().manual_seed(42)).numpy().astype(np.uint8)
 
 
-def _dataset(cfg: SegmentationConfig, split: str, transforms=None) -> ADE20K:
+def _dataset(cfg: SegmentationConfig, split: str, transforms=None, check: bool = False) -> ADE20K:
     d = cfg.data
     return ADE20K(d.root, split, transforms, num_classes=d.num_classes, reduce_zero_label=d.reduce_zero_label,
-                  max_images=d.max_images)
+                  max_images=d.max_images, check=check)
+
+
+def check_data(cfg: SegmentationConfig) -> None:
+    """Before the first iteration: the class names against ``data.num_classes``, and both splits' images
+    and masks decoded and checked (worker processes): errors name the key or the file."""
+    class_names(cfg)
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        _dataset(cfg, split, check=True)
 
 
 def _collate_train(batch: list) -> tuple[Tensor, Tensor]:
@@ -248,6 +257,7 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
         dump_config(cfg, out / "config.yaml")
     if t.max_iter < 1 or t.batch_size < 1 or t.accum_steps < 1:
         raise ValueError("train.max_iter, train.batch_size and train.accum_steps must be >= 1")
+    check_data(cfg)
     torch.manual_seed(t.seed + dist_info.rank)
     precision = setup_precision(t.precision, device)
 
