@@ -163,11 +163,11 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
     if t.epochs < 1 or t.batch_size < 1 or t.accum_steps < 1:
-        raise ValueError("train.epochs, train.batch_size and train.accum_steps must be >= 1")
+        raise ConfigError("train.epochs, train.batch_size and train.accum_steps must be >= 1")
     if cfg.model.sync_bn and device.type != "cuda":
-        raise ValueError("model.sync_bn=true needs CUDA: torch's SyncBatchNorm has no CPU kernel")
+        raise ConfigError("model.sync_bn=true needs CUDA: torch's SyncBatchNorm has no CPU kernel")
     if cfg.distill.teacher and not cfg.distill.teacher_weights:
-        raise ValueError("distill.teacher is set but distill.teacher_weights is not: a randomly initialised "
+        raise ConfigError("distill.teacher is set but distill.teacher_weights is not: a randomly initialised "
                          "teacher teaches nothing. Point distill.teacher_weights at a trained checkpoint")
     torch.manual_seed(t.seed + dist_info.rank)
     precision = setup_precision(t.precision, device)
@@ -177,7 +177,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
     train_loader, val_loader, train_prepare, val_prepare, sampler, num_classes = build_data(cfg, mean, std, dist_info)
     steps_per_epoch = len(train_loader) // t.accum_steps
     if steps_per_epoch == 0:
-        raise ValueError(f"the training set ({len(sampler)} images per process) is smaller than one global batch "
+        raise ConfigError(f"the training set ({len(sampler)} images per process) is smaller than one global batch "
                          f"({t.batch_size} x {dist_info.world_size} x {t.accum_steps})")
     total_steps = t.epochs * steps_per_epoch
 

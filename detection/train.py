@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from runtime.checkpoint import (gather_per_rank, gather_rng_states, load_checkpoint, resolve_resume,
                                 restore_rng_states, restore_training_state, save_checkpoint, training_state)
-from runtime.config import dump_config, to_dict
+from runtime.config import ConfigError, dump_config, to_dict
 from runtime.data import (EpochStream, GroupedBatchSampler, SeededDataset, SeededSampler, SkipBatches, default_workers,
                           normalization)
 from runtime.distributed import DistInfo, ShardSampler, cleanup_distributed, init_distributed
@@ -67,7 +67,7 @@ def build_model(cfg: DetectionConfig, num_classes: int):
     """Faster R-CNN + FPN with ``num_classes`` object classes (+1 background)."""
     m = cfg.model
     if m.arch != "fpn":
-        raise ValueError(f"model.arch={m.arch!r}: the torchvision engine builds Faster R-CNN + FPN; C4 runs on "
+        raise ConfigError(f"model.arch={m.arch!r}: the torchvision engine builds Faster R-CNN + FPN; C4 runs on "
                          "engine=detectron2")
     mean, std = normalization(cfg.data.mean, cfg.data.std, m.backbone, 3, m.kwargs)  # as the detectron2 engine
     return build_faster_rcnn(m.backbone, num_classes=num_classes + 1, weights=m.weights,
@@ -149,7 +149,7 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
     if cfg.model.norm == "frozenbatchnorm" and cfg.model.weights is None:
-        raise ValueError("model.norm=frozenbatchnorm with model.weights unset freezes randomly initialised BN, and "
+        raise ConfigError("model.norm=frozenbatchnorm with model.weights unset freezes randomly initialised BN, and "
                          "Faster R-CNN then diverges: set model.weights to a pretrained backbone (model.safetensors "
                          "of a classification run) or use model.norm=batchnorm")
     torch.manual_seed(t.seed + dist_info.rank)
@@ -169,7 +169,7 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
                         persistent_workers=workers > 0, pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(t.seed))  # never draws from the training RNG
     if len(sampler) < t.batch_size:
-        raise ValueError(f"{cfg.data.train_splits} has {len(dataset)} images: fewer than one batch per process "
+        raise ConfigError(f"{cfg.data.train_splits} has {len(dataset)} images: fewer than one batch per process "
                          f"({t.batch_size} x {dist_info.world_size})")
 
     model = build_model(cfg, len(classes)).to(device)

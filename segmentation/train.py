@@ -256,7 +256,7 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
     if t.max_iter < 1 or t.batch_size < 1 or t.accum_steps < 1:
-        raise ValueError("train.max_iter, train.batch_size and train.accum_steps must be >= 1")
+        raise ConfigError("train.max_iter, train.batch_size and train.accum_steps must be >= 1")
     check_data(cfg)
     torch.manual_seed(t.seed + dist_info.rank)
     precision = setup_precision(t.precision, device)
@@ -265,7 +265,7 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
     loader, sampler = build_train_loader(cfg, dist_info)
     batches_per_epoch = len(loader)
     if batches_per_epoch == 0:
-        raise ValueError(f"the training split ({len(sampler)} images per process) is smaller than one batch "
+        raise ConfigError(f"the training split ({len(sampler)} images per process) is smaller than one batch "
                          f"({t.batch_size} images): lower train.batch_size or add data")
     normalize = Normalize(*normalization(cfg)).to(device)
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format

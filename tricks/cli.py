@@ -139,8 +139,15 @@ def _report(cfg, metrics: dict) -> None:
         if "top1" in metrics:
             print(f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['images']} images)")
     elif cfg.task == "detection":
-        print(_table([(name, f"{ap:.2f}") for name, ap in metrics["AP"].items()], ("class", "AP %")))
+        import math
+
+        from detection.cli import without_ground_truth_note
+
+        print(_table([(name, "no ground truth" if math.isnan(ap) else f"{ap:.2f}") for name, ap in
+                      metrics["AP"].items()], ("class", "AP %")))
         print(f"VOC07 mAP {metrics['mAP']:.2f}%  ({metrics.get('images', '?')} images)")
+        for line in without_ground_truth_note(metrics["AP"], "test"):
+            print(line)
     else:  # the engines log their per-class IoU tables
         print(f"mIoU {metrics['mIoU']:.2f}%  mAcc {metrics['mAcc']:.2f}%  aAcc {metrics['aAcc']:.2f}%")
 
@@ -154,8 +161,12 @@ def run_config(cfg) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from runtime.errors import check_writable_dir
+
     _setup_logging()
-    run_config(load_task_config(args.config, args.overrides))
+    cfg = load_task_config(args.config, args.overrides)
+    check_writable_dir(cfg.output_dir, "output_dir")  # before any work, not when the first file is written
+    run_config(cfg)
     return 0
 
 
@@ -184,6 +195,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_task_config(config, overrides)
     if args.write_results and (cfg.task, getattr(cfg, "engine", "torch")) != ("detection", "torch"):
         raise UserError("--write-results: only detection runs of engine=torch write the VOC results format")
+    check_writable_dir(cfg.output_dir, "output_dir")  # pictures and overlays go there after the evaluation
     if args.write_results:  # found now, not after the whole evaluation
         check_writable_dir(args.write_results, "--write-results")
     metrics = _engine(cfg, "eval")(cfg, checkpoint)
