@@ -26,7 +26,7 @@ The devkit's results format is here too: ``write_voc_results`` writes ``comp4_de
 (``tricks voc-eval``), so detections from any tool that writes the devkit format can be compared.
 
 Class names go into file names through one mapping, ``class_file_name``, used by the writer and the reader
-alike: a character that cannot be part of a file name on Linux, macOS or Windows (``/ \ < > : " | ? *``,
+alike: a character that cannot be part of a file name on Linux, macOS or Windows (``/``, backslash, ``< > : " | ? *``,
 whitespace, control characters) becomes ``_``, so labelme's ``tv/monitor`` is ``comp4_det_test_tv_monitor.txt``
 and ``traffic light`` is ``comp4_det_test_traffic_light.txt``; the names of the 20 VOC classes are
 unchanged. Two classes that map to one file name are an error before anything is written.
@@ -207,8 +207,8 @@ _NOT_IN_FILE_NAMES = re.compile(r'[/\\<>:"|?*\s\x00-\x1f]')
 
 
 def class_file_name(class_name: str) -> str:
-    """The class's part of a results file name: characters that cannot be in a file name (``/ \ < > : " |
-    ? *``, whitespace, control characters) become ``_`` ("tv/monitor" -> "tv_monitor"); "." and ".." too."""
+    """The class's part of a results file name: characters that cannot be in a file name (``/``, backslash,
+    ``< > : " | ? *``, whitespace, control characters) become ``_`` ("tv/monitor" -> "tv_monitor"); "." and ".." too."""
     name = _NOT_IN_FILE_NAMES.sub("_", class_name)
     return "_" * len(name) if name.strip(".") == "" else name
 

@@ -42,11 +42,13 @@ def test_table_headlines_the_chosen_metric(devkit, results, tmp_path, capsys):
     code, out, _ = run(capsys, "--devkit", devkit, "--results", results, "--classes-file", names, "--use-07-metric")
     lines = out.splitlines()
     assert code == 0 and lines[0].startswith("VOC2007 test")
-    assert lines[3].split() == ["dog", "1", "50.00"] and lines[5].split() == ["chair", "0", "-"]
-    assert lines[-2] == f"mAP (VOC07 11-point): {100 * (0.5 + PERSON_07) / 2:.2f}"
-    assert lines[-1] == f"mAP (area under the PR curve): {100 * (0.5 + PERSON_AREA) / 2:.2f}"
+    assert lines[3].split() == ["dog", "1", "50.00"] and lines[5].split() == ["chair", "0", "no", "ground", "truth"]
+    assert lines[-3] == f"mAP (VOC07 11-point): {100 * (0.5 + PERSON_07) / 2:.2f}"
+    assert lines[-2] == f"mAP (area under the PR curve): {100 * (0.5 + PERSON_AREA) / 2:.2f}"
+    # the class without ground truth is named as left out of both means (2 of 3 classes)
+    assert lines[-1] == "mean over 2 of 3 classes: left out, no ground-truth object in the test split: chair"
     out = run(capsys, "--devkit", devkit, "--results", results, "--classes-file", names, "--area")[1]
-    assert out.splitlines()[-2].startswith("mAP (area under the PR curve)")
+    assert out.splitlines()[-3].startswith("mAP (area under the PR curve)")
 
 
 def test_errors_and_flag_conflicts(devkit, results, capsys):

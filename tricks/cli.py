@@ -175,11 +175,12 @@ def _eval_arguments(args: argparse.Namespace) -> tuple[Optional[str], str, list[
     is not the config is the checkpoint, the others are overrides."""
     from runtime.errors import UserError
 
+    checkpoint_suffixes = (".pth", ".pt", ".pkl", ".safetensors")
     words = [w for w in (args.config, args.checkpoint, *args.overrides) if w is not None]
     config = None
-    if words and (words[0].endswith((".yaml", ".yml")) or "=" not in words[0]):
+    if words and (words[0].endswith((".yaml", ".yml")) or not ("=" in words[0] or words[0].endswith(checkpoint_suffixes))):
         config, words = words[0], words[1:]
-    paths = [w for w in words if "=" not in w or w.endswith((".pth", ".pt", ".pkl", ".safetensors"))]
+    paths = [w for w in words if "=" not in w or w.endswith(checkpoint_suffixes)]
     if len(paths) != 1:
         raise UserError("tricks eval CONFIG CHECKPOINT [key=value ...]: "
                         + (f"{len(paths)} checkpoints given ({', '.join(paths)}); give one" if paths else
