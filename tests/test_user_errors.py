@@ -290,3 +290,32 @@ def test_eval_takes_options_and_overrides_in_any_order(data, tmp_path, capsys):
                  ["eval", "model.name=resnet18d", data["weights"], *CLS[1:], f"output_dir={tmp_path}"]):
         assert main([str(a) for a in argv]) == 0
         assert "top-1" in capsys.readouterr().out
+
+
+D2 = ["task=detection", "engine=detectron2", "model.backbone=resnet18d", "model.norm=batchnorm", "model.frozen_stages=0",
+      "model.min_size_train=[64]", "model.min_size_test=64", "model.max_size=64", "data.train_splits=2007-trainval",
+      "data.workers=0", "optim.warmup_iters=1", "optim.milestones=[100]", "train.max_iter=2", "train.batch_size=2",
+      "model.kwargs={width_mult: 0.25}"]
+
+
+def test_detectron2_engine_loads_strictly(data, tmp_path, capsys):
+    """fvcore's checkpointer loads what fits and logs "Skip loading" for the rest: the engine refuses instead."""
+    pytest.importorskip("detectron2")
+    from detection import d2_engine
+    from detection.config import DetectionConfig
+    from detection.train import build_model as build_torch_model
+    from runtime.config import load_config
+
+    d2_engine.import_detectron2()
+    cfg = load_config(None, DetectionConfig, [*D2[1:], f"data.root={data['voc']}", "data.classes=[dog, cat]"])
+    model = d2_engine._trainer_class().build_model(d2_engine.build_d2_config(cfg))
+    run = tmp_path / "d2run"
+    run.mkdir()
+    torch.save({"model": model.state_dict(), "iteration": 1}, run / "model_final.pth")
+    evaluate = ["eval", *D2, f"data.root={data['voc']}", f"output_dir={tmp_path / 'out'}"]
+    one_error_line(capsys, [*evaluate, "data.classes=[dog, cat, bird]", run / "model_final.pth"], "model_final.pth",
+                   "does not fit", "detectron2-engine", "3 classes", "roi_heads.box_predictor")
+    torch_cfg = load_config(None, DetectionConfig, [*DET[1:], f"data.root={data['voc']}"])
+    torch.save(build_torch_model(torch_cfg, 2).state_dict(), tmp_path / "torch_engine.pth")
+    one_error_line(capsys, [*evaluate, "data.classes=[dog, cat]", tmp_path / "torch_engine.pth"], "torch_engine.pth",
+                   "does not fit", "missing keys", "unexpected keys")
