@@ -21,6 +21,7 @@ import importlib.machinery
 import importlib.util
 import logging
 import os
+import pickle
 import sys
 import types
 from pathlib import Path
@@ -492,8 +493,9 @@ def evaluate(cfg: SegmentationConfig, checkpoint: str) -> dict[str, float]:
         with _trusted_checkpoints(cfg.output_dir, checkpoint):
             try:
                 runner.load_checkpoint(str(checkpoint), strict=True)
-            except (RuntimeError, KeyError, ValueError, OSError) as e:  # mmengine's strict load, or not a checkpoint
-                raise CheckpointError(f"checkpoint {path} does not fit {what}: {one_line(e)}; evaluate it with "
-                                      "the config (engine, model, classes) it was trained with") from None
+            except (RuntimeError, KeyError, ValueError, OSError, EOFError, pickle.UnpicklingError) as e:
+                # mmengine's strict load (keys or shapes differ), or a file that is no checkpoint at all
+                raise CheckpointError(f"checkpoint {path} cannot be loaded into {what}: {one_line(e)}; evaluate it "
+                                      "with the config (engine, model, classes) it was trained with") from None
             metrics = runner.test()
     return _summary(metrics if metrics else recorder.metrics)

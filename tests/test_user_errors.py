@@ -319,3 +319,20 @@ def test_detectron2_engine_loads_strictly(data, tmp_path, capsys):
     torch.save(build_torch_model(torch_cfg, 2).state_dict(), tmp_path / "torch_engine.pth")
     one_error_line(capsys, [*evaluate, "data.classes=[dog, cat]", tmp_path / "torch_engine.pth"], "torch_engine.pth",
                    "does not fit", "missing keys", "unexpected keys")
+
+
+def test_mmseg_engine_loads_strictly(data, tmp_path, capsys):
+    pytest.importorskip("mmseg")
+    from segmentation.config import SegmentationConfig
+    from segmentation.train import build_model
+    from runtime.config import load_config
+
+    cfg = load_config(None, SegmentationConfig, [*SEG[1:], "data.num_classes=6", "data.class_names=null",
+                                                 f"data.root={data['ade']}"])
+    six = tmp_path / "six_classes.pth"
+    torch.save(build_model(cfg, pretrained=False).state_dict(), six)
+    one_error_line(capsys, ["eval", *SEG, "engine=mmseg", f"data.root={data['ade']}", f"output_dir={tmp_path / 'o'}",
+                            six], "six_classes.pth", "does not fit", "mmseg engine", "4 classes", "decode_head")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    one_error_line(capsys, ["eval", *SEG, "engine=mmseg", f"data.root={data['ade']}", f"output_dir={tmp_path / 'o'}",
+                            tmp_path / "junk.pth"], "junk.pth", "cannot be loaded into")
