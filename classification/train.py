@@ -302,6 +302,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         last_epoch = epoch == t.epochs - 1 or step >= end_step
         is_best = False
         if last_epoch:  # the trained model is on disk before the final evaluation can fail
+            metrics = {}  # without a result: resuming from this checkpoint evaluates (below the loop)
             checkpoint(epoch + 1)
         if (epoch + 1) % t.eval_every == 0 or last_epoch:
             metrics = evaluate(train_model, val_loader, device, precision.autocast, cfg.model.channels_last,
@@ -323,6 +324,9 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         if last_epoch:
             break
     progress.close()
+    if "top1" not in metrics:  # resumed from the checkpoint written before a final evaluation that failed
+        metrics = evaluate(train_model, val_loader, device, precision.autocast, cfg.model.channels_last,
+                           val_prepare, cfg.data.val_hflip_tta)
 
     if is_main:
         metrics["skipped_images"] = skipped_images

@@ -216,19 +216,23 @@ def test_final_checkpoint_is_on_disk_before_the_final_evaluation(tmp_path, monke
 
     devkit = make_devkit(tmp_path / "VOCdevkit", n=4)
     ade = write_tiny_ade(tmp_path / "ADEChallengeData2016", n_train=2, n_val=1)
-    runs = [(cls_train, "evaluate", "train", Config, CLS + ["train.epochs=1", "train.eval_every=5"], "epoch", 1),
+    runs = [(cls_train, "evaluate", "train", Config, CLS + ["train.epochs=1", "train.eval_every=5"], "epoch", 1,
+             "top1"),
             (det_train, "evaluate_detector", "train_detector", DetectionConfig,
-             DET[1:] + [f"data.root={devkit}", "train.eval_every=0"], "iteration", 2),
+             DET[1:] + [f"data.root={devkit}", "train.eval_every=0"], "iteration", 2, "mAP"),
             (seg_train, "evaluate", "train", SegmentationConfig,
-             SEG[1:] + [f"data.root={ade}", "train.eval_every=0"], "iteration", 2)]
-    for module, evaluate, train, schema, overrides, key, final in runs:
+             SEG[1:] + [f"data.root={ade}", "train.eval_every=0"], "iteration", 2, "mIoU")]
+    for module, evaluate, train, schema, overrides, key, final, metric in runs:
         out = tmp_path / module.__name__
-        cfg = load_config(None, schema, [*overrides, f"output_dir={out}"])
-        monkeypatch.setattr(module, evaluate, _crash)
-        with pytest.raises(RuntimeError, match="the evaluation failed"):
-            getattr(module, train)(cfg)
+        cfg = load_config(None, schema, [*overrides, f"output_dir={out}", "train.resume=auto"])
+        with monkeypatch.context() as patch:
+            patch.setattr(module, evaluate, _crash)
+            with pytest.raises(RuntimeError, match="the evaluation failed"):
+                getattr(module, train)(cfg)
         state = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
         assert state[key] == final, module.__name__  # the trained model survived its failed evaluation
+        # resuming the finished run evaluates it (no stale result from an earlier evaluation)
+        assert metric in getattr(module, train)(cfg), module.__name__
 
 
 def test_a_broken_validation_split_stops_the_run_before_the_model_is_built(tmp_path, monkeypatch):
