@@ -44,6 +44,7 @@ from runtime.config import dump_config
 from runtime.data import default_workers, normalization
 from runtime.distributed import world_size
 from runtime.errors import UserPathError
+from runtime.images import index_images
 from runtime.schedules import scale_lr
 from runtime.strict import check_fits, model_state, read_checkpoint
 
@@ -266,10 +267,14 @@ def voc_dataset_dicts(cfg: DetectionConfig, splits: str, keep_difficult: bool) -
 
     dicts = []
     for part in _parts(_build_voc(cfg, splits, keep_difficult)):
+        # Each id's image by any extension (train() has checked that every one exists and decodes); an
+        # evaluation from annotations alone (no JPEGImages) names the devkit's .jpg.
+        folder = part.root / "JPEGImages"
+        images = index_images(folder) if folder.is_dir() else {}
         for i, image_id in enumerate(part.ids):
             ann = part.annotation(i)
             dicts.append({
-                "file_name": str(part.image_path(i)),
+                "file_name": str(images.get(image_id, folder / f"{image_id}.jpg")),
                 "image_id": image_id, "height": ann.height, "width": ann.width,
                 "annotations": [{"bbox": [float(v) for v in box], "bbox_mode": BoxMode.XYXY_ABS,
                                  "category_id": int(label), "iscrowd": 0, "difficult": int(flag)}

@@ -197,7 +197,11 @@ def check_data(cfg: SegmentationConfig) -> None:
 def _dataset(cfg: SegmentationConfig, split: str, pipeline: list[dict]) -> dict:
     names = _class_names(cfg)
     d = cfg.data
-    suffix = ADE20K(d.root, split, num_classes=d.num_classes, reduce_zero_label=d.reduce_zero_label).image_suffix()
+    # The split's one image extension (check_data has read the split before training); a config built
+    # without its data (to inspect it) names ADE20K's .jpg.
+    images = Path(_data_root(d.root)) / "images" / split
+    suffix = ADE20K(d.root, split, num_classes=d.num_classes,
+                    reduce_zero_label=d.reduce_zero_label).image_suffix() if images.is_dir() else ".jpg"
     common = dict(data_root=_data_root(cfg.data.root), pipeline=pipeline, reduce_zero_label=cfg.data.reduce_zero_label,
                   data_prefix=dict(img_path=f"images/{split}", seg_map_path=f"annotations/{split}"),
                   img_suffix=suffix)
