@@ -29,6 +29,16 @@ _CHECKPOINT_KEYS = ("model", "state_dict", "model_state_dict", "model_ema")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
+class WeightsError(ValueError):
+    """A weights file that cannot be read or does not fit the model; the message names the file.
+
+    (``runtime.errors.user_errors()`` lists it: the ``tricks`` command prints it as one line.)"""
+
+
+class WeightsNotFoundError(WeightsError, FileNotFoundError):
+    """The weights file does not exist."""
+
+
 def _atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same directory and rename: a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +115,7 @@ def _load_pkl(path: Path, allow_pickle: bool) -> Any:
             unpickler = pickle.Unpickler if allow_pickle else _ArraysOnlyUnpickler
             data = unpickler(f, encoding="latin1").load()
         except pickle.UnpicklingError as e:
-            raise RuntimeError(f"{path}: {e}. If you trust the file, pass allow_pickle=True (it runs code "
+            raise WeightsError(f"{path}: {e}. If you trust the file, pass allow_pickle=True (it runs code "
                                "from the file)") from e
     if isinstance(data, Mapping) and isinstance(data.get("model"), Mapping):
         data = data["model"]
@@ -124,20 +134,28 @@ def load_state_dict(path: PathLike, *, allow_pickle: bool = False) -> dict[str, 
     the file's own (see ``backbones.convert.to_suite_names``)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise WeightsNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".pkl":
         state: Any = _load_pkl(path, allow_pickle)
     elif path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state: Any = load_file(str(path))
+        try:
+            state: Any = load_file(str(path))
+        except (SafetensorError, OSError) as e:  # truncated, or not safetensors at all
+            raise WeightsError(f"{path}: not a readable safetensors file ({e}); the file is damaged or "
+                               "incomplete: copy or save it again") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
         except Exception as e:  # torch raises UnpicklingError subclasses and RuntimeErrors here
             if allow_pickle:
                 raise
-            raise RuntimeError(
+            if "Weights only load failed" not in str(e):  # torch's words when only the pickle safety refused it
+                raise WeightsError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); the file is "
+                                   "damaged or incomplete (an interrupted copy or save?): copy or save it again") from None
+            raise WeightsError(
                 f"{path} cannot be loaded with weights_only=True ({type(e).__name__}: {e}). If you trust "
                 "the file, pass allow_pickle=True (it runs code from the file), or convert it to safetensors."
             ) from e
@@ -147,7 +165,7 @@ def load_state_dict(path: PathLike, *, allow_pickle: bool = False) -> dict[str, 
                 state = state[key]
                 break
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+        raise WeightsError(f"{path} does not hold a state dict (a mapping of names to tensors)")
     out = {}
     for k, v in state.items():
         for prefix in _WRAPPER_PREFIXES:
@@ -167,6 +185,16 @@ def _classifier_keys(model: nn.Module, state: Mapping[str, Tensor]) -> list[str]
         return keys
     own = {f"fc.{n}": p.shape for n, p in fc.named_parameters()}
     return keys if any(k in own and state[k].shape != own[k] for k in keys) else []
+
+
+def _saved_arch(weights: Any) -> Optional[str]:
+    """The architecture a safetensors file of ``save_weights`` records in its metadata, if any."""
+    if isinstance(weights, Mapping) or Path(weights).suffix != ".safetensors":
+        return None
+    try:
+        return read_metadata(weights).get("architecture")
+    except Exception:  # metadata is a courtesy here: the mismatch itself is the error
+        return None
 
 
 def _first_conv_key(model: nn.Module) -> Optional[str]:
@@ -205,11 +233,14 @@ def load_weights(model: nn.Module, weights: Union[PathLike, Mapping[str, Tensor]
             if k.endswith("num_batches_tracked") and k not in state and k.rsplit(".", 1)[0] + ".running_mean" in state:
                 state[k] = torch.zeros((), dtype=torch.long)
     skipped = _classifier_keys(model, state)
+    fc = getattr(model, "fc", None)
+    theirs = state["fc.weight"].shape[0] if "fc.weight" in state else "?"
+    ours = fc.weight.shape[0] if isinstance(fc, nn.Linear) else 0
+    if skipped and not new_head and theirs == ours:
+        # Same number of classes, another feature width: a different architecture, reported below.
+        skipped = []
     if skipped and not new_head:
-        fc = getattr(model, "fc", None)
-        theirs = state["fc.weight"].shape[0] if "fc.weight" in state else "?"
-        ours = fc.weight.shape[0] if isinstance(fc, nn.Linear) else 0
-        raise ValueError(f"weights {source} hold a {theirs}-class classifier but the model has "
+        raise WeightsError(f"weights {source} hold a {theirs}-class classifier but the model has "
                          f"{f'a {ours}-class one' if ours else 'none (num_classes=0)'}: set num_classes={theirs} to "
                          "use it, or load for fine-tuning with a new head (new_head=True; model.weights in a "
                          "training config does)")
@@ -220,7 +251,7 @@ def load_weights(model: nn.Module, weights: Union[PathLike, Mapping[str, Tensor]
     fc = getattr(model, "fc", None)
     headless = isinstance(fc, nn.Linear) and not any(k.startswith("fc.") for k in state)
     if headless and not new_head:
-        raise ValueError(f"weights {source} hold no classifier (a backbone without its head) but the model has a "
+        raise WeightsError(f"weights {source} hold no classifier (a backbone without its head) but the model has a "
                          f"{fc.weight.shape[0]}-class one: build it with num_classes=0, or load for fine-tuning with "
                          "a new head (new_head=True; model.weights in a training config does)")
     if headless:
@@ -250,6 +281,10 @@ def load_weights(model: nn.Module, weights: Union[PathLike, Mapping[str, Tensor]
         variant = getattr(model, "variant", None)
         # For a ResNet, say which network the file holds (stem, shortcut, depth), then list the keys.
         mismatch = structure_mismatch(variant, state) if isinstance(variant, Mapping) else None
-        raise ValueError(f"weights {source} do not fit {arch}" + (f": {mismatch}" if mismatch else "") + ":\n  "
-                         + "\n  ".join(parts) + "\nCheck that the file was saved from the same architecture and variant.")
+        saved = _saved_arch(weights)
+        raise WeightsError(f"weights {source} do not fit {arch}"
+                           + (f" (the file was saved from {saved})" if saved and saved != arch else "")
+                           + (f": {mismatch}" if mismatch else "")
+                           + ":\n  " + "\n  ".join(parts)
+                           + "\nCheck that the file was saved from the same architecture and variant.")
     model.load_state_dict(state, strict=not skipped)

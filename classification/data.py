@@ -27,6 +27,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from runtime.config import ConfigError
+from runtime.errors import DataError, UserPathError
+
 from .config import DataConfig
 from .transforms import train_transform, val_transform
 
@@ -41,7 +44,7 @@ FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
-class CorruptImageError(RuntimeError):
+class CorruptImageError(DataError, RuntimeError):
     """An image file that PIL cannot decode; the message names the file and the way out."""
 
 
@@ -134,21 +137,28 @@ def build_loader(dataset: Dataset, *, batch_size: int, shuffle: bool = False, wo
 def _imagenet_split(root: Path, split: str, transform: Transform, skip_corrupt: bool) -> ImageFolderDataset:
     split_dir = root / split
     if not split_dir.is_dir():
-        raise FileNotFoundError(f"ImageNet split directory {split_dir} does not exist (data.root={root}, "
+        raise UserPathError(f"ImageNet split directory {split_dir} does not exist (data.root={root}, "
                                 f"split={split!r}); {IMAGENET_LAYOUT}")
     loose = sorted(p.name for p in split_dir.iterdir() if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS))
     if loose:
-        raise ValueError(f"{split_dir} holds {len(loose)} images directly (e.g. {loose[0]}) instead of one "
+        raise DataError(f"{split_dir} holds {len(loose)} images directly (e.g. {loose[0]}) instead of one "
                          f"folder per class; {IMAGENET_LAYOUT}. The validation set as distributed is a flat "
                          "folder: sort it into class folders first with the standard valprep.sh script "
                          "(it moves each ILSVRC2012_val_*.JPEG into its wnid folder)")
-    return ImageFolderDataset(str(split_dir), transform=transform, skip_corrupt=skip_corrupt)
+    try:
+        return ImageFolderDataset(str(split_dir), transform=transform, skip_corrupt=skip_corrupt)
+    except FileNotFoundError as e:  # torchvision: no class folder, or no image in any of them
+        raise DataError(f"{split_dir} (data.{split_key(split)}): no images to read ({e}); {IMAGENET_LAYOUT}") from None
+
+
+def split_key(split: str) -> str:
+    return "val_split" if "val" in split else "train_split"
 
 
 def _imagenet(cfg: DataConfig, train_tf: Transform, val_tf: Transform) -> tuple[Dataset, Dataset, list[str]]:
     root = Path(cfg.root)
     if not root.is_dir():
-        raise FileNotFoundError(f"ImageNet root {root} does not exist (data.root); {IMAGENET_LAYOUT}")
+        raise UserPathError(f"ImageNet root {root} does not exist (data.root); {IMAGENET_LAYOUT}")
     val = _imagenet_split(root, cfg.val_split, val_tf, cfg.skip_corrupt)
     if train_tf is None:  # evaluation only: the 1.28M-file training folder is not scanned
         return None, val, val.classes
@@ -156,7 +166,7 @@ def _imagenet(cfg: DataConfig, train_tf: Transform, val_tf: Transform) -> tuple[
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
-        raise ValueError(f"class folders of {root / cfg.train_split} and {root / cfg.val_split} differ "
+        raise DataError(f"class folders of {root / cfg.train_split} and {root / cfg.val_split} differ "
                          f"(only in train: {only_train[:5]}, only in val: {only_val[:5]}, "
                          f"{len(only_train)}/{len(only_val)} in all); both splits need the same wnid folders")
     return train, val, train.classes
@@ -205,7 +215,7 @@ def _fashion_mnist_root(cfg: DataConfig) -> tuple[str, bool]:
     if cfg.download:
         return str(root), True
     missing = [name for name, source in zip(FASHION_MNIST_FILES, sources) if source is None]
-    raise FileNotFoundError(f"Fashion-MNIST files {missing} (or their .gz) not found in {root} (data.root), nor "
+    raise UserPathError(f"Fashion-MNIST files {missing} (or their .gz) not found in {root} (data.root), nor "
                             f"the torchvision layout {root}/FashionMNIST/raw/. Install them with `apt-get install "
                             "dataset-fashion-mnist` and set data.root=/usr/share/datasets/fashion-mnist, "
                             "or set data.download=true (needs internet)")
@@ -282,7 +292,7 @@ def build_tensors(cfg: DataConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor,
     """uint8 ``[N, C, H, W]`` images and labels of train and val, for the batched pipeline."""
     train, val, class_names = TENSOR_DATASETS[cfg.name](cfg)
     if cfg.num_classes and cfg.num_classes != len(class_names):
-        raise ValueError(f"data.num_classes={cfg.num_classes} but the {cfg.name} data has {len(class_names)} classes")
+        raise ConfigError(f"data.num_classes={cfg.num_classes} but the {cfg.name} data has {len(class_names)} classes")
     return train, val, len(class_names), class_names
 
 
@@ -302,10 +312,10 @@ def build_datasets(cfg: DataConfig, mean: Sequence[float], std: Sequence[float],
     ``with_train=False`` (evaluation) does not index the ImageNet training folder (train_ds is then None).
     """
     if cfg.name not in DATASETS:
-        raise ValueError(f"unknown data.name {cfg.name!r}; choose one of {sorted(DATASETS)}")
+        raise ConfigError(f"unknown data.name {cfg.name!r}; choose one of {sorted(DATASETS)}")
     train, val, class_names = DATASETS[cfg.name](cfg, train_transform(cfg, mean, std, in_chans) if with_train else None,
                                                   val_transform(cfg, mean, std, in_chans))
     if cfg.num_classes and cfg.num_classes != len(class_names):
-        raise ValueError(f"data.num_classes={cfg.num_classes} but the {cfg.name} data at {cfg.root} has "
+        raise ConfigError(f"data.num_classes={cfg.num_classes} but the {cfg.name} data at {cfg.root} has "
                          f"{len(class_names)} classes; set data.num_classes=0 to take it from the data")
     return train, val, len(class_names), class_names

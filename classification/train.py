@@ -31,6 +31,7 @@ from runtime.optim import build_optimizer
 from runtime.precision import autocast_for, setup_precision
 from runtime.schedules import build_scheduler, scale_lr
 from runtime.step import OptimizerStep, TrainingDiverged
+from runtime.strict import check_fits
 
 from .batch_transforms import BatchAugment
 from .config import REFERENCE_BATCH, Config
@@ -162,11 +163,11 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
     if t.epochs < 1 or t.batch_size < 1 or t.accum_steps < 1:
-        raise ValueError("train.epochs, train.batch_size and train.accum_steps must be >= 1")
+        raise ConfigError("train.epochs, train.batch_size and train.accum_steps must be >= 1")
     if cfg.model.sync_bn and device.type != "cuda":
-        raise ValueError("model.sync_bn=true needs CUDA: torch's SyncBatchNorm has no CPU kernel")
+        raise ConfigError("model.sync_bn=true needs CUDA: torch's SyncBatchNorm has no CPU kernel")
     if cfg.distill.teacher and not cfg.distill.teacher_weights:
-        raise ValueError("distill.teacher is set but distill.teacher_weights is not: a randomly initialised "
+        raise ConfigError("distill.teacher is set but distill.teacher_weights is not: a randomly initialised "
                          "teacher teaches nothing. Point distill.teacher_weights at a trained checkpoint")
     torch.manual_seed(t.seed + dist_info.rank)
     precision = setup_precision(t.precision, device)
@@ -176,7 +177,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
     train_loader, val_loader, train_prepare, val_prepare, sampler, num_classes = build_data(cfg, mean, std, dist_info)
     steps_per_epoch = len(train_loader) // t.accum_steps
     if steps_per_epoch == 0:
-        raise ValueError(f"the training set ({len(sampler)} images per process) is smaller than one global batch "
+        raise ConfigError(f"the training set ({len(sampler)} images per process) is smaller than one global batch "
                          f"({t.batch_size} x {dist_info.world_size} x {t.accum_steps})")
     total_steps = t.epochs * steps_per_epoch
 
@@ -211,6 +212,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
     resume_path = resolve_resume(t.resume, out)
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
+        check_fits(model, ckpt["model"], resume_path, f"this run's {cfg.model.name} ({num_classes} classes)", ckpt)
         restore_training_state(ckpt, model, stepper)
         step, best_top1 = ckpt["step"], ckpt["best_top1"]
         metrics = dict(ckpt["metrics"])  # a finished run resumed again just re-exports its result
@@ -300,6 +302,9 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
 
         last_epoch = epoch == t.epochs - 1 or step >= end_step
         is_best = False
+        if last_epoch:  # the trained model is on disk before the final evaluation can fail
+            metrics = {}  # without a result: resuming from this checkpoint evaluates (below the loop)
+            checkpoint(epoch + 1)
         if (epoch + 1) % t.eval_every == 0 or last_epoch:
             metrics = evaluate(train_model, val_loader, device, precision.autocast, cfg.model.channels_last,
                                val_prepare, cfg.data.val_hflip_tta)
@@ -320,6 +325,9 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         if last_epoch:
             break
     progress.close()
+    if "top1" not in metrics:  # resumed from the checkpoint written before a final evaluation that failed
+        metrics = evaluate(train_model, val_loader, device, precision.autocast, cfg.model.channels_last,
+                           val_prepare, cfg.data.val_hflip_tta)
 
     if is_main:
         metrics["skipped_images"] = skipped_images

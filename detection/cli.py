@@ -17,11 +17,22 @@ def _percent(value: float) -> str:
     return "-" if math.isnan(value) else f"{100 * value:.2f}"
 
 
+def without_ground_truth_note(ap_per_class: dict, split: str) -> list[str]:
+    """The line saying which classes have no ground-truth object and are left out of the mean (or none)."""
+    absent = [name for name, ap in ap_per_class.items() if math.isnan(ap)]
+    if not absent:
+        return []
+    return [f"mean over {len(ap_per_class) - len(absent)} of {len(ap_per_class)} classes: left out, no "
+            f"ground-truth object in the {split} split: {', '.join(absent)}"]
+
+
 def _report(result: dict, devkit: str, year: str, split: str) -> str:
-    """Per-class AP table (percent), then both mAPs with the chosen metric first."""
+    """Per-class AP table (percent), then both mAPs with the chosen metric first; a class without
+    ground truth reads "no ground truth" and a last line names the classes left out of the mean."""
     metric = result["metric"]
     label = {"voc07": "VOC07 11-point", "area": "area under the PR curve"}
-    rows = [(name, str(result["num_gt"][name]), _percent(ap)) for name, ap in result["ap_per_class"].items()]
+    rows = [(name, str(result["num_gt"][name]), "no ground truth" if math.isnan(ap) else _percent(ap))
+            for name, ap in result["ap_per_class"].items()]
     header = ("class", "gt boxes", f"AP {metric} (%)")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
     line = lambda r: f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}"
@@ -33,6 +44,7 @@ def _report(result: dict, devkit: str, year: str, split: str) -> str:
         f"mAP ({label[other]}): {_percent(result[f'map_{other}'])}",
         f"AP IoU 0.50:0.95 ({label[metric]}, detectron2's VOC AP): {_percent(result['ap'])}",
         f"AP75 ({label[metric]}): {_percent(result['ap75'])}",
+        *without_ground_truth_note(result["ap_per_class"], split),
     ])
 
 

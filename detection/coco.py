@@ -304,12 +304,14 @@ def _coco_paths(data, train: bool) -> tuple[str, str]:
     return values
 
 
-def build_detection_set(data, train: bool, transforms: Optional[Callable] = None, classes: Any = None):
+def build_detection_set(data, train: bool, transforms: Optional[Callable] = None, classes: Any = None,
+                        check_images: bool = False):
     """The training (``train=True``: crowd boxes, difficult ones if ``data.train_difficult=false``, and empty
     images left out) or test set the
     ``data`` config names: ``data.format`` ``voc`` (``root``, ``train_splits``/``test_splits``) or ``coco``
     (``train_json``/``train_images`` or ``test_json``/``test_images``). ``classes`` overrides
-    ``data.classes`` (the test set of a COCO run takes the training set's names)."""
+    ``data.classes`` (the test set of a COCO run takes the training set's names). ``check_images=True``
+    decodes every image of a VOC-layout set now, in worker processes (``detection.voc``)."""
     classes = data.classes if classes is None else classes
     if getattr(data, "format", "voc") == "coco":
         annotation_file, image_dir = _coco_paths(data, train)
@@ -321,9 +323,9 @@ def build_detection_set(data, train: bool, transforms: Optional[Callable] = None
     # without boxes are left out of training only.
     if train:
         return build_voc(data.root, data.train_splits, keep_difficult=data.train_difficult, transforms=transforms,
-                         classes=classes, skip_invalid=data.skip_invalid, drop_empty=True)
+                         classes=classes, skip_invalid=data.skip_invalid, drop_empty=True, check_images=check_images)
     return build_voc(data.root, data.test_splits, keep_difficult=True, transforms=transforms, classes=classes,
-                     skip_invalid=data.skip_invalid)
+                     skip_invalid=data.skip_invalid, check_images=check_images)
 
 
 def dataset_classes(data) -> tuple[str, ...]:

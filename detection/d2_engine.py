@@ -50,8 +50,11 @@ import torch.nn as nn
 from runtime.config import dump_config
 from runtime.data import default_workers, normalization
 from runtime.distributed import all_reduce_min, world_size
+from runtime.errors import UserPathError
+from runtime.images import index_images
 from runtime.schedules import scale_lr, schedule_for_batch
 from runtime.step import TrainingDiverged
+from runtime.strict import check_fits, model_state, read_checkpoint
 
 from . import voc as voc_data
 from .config import REFERENCE_BATCH, DetectionConfig, check_sync_bn, rpn_topk
@@ -264,10 +267,14 @@ def voc_dataset_dicts(cfg: DetectionConfig, splits: str, keep_difficult: bool) -
     dataset = voc_data.build_voc(cfg.data.root, splits, keep_difficult=keep_difficult, classes=cfg.data.classes,
                                  skip_invalid=cfg.data.skip_invalid)
     for part in _parts(dataset):
+        # Each id's image by any extension (train() has checked that every one exists and decodes); an
+        # evaluation from annotations alone (no JPEGImages) names the devkit's .jpg.
+        folder = part.root / "JPEGImages"
+        images = index_images(folder) if folder.is_dir() else {}
         for i, image_id in enumerate(part.ids):
             ann = part.annotation(i)
             dicts.append({
-                "file_name": str(part.root / "JPEGImages" / f"{image_id}.jpg"),
+                "file_name": str(images.get(image_id, folder / f"{image_id}.jpg")),
                 "image_id": image_id, "height": ann.height, "width": ann.width,
                 "annotations": [{"bbox": [float(v) for v in box], "bbox_mode": BoxMode.XYXY_ABS,
                                  "category_id": int(label), "iscrowd": 0, "difficult": int(flag)}
@@ -764,16 +771,31 @@ def build_trainer(cfg: DetectionConfig, resume: Optional[str] = None):
     trainer_cls.max_nonfinite = cfg.train.max_nonfinite
     trainer = trainer_cls(d2)
     if resume == "auto":
+        if trainer.checkpointer.has_checkpoint():  # strictly: fvcore would skip what does not fit
+            _check_fits(trainer.checkpointer.model, trainer.checkpointer.get_checkpoint_file(), cfg)
         trainer.resume_or_load(resume=True)
     elif resume:
         if not Path(resume).is_file():
-            raise FileNotFoundError(f"train.resume={resume!r}: no such checkpoint (use 'auto' or a model_*.pth "
-                                    f"of a detectron2-engine run)")
+            raise UserPathError(f"train.resume={resume!r}: no such checkpoint (use 'auto' or a model_*.pth "
+                                f"of a detectron2-engine run)")
+        _check_fits(trainer.checkpointer.model, resume, cfg)
         trainer.checkpointer.load(resume)  # model, optimizer, scheduler and iteration
         trainer.start_iter = trainer.iter + 1
     else:
         trainer.resume_or_load(resume=False)
     return trainer
+
+
+def _check_fits(model, checkpoint: str, cfg: DetectionConfig) -> None:
+    """Strict loading: detectron2's checkpointer (fvcore) loads what fits and logs "Skip loading" for the
+    rest, which would evaluate or resume a partly random model. A checkpoint of another engine, architecture
+    or number of classes is an error naming the file and what differs."""
+    if str(checkpoint).endswith(".pkl"):  # Detectron / model-zoo pickles: detectron2 renames their keys itself
+        return
+    loaded = read_checkpoint(checkpoint)
+    state = {k.removeprefix("module."): v for k, v in model_state(loaded, checkpoint).items()}
+    check_fits(model, state, checkpoint, f"a detectron2-engine Faster R-CNN ({cfg.model.arch}, "
+               f"{len(_class_names(cfg))} classes)", loaded)
 
 
 def train(cfg: DetectionConfig) -> dict[str, Any]:
@@ -784,6 +806,13 @@ def train(cfg: DetectionConfig) -> dict[str, Any]:
     ``<output_dir>/model_*.pth`` and ``last_checkpoint``; PNGs of the first ``train.visualize`` test images'
     detections in ``<output_dir>/detections``.
     """
+    # Both splits read and every image decoded before detectron2 builds anything: a broken test image stops
+    # the run now, not after training (errors name the file).
+    if getattr(cfg.data, "format", "voc") == "voc":  # (COCO files are validated when registered)
+        voc_data.build_voc(cfg.data.root, cfg.data.train_splits, keep_difficult=cfg.data.train_difficult,
+                           classes=cfg.data.classes, skip_invalid=cfg.data.skip_invalid, check_images=True)
+        voc_data.build_voc(cfg.data.root, cfg.data.test_splits, keep_difficult=True, classes=cfg.data.classes,
+                           skip_invalid=cfg.data.skip_invalid, check_images=True)
     trainer = build_trainer(cfg, resume=cfg.train.resume)
     trainer.train()
     # detectron2's EvalHook evaluates after the last iteration on every rank; the main rank gets the
@@ -826,10 +855,11 @@ def evaluate(cfg: DetectionConfig, checkpoint: str) -> dict[str, Any]:
     from detectron2.checkpoint import DetectionCheckpointer
 
     if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"{checkpoint}: no such checkpoint (a model_*.pth of a detectron2-engine run)")
+        raise UserPathError(f"{checkpoint}: no such checkpoint (a model_*.pth of a detectron2-engine run)")
     d2 = build_d2_config(cfg)
     trainer_cls = _trainer_class()
     model = trainer_cls.build_model(d2)
+    _check_fits(model, checkpoint, cfg)  # fvcore's load skips what does not fit ("Skip loading ...")
     DetectionCheckpointer(model).load(checkpoint)
     results = trainer_cls.test(d2, model)
     if not results:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from runtime.checkpoint import (gather_per_rank, gather_rng_states, load_checkpoint, resolve_resume,
                                 restore_rng_states, restore_training_state, save_checkpoint, training_state)
-from runtime.config import dump_config, to_dict
+from runtime.config import ConfigError, dump_config, to_dict
 from runtime.data import (EpochStream, GroupedBatchSampler, SeededDataset, SeededSampler, SkipBatches, default_workers,
                           normalization)
 from runtime.distributed import DistInfo, ShardSampler, cleanup_distributed, init_distributed
@@ -31,6 +31,7 @@ from runtime.optim import build_optimizer
 from runtime.precision import autocast_for, setup_precision
 from runtime.schedules import build_scheduler, scale_lr, schedule_for_batch
 from runtime.step import OptimizerStep
+from runtime.strict import check_fits, load_model_strictly
 
 from .config import REFERENCE_BATCH, DetectionConfig, check_sync_bn, rpn_topk
 from .model import build_faster_rcnn
@@ -69,7 +70,7 @@ def build_model(cfg: DetectionConfig, num_classes: int):
     """Faster R-CNN + FPN with ``num_classes`` object classes (+1 background)."""
     m = cfg.model
     if m.arch != "fpn":
-        raise ValueError(f"model.arch={m.arch!r}: the torchvision engine builds Faster R-CNN + FPN; C4 runs on "
+        raise ConfigError(f"model.arch={m.arch!r}: the torchvision engine builds Faster R-CNN + FPN; C4 runs on "
                          "engine=detectron2")
     mean, std = normalization(cfg.data.mean, cfg.data.std, m.backbone, 3, m.kwargs)  # as the detectron2 engine
     pre_train, post_train, pre_test, post_test = rpn_topk(m)
@@ -151,8 +152,8 @@ def evaluate_detector(model, cfg: DetectionConfig, dist_info: DistInfo, dataset=
 
 
 def build_test_set(cfg: DetectionConfig):
-    # The training set's classes (a COCO test JSON may list its categories otherwise).
-    return build_detection_set(cfg.data, train=False, classes=dataset_classes(cfg.data))
+    # The training set's classes (a COCO test JSON may list its categories otherwise); every image decoded now.
+    return build_detection_set(cfg.data, train=False, classes=dataset_classes(cfg.data), check_images=True)
 
 
 def train_detector(cfg: DetectionConfig) -> dict[str, Any]:
@@ -171,7 +172,7 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
     if cfg.model.norm == "frozenbatchnorm" and cfg.model.weights is None:
-        raise ValueError("model.norm=frozenbatchnorm with model.weights unset freezes randomly initialised BN, and "
+        raise ConfigError("model.norm=frozenbatchnorm with model.weights unset freezes randomly initialised BN, and "
                          "Faster R-CNN then diverges: set model.weights to a pretrained backbone (model.safetensors "
                          "of a classification run) or use model.norm=batchnorm")
     check_sync_bn(cfg.model, device.type == "cuda")
@@ -179,7 +180,7 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
     precision = setup_precision(t.precision, device, cudnn_benchmark=False)  # image sizes vary (multi-scale)
 
     # Workers decode, mirror (v2, per-sample seed) and keep uint8; batches share an aspect-ratio group.
-    dataset = build_detection_set(cfg.data, train=True, transforms=TrainTransform(cfg.data.hflip))
+    dataset = build_detection_set(cfg.data, train=True, transforms=TrainTransform(cfg.data.hflip), check_images=True)
     classes = dataset.classes
     test_set = build_test_set(cfg)
     cfg = schedule_for_batch(cfg, t.batch_size * dist_info.world_size, REFERENCE_BATCH, len(dataset))
@@ -193,7 +194,7 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
                         persistent_workers=workers > 0, pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(t.seed))  # never draws from the training RNG
     if len(sampler) < t.batch_size:
-        raise ValueError(f"{cfg.data.train_splits} has {len(dataset)} images: fewer than one batch per process "
+        raise ConfigError(f"{cfg.data.train_splits} has {len(dataset)} images: fewer than one batch per process "
                          f"({t.batch_size} x {dist_info.world_size})")
 
     model = sync_batchnorm(build_model(cfg, len(classes)).to(device), cfg, dist_info)
@@ -215,6 +216,7 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
     resume = resolve_resume(t.resume, out)
     if resume is not None:
         ckpt = load_checkpoint(resume)
+        check_fits(model, ckpt["model"], resume, f"this run's Faster R-CNN ({len(classes)} classes)", ckpt)
         restore_training_state(ckpt, model, stepper)
         start = ckpt["iteration"]
         restore_rng_states(ckpt["rng"], dist_info.rank, dist_info.world_size)
@@ -258,6 +260,8 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
             shown = progress.report(done, loss=values.get("loss", float("nan")), lr=lr)
             logger.log("train", done, lr=lr, img_per_s=shown["img_per_s"], **values)
             loss_sums, logged = {}, 0
+        if done == t.max_iter:  # the trained model is on disk before the final evaluation can fail
+            checkpoint(done)
         if (t.eval_every and done % t.eval_every == 0) or done == t.max_iter:
             metrics = evaluate_detector(model, cfg, dist_info, test_set)
             logger.log("val", done, **{k: v for k, v in metrics.items() if isinstance(v, float)},
@@ -265,7 +269,7 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
             if is_main:
                 log.info("iter %d: %s (%d images)", done, describe_metrics(metrics), metrics["images"])
             train_model.train()
-        if done % t.checkpoint_every == 0 or done == t.max_iter:
+        if done % t.checkpoint_every == 0 and done != t.max_iter:
             checkpoint(done)
     progress.close()
     if not metrics:  # a finished run resumed again: report its result
@@ -286,8 +290,8 @@ def evaluate_checkpoint(cfg: DetectionConfig, checkpoint: str) -> dict[str, Any]
     try:
         test_set = build_test_set(cfg)
         model = build_model(cfg, len(test_set.classes))
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+        load_model_strictly(model, checkpoint, f"a torchvision-engine Faster R-CNN with {len(test_set.classes)} "
+                            "classes")
         metrics = evaluate_detector(model.to(dist_info.device), cfg, dist_info, test_set)
         if dist_info.is_main:
             save_detection_pictures(test_set, metrics["detections"], Path(cfg.output_dir) / "detections",

@@ -4,7 +4,7 @@
 
     <root>/VOC2007/Annotations/<id>.xml
     <root>/VOC2007/ImageSets/Main/{train,val,trainval,test}.txt
-    <root>/VOC2007/JPEGImages/<id>.jpg
+    <root>/VOC2007/JPEGImages/<id>.jpg    (or .jpeg .png .bmp .tif .tiff, any case)
     <root>/VOC2012/...
 
 ``root`` is the ``VOCdevkit`` folder (or its parent). The paper's detection setting (Table 8) trains on
@@ -19,6 +19,10 @@ Datasets in the VOC layout with their own classes (``classes=``, the trainer's `
 written by other tools read as well: labelImg, CVAT and Roboflow write float corners ("12.5"), may leave
 out ``difficult``/``truncated``/``pose``/``segmented``, and write ``<depth>1</depth>`` or no depth. Boxes
 reaching outside the image are clipped to it and counted (``dataset.stats``, one warning per set).
+A classes file may start with a background entry (``_background_`` as labelme writes it, ``__background__``
+as detectron2 and py-faster-rcnn do): it is recognised, left out (labels count the object classes from 0)
+and said. ``check_images=True`` (the trainers) reads every image before training, in worker processes:
+a corrupt or missing image, or one whose size differs from its XML, stops the run at once.
 """
 from __future__ import annotations
 
@@ -34,6 +38,9 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
+from runtime.errors import DataError, UserPathError
+from runtime.images import check_files, image_size, index_images
+
 log = logging.getLogger(__name__)
 
 VOC_CLASSES = (
@@ -44,7 +51,11 @@ VOC_CLASSES = (
 ClassesArg = Union[None, Sequence[str], str, "os.PathLike[str]"]
 
 
-class VOCFormatError(ValueError):
+# Background entries at the head of a classes file: labelme's class_names.txt, detectron2 / py-faster-rcnn.
+BACKGROUND_NAMES = ("_background_", "__background__")
+
+
+class VOCFormatError(DataError):
     """A VOC file that cannot be read as the devkit writes it; the message names the file."""
 
 
@@ -52,11 +63,11 @@ def _check_names(names: Sequence[str], positions: Sequence[int], where: str, uni
     first: dict[str, int] = {}
     for name, position in zip(names, positions):
         if name in first:
-            raise ValueError(f"{where}: class {name!r} at {unit} {position} is already at {unit} {first[name]}; "
+            raise DataError(f"{where}: class {name!r} at {unit} {position} is already at {unit} {first[name]}; "
                              "list each class once (its position is its label)")
         first[name] = position
     if not names:
-        raise ValueError(f"{where}: no class names (give at least one)")
+        raise DataError(f"{where}: no class names (give at least one)")
     return tuple(names)
 
 
@@ -65,28 +76,40 @@ def resolve_classes(value: ClassesArg, key: str = "data.classes") -> tuple[str, 
 
     ``value`` is ``None`` (the 20 VOC classes), a list/tuple of names, or the path of a text file with one
     name per line (blank lines ignored). Duplicates and empty names are errors naming ``key`` (the config
-    key the value came from) and the file.
+    key the value came from) and the file. A first name in ``BACKGROUND_NAMES`` is the background of
+    labelme / detectron2 class lists: left out, with a warning saying so.
     """
     if value is None:
         return VOC_CLASSES
     if isinstance(value, (str, os.PathLike)):
         path = Path(value)
         if not path.is_file():
-            raise FileNotFoundError(f"{key}={str(value)!r}: class file not found (give a file with one class name "
+            raise UserPathError(f"{key}={str(value)!r}: class file not found (give a file with one class name "
                                     "per line, or a list of names such as [cat, dog])")
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as e:
-            raise ValueError(f"{key}: {path} is not UTF-8 text ({e})") from None
+            raise DataError(f"{key}: {path} is not UTF-8 text ({e})") from None
         numbered = [(line.strip(), n) for n, line in enumerate(lines, 1) if line.strip()]
+        numbered = _drop_background(numbered, f"{key}: {path}", "line")
         return _check_names([name for name, _ in numbered], [n for _, n in numbered], f"{key}: {path}", "line")
     if isinstance(value, (list, tuple)):
         bad = [v for v in value if not isinstance(v, str) or not v.strip()]
         if bad:
-            raise ValueError(f"{key}: class names must be non-empty strings, got {bad[0]!r}")
-        return _check_names([v.strip() for v in value], range(len(value)), key, "index")
+            raise DataError(f"{key}: class names must be non-empty strings, got {bad[0]!r}")
+        numbered = _drop_background([(v.strip(), i) for i, v in enumerate(value)], key, "index")
+        return _check_names([name for name, _ in numbered], [i for _, i in numbered], key, "index")
     raise TypeError(f"{key}: expected null (the 20 VOC classes), a list of names or a file path, "
                     f"got {type(value).__name__} {value!r}")
+
+
+def _drop_background(numbered: list[tuple[str, int]], where: str, unit: str) -> list[tuple[str, int]]:
+    if numbered and numbered[0][0] in BACKGROUND_NAMES:
+        name, position = numbered[0]
+        log.warning("%s: %s %d, %r, is the background, not an object class: left out (%d classes)", where, unit,
+                    position, name, len(numbered) - 1)
+        return numbered[1:]
+    return numbered
 
 
 @dataclass
@@ -197,12 +220,22 @@ def _devkit(root: Path) -> Path:
 
 
 def read_image_set(root: Path | str, year: str, image_set: str) -> list[str]:
-    """The ids of ``VOC<year>/ImageSets/Main/<image_set>.txt`` (one per line; a single id is fine)."""
+    """The ids of ``VOC<year>/ImageSets/Main/<image_set>.txt``: one per line (a single id is fine), or
+    ``<id> <-1|0|1>`` as the devkit's per-class sets write. Any other line (an id with a space in it) is an
+    error naming the file and line."""
     path = _devkit(Path(root)) / f"VOC{year}" / "ImageSets" / "Main" / f"{image_set}.txt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: data root {root} should be the VOCdevkit folder, holding "
-                                f"VOC{year}/{{Annotations,ImageSets/Main,JPEGImages}}")
-    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+        raise UserPathError(f"{path} not found: data root {root} should be the VOCdevkit folder, holding "
+                            f"VOC{year}/{{Annotations,ImageSets/Main,JPEGImages}}")
+    ids = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split()
+        if len(fields) == 2 and fields[1] in ("-1", "0", "1"):  # per-class set: "<id> <flag>"
+            fields = fields[:1]
+        if len(fields) > 1:
+            raise VOCFormatError(f"{path}, line {number}: {line.strip()!r} is not one image id (ids cannot contain "
+                                 f"spaces: rename the image and its XML, e.g. to {'_'.join(fields)!r})")
+        ids.extend(fields)
     if not ids:
         raise VOCFormatError(f"{path}: lists no image ids")
     return ids
@@ -217,6 +250,9 @@ class VOCDetection(Dataset):
     torchvision's reference does; detectron2's VOC loader and the engines' default keep them for training);
     evaluation keeps them (``detection.voc_eval`` ignores detections that match them).
     ``transforms(image, target)`` is applied last (torchvision.transforms.v2 moves the boxes along).
+    ``JPEGImages/<id>`` may have any extension of ``runtime.images.IMAGE_EXTENSIONS``; ``check_images=True``
+    finds every image and decodes it (worker processes, progress bar) before returning, so a missing,
+    corrupt or wrongly sized image is an error at once (``image_path(i)``: the file of image ``i``).
 
     Every annotation is read when the set is built (as detectron2's ``load_voc_instances``), so a broken
     file fails at once rather than mid-training, and ``stats`` counts ``clipped`` boxes, ``skipped``
@@ -229,7 +265,7 @@ class VOCDetection(Dataset):
 
     def __init__(self, root: Path | str, year: str, image_set: str, keep_difficult: bool = True,
                  transforms: Optional[Callable] = None, classes: ClassesArg = None, skip_invalid: bool = False,
-                 drop_empty: Optional[bool] = None):
+                 drop_empty: Optional[bool] = None, check_images: bool = False):
         self.root = _devkit(Path(root)) / f"VOC{year}"
         self.year, self.image_set = year, image_set
         self.classes = resolve_classes(classes)
@@ -257,6 +293,29 @@ class VOCDetection(Dataset):
         if not self.ids:
             raise VOCFormatError(f"{self.root}/ImageSets/Main/{image_set}.txt: no image has a box left "
                                  f"({len(ids)} images, all without objects)")
+        self._images: Optional[list[Path]] = None
+        if check_images:
+            self.check_images()
+
+    def image_paths(self) -> list[Path]:
+        """The image file of every id (found in ``JPEGImages`` once, by any image extension)."""
+        if self._images is None:
+            found = index_images(self.root / "JPEGImages")
+            missing = [i for i in self.ids if i not in found]
+            if missing:
+                raise VOCFormatError(f"{self.root / 'JPEGImages'}: no image for {len(missing)} id(s) of "
+                                     f"ImageSets/Main/{self.image_set}.txt, e.g. {missing[0]!r} (looked for "
+                                     f"{missing[0]}.jpg/.jpeg/.png/.bmp/.tif/.tiff)")
+            self._images = [found[i] for i in self.ids]
+        return self._images
+
+    def image_path(self, index: int) -> Path:
+        return self.image_paths()[index]
+
+    def check_images(self, workers: Optional[int] = None) -> None:
+        """Decode every image (in worker processes) and compare its size with its XML's ``<size>``."""
+        items = [(str(path), ann.width, ann.height) for path, ann in zip(self.image_paths(), self._annotations)]
+        check_files(_check_image, items, f"checking VOC{self.year} {self.image_set} images", workers)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -272,7 +331,7 @@ class VOCDetection(Dataset):
         from torchvision import tv_tensors
 
         ann = self.annotation(index)
-        path = self.root / "JPEGImages" / f"{self.ids[index]}.jpg"
+        path = self.image_path(index)
         try:  # PIL: torchvision.io's decoders are deprecated since torchvision 0.29
             with Image.open(path) as im:
                 image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
@@ -319,20 +378,33 @@ class VOCConcat(ConcatDataset):
         dataset, local = self._locate(index)
         return dataset.image_id(local)
 
+    def image_path(self, index: int) -> Path:
+        dataset, local = self._locate(index)
+        return dataset.image_path(local)
+
+
+def _check_image(item: tuple[str, int, int]) -> None:
+    path, width, height = item
+    size = image_size(path)
+    if size != (width, height):
+        raise VOCFormatError(f"{path}: image is {size[0]}x{size[1]} but its annotation says {width}x{height} "
+                             "(fix <size> in the XML, or the image)")
+
 
 def build_voc(root: Path | str, splits: str, keep_difficult: bool = True, transforms: Optional[Callable] = None,
               classes: ClassesArg = None, skip_invalid: bool = False,
-              drop_empty: Optional[bool] = None) -> VOCDetection | VOCConcat:
+              drop_empty: Optional[bool] = None, check_images: bool = False) -> VOCDetection | VOCConcat:
     """``splits`` as ``"2007-trainval+2012-trainval"`` (the paper's training set) or ``"2007-test"``.
 
-    ``classes``, ``skip_invalid`` and ``drop_empty`` as ``VOCDetection``; the classes are resolved once.
+    ``classes``, ``skip_invalid``, ``drop_empty`` and ``check_images`` as ``VOCDetection``; the classes are
+    resolved once.
     """
     names = resolve_classes(classes)
     parts = []
     for split in splits.split("+"):
         year, sep, image_set = split.strip().partition("-")
         if not sep or year not in ("2007", "2012") or not image_set:
-            raise ValueError(f"VOC split {split!r}: expected YEAR-SET with YEAR 2007 or 2012, e.g. 2007-trainval")
+            raise DataError(f"VOC split {split!r}: expected YEAR-SET with YEAR 2007 or 2012, e.g. 2007-trainval")
         parts.append(VOCDetection(root, year, image_set, keep_difficult, transforms, classes=names,
-                                  skip_invalid=skip_invalid, drop_empty=drop_empty))
+                                  skip_invalid=skip_invalid, drop_empty=drop_empty, check_images=check_images))
     return parts[0] if len(parts) == 1 else VOCConcat(parts)

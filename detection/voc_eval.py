@@ -24,16 +24,25 @@ The devkit's results format is here too: ``write_voc_results`` writes ``comp4_de
 (one line per detection, ``image_id score xmin ymin xmax ymax`` in VOC's 1-based inclusive corners),
 ``read_voc_results`` reads it back, and ``score_voc_results`` scores such a folder against a VOCdevkit
 (``tricks voc-eval``), so detections from any tool that writes the devkit format can be compared.
+
+Class names go into file names through one mapping, ``class_file_name``, used by the writer and the reader
+alike: a character that cannot be part of a file name on Linux, macOS or Windows (``/``, backslash, ``< > : " | ? *``,
+whitespace, control characters) becomes ``_``, so labelme's ``tv/monitor`` is ``comp4_det_test_tv_monitor.txt``
+and ``traffic light`` is ``comp4_det_test_traffic_light.txt``; the names of the 20 VOC classes are
+unchanged. Two classes that map to one file name are an error before anything is written.
 """
 from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+
+from runtime.errors import DataError, UserPathError
 
 from .voc import ClassesArg, VOCDetection, VOCFormatError, resolve_classes
 
@@ -215,9 +224,33 @@ def evaluate_voc_iou_range(predictions: Sequence[VOCBoxes], ground_truth: Sequen
 # The devkit's results files
 
 
+_NOT_IN_FILE_NAMES = re.compile(r'[/\\<>:"|?*\s\x00-\x1f]')
+
+
+def class_file_name(class_name: str) -> str:
+    """The class's part of a results file name: characters that cannot be in a file name (``/``, backslash,
+    ``< > : " | ? *``, whitespace, control characters) become ``_`` ("tv/monitor" -> "tv_monitor"); "." and ".." too."""
+    name = _NOT_IN_FILE_NAMES.sub("_", class_name)
+    return "_" * len(name) if name.strip(".") == "" else name
+
+
 def results_path(results_dir: Path | str, class_name: str, split: str = "test", prefix: str = "comp4_det") -> Path:
-    """``<results_dir>/<prefix>_<split>_<class>.txt``, the devkit's name (``comp4``: trained on outside data)."""
-    return Path(results_dir) / f"{prefix}_{split}_{class_name}.txt"
+    """``<results_dir>/<prefix>_<split>_<class>.txt``, the devkit's name (``comp4``: trained on outside data),
+    the class through ``class_file_name``."""
+    return Path(results_dir) / f"{prefix}_{split}_{class_file_name(class_name)}.txt"
+
+
+def results_paths(results_dir: Path | str, classes: Sequence[str], split: str = "test",
+                  prefix: str = "comp4_det") -> list[Path]:
+    """``results_path`` of every class; two classes sharing a file name are an error naming both."""
+    paths = [results_path(results_dir, name, split, prefix) for name in classes]
+    first: dict[Path, str] = {}
+    for name, path in zip(classes, paths):
+        if path in first:
+            raise DataError(f"classes {first[path]!r} and {name!r} both map to the results file {path.name} "
+                            "(characters that cannot be in a file name become '_'): rename one of them")
+        first[path] = name
+    return paths
 
 
 def _array(detection: Any, field: str) -> Optional[np.ndarray]:
@@ -238,10 +271,12 @@ def write_voc_results(results_dir: Path | str, detections: Mapping[str, Any], cl
     inclusive pixels, ``(x1 + 1, y1 + 1, x2, y2)``, numbers in Python's shortest round-trip form, so
     ``read_voc_results`` gives back the same boxes and scores bit for bit (boxes held in float32, as the
     loader and detectors hold them: ``c + 1 - 1 == c`` in float64 for every float32 ``c`` with
-    ``|c| >= 2**-29`` or 0). Returns the files written.
+    ``|c| >= 2**-29`` or 0). Class names go through ``class_file_name``. Everything is checked before the
+    first file is written. Returns the files written.
     """
     classes = tuple(classes)
     results_dir = Path(results_dir)
+    paths = results_paths(results_dir, classes, split, prefix)
     lines: list[list[str]] = [[] for _ in classes]
     for image_id, detection in detections.items():
         if not isinstance(image_id, str) or not image_id or image_id.split() != [image_id]:
@@ -267,12 +302,9 @@ def write_voc_results(results_dir: Path | str, detections: Mapping[str, Any], cl
         for (x1, y1, x2, y2), label, score in zip(corners.tolist(), labels.tolist(), scores.tolist()):
             lines[label].append(f"{image_id} {score!r} {x1!r} {y1!r} {x2!r} {y2!r}\n")
     results_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, class_lines in zip(classes, lines):
-        path = results_path(results_dir, name, split, prefix)
+    for path, class_lines in zip(paths, lines):
         path.write_text("".join(class_lines))
-        written.append(path)
-    return written
+    return paths
 
 
 def read_voc_results(results_dir: Path | str, classes: Sequence[str], split: str = "test",
@@ -281,14 +313,24 @@ def read_voc_results(results_dir: Path | str, classes: Sequence[str], split: str
     continuous coordinates (``xmin - 1, ymin - 1, xmax, ymax``) and labels indexing ``classes``; an image's
     detections are grouped by class, in file order.
 
-    A missing class file means no detections of that class (logged as a warning naming the file). A line
-    that is not ``image_id score xmin ymin xmax ymax`` is an error naming the file and line; so is an id
-    outside ``image_ids`` (when given: the split's ids).
+    A missing class file means no detections of that class (logged as a warning naming the file), but a
+    folder that does not exist, or holds no ``<prefix>_<split>_*.txt`` file at all, is an error (scoring it
+    would print an mAP of 0). A line that is not ``image_id score xmin ymin xmax ymax`` is an error naming
+    the file and line; so is an id outside ``image_ids`` (when given: the split's ids).
     """
     known = None if image_ids is None else set(image_ids)
     found: dict[str, list[tuple[int, list[float]]]] = {}
-    for label, name in enumerate(classes):
-        path = results_path(results_dir, name, split, prefix)
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise UserPathError(f"results folder {results_dir} not found (--results: the folder of "
+                            f"{prefix}_{split}_<class>.txt files)")
+    paths = results_paths(results_dir, classes, split, prefix)
+    if not any(path.is_file() for path in paths):
+        present = sorted(p.name for p in results_dir.glob(f"{prefix}_*.txt"))[:3]
+        raise DataError(f"{results_dir}: no results file of these classes ({paths[0].name}, ...)"
+                        + (f"; found {', '.join(present)}: another --split or --prefix?" if present else
+                           f"; the folder holds no {prefix}_*.txt file"))
+    for label, (name, path) in enumerate(zip(classes, paths)):
         if not path.is_file():
             log.warning("%s not found: scored as no %s detections", path, name)
             continue

@@ -54,8 +54,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or foreign file: say which and what to do
-        raise RuntimeError(f"cannot load checkpoint {path}: {e}. Point train.resume at another checkpoint, "
-                           "or remove it to start from scratch") from e
+        from .errors import CheckpointError
+
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"cannot load checkpoint {path} ({first}): point train.resume at another checkpoint, "
+                              "or remove it to start from scratch") from e
 
 
 def training_state(model: torch.nn.Module, stepper: Any, **extra: Any) -> dict[str, Any]:
@@ -87,7 +90,9 @@ def resolve_resume(resume: Optional[str], output_dir: Path) -> Optional[Path]:
         return None
     path = Path(resume)
     if not path.is_file():
-        raise FileNotFoundError(f"train.resume={resume!r}: no such checkpoint file")
+        from .errors import UserPathError
+
+        raise UserPathError(f"train.resume={resume!r}: no such checkpoint file")
     return path
 
 

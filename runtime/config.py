@@ -27,12 +27,14 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from .errors import UserError
+
 T = TypeVar("T")
 
 BASE_KEY = "_base_"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override does not fit the schema; the message says where and what to do."""
 
 

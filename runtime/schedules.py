@@ -109,7 +109,8 @@ def _validate(base_lr: float, total_steps: int, warmup_steps: int, schedule: str
         raise ValueError(f"total_steps must be > 0, got {total_steps}")
     if not 0 <= warmup_steps <= total_steps:
         raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps} "
-                         "(optim.warmup_epochs longer than the run?)")
+                         "(a warm-up longer than the run? optim.warmup_epochs in classification, "
+                         "optim.warmup_iters in detection and segmentation)")
     if any(m < 0 for m in milestones) or list(milestones) != sorted(milestones):
         raise ValueError(f"milestones must be non-negative and increasing (in steps), got {list(milestones)}")
     if gamma <= 0:

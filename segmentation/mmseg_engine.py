@@ -21,6 +21,7 @@ import importlib.machinery
 import importlib.util
 import logging
 import os
+import pickle
 import sys
 import types
 from pathlib import Path
@@ -31,12 +32,14 @@ import torch.nn as nn
 from torch import Tensor
 
 from backbones import create_backbone
-from runtime.config import dump_config
+from runtime.config import ConfigError, dump_config
 from runtime.data import default_workers, normalization
 from runtime.distributed import init_distributed, world_size
+from runtime.errors import CheckpointError, UserPathError, one_line
 from runtime.schedules import scale_lr, schedule_for_batch
+from runtime.strict import check_fits
 
-from .ade20k import palette
+from .ade20k import ADE20K, palette
 from .config import REFERENCE_BATCH, SegmentationConfig
 
 log = logging.getLogger("segmentation")
@@ -248,16 +251,34 @@ def _data_root(root: str) -> str:
 def _class_names(cfg: SegmentationConfig) -> Optional[list[str]]:
     names = cfg.data.class_names
     if names is not None and len(names) != cfg.data.num_classes:
-        raise ValueError(f"data.class_names has {len(names)} names but data.num_classes is {cfg.data.num_classes}")
+        raise ConfigError(f"data.class_names has {len(names)} names but data.num_classes is {cfg.data.num_classes}: "
+                          "give one name per class")
     if cfg.data.num_classes == ADE20K_NUM_CLASSES and names is None:
         return None  # ADE20KDataset's own names and palette
     return list(names) if names is not None else [f"class_{i}" for i in range(cfg.data.num_classes)]
 
 
+def check_data(cfg: SegmentationConfig) -> None:
+    """Before the first iteration: class names against ``data.num_classes``, both splits' images and masks
+    decoded and checked in worker processes (``segmentation.ade20k.ADE20K(check=True)``)."""
+    _class_names(cfg)
+    d = cfg.data
+    for split in (d.train_split, d.val_split):
+        ADE20K(d.root, split, num_classes=d.num_classes, reduce_zero_label=d.reduce_zero_label,
+               max_images=d.max_images, check=True)
+
+
 def _dataset(cfg: SegmentationConfig, split: str, pipeline: list[dict]) -> dict:
     names = _class_names(cfg)
+    d = cfg.data
+    # The split's one image extension (check_data has read the split before training); a config built
+    # without its data (to inspect it) names ADE20K's .jpg.
+    images = Path(_data_root(d.root)) / "images" / split
+    suffix = ADE20K(d.root, split, num_classes=d.num_classes,
+                    reduce_zero_label=d.reduce_zero_label).image_suffix() if images.is_dir() else ".jpg"
     common = dict(data_root=_data_root(cfg.data.root), pipeline=pipeline, reduce_zero_label=cfg.data.reduce_zero_label,
-                  data_prefix=dict(img_path=f"images/{split}", seg_map_path=f"annotations/{split}"))
+                  data_prefix=dict(img_path=f"images/{split}", seg_map_path=f"annotations/{split}"),
+                  img_suffix=suffix)
     if cfg.data.max_images > 0:
         common["indices"] = cfg.data.max_images
     if names is None:
@@ -265,7 +286,7 @@ def _dataset(cfg: SegmentationConfig, split: str, pipeline: list[dict]) -> dict:
     # ADE20KDataset maps any other class list onto a subset of its 150 names (and refuses unknown names), so
     # another dataset in the ADE20K layout uses the base class with the same file suffixes and its own classes.
     # The palette is fixed (seeded, the torch engine's), as mmseg draws one for classes without colours.
-    return dict(type="BaseSegDataset", img_suffix=".jpg", seg_map_suffix=".png",
+    return dict(type="BaseSegDataset", seg_map_suffix=".png",
                 metainfo=dict(classes=tuple(names), palette=palette(len(names)).tolist()), **common)
 
 
@@ -422,7 +443,7 @@ def _resume(cfg: SegmentationConfig) -> tuple[bool, Optional[str]]:
     if resume == "auto":
         return True, None  # mmengine finds <work_dir>/last_checkpoint itself (and starts afresh without it)
     if not Path(resume).is_file():
-        raise FileNotFoundError(f"train.resume={resume!r}: no such checkpoint (use 'auto' or a .pth of this engine)")
+        raise UserPathError(f"train.resume={resume!r}: no such checkpoint (use 'auto' or a .pth of this engine)")
     return True, resume
 
 
@@ -504,8 +525,7 @@ def train(cfg: SegmentationConfig) -> dict[str, float]:
     """
     if cfg.engine != "mmseg":
         raise ValueError(f"engine={cfg.engine!r}: the mmseg engine runs configs with engine: mmseg")
-    from .ade20k import ADE20K  # the training images mmseg's loader reads (the same files, max_images likewise)
-
+    check_data(cfg)  # both splits, before mmengine builds anything
     train_images = len(ADE20K(cfg.data.root, cfg.data.train_split, max_images=cfg.data.max_images))
     recipe = cfg  # config.yaml keeps the recipe's numbers
     cfg = schedule_for_batch(cfg, cfg.train.batch_size * world_size() * cfg.train.accum_steps, REFERENCE_BATCH,
@@ -560,18 +580,26 @@ def evaluate(cfg: SegmentationConfig, checkpoint: str) -> dict[str, float]:
     """
     path = Path(checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint!r} not found")
+        raise UserPathError(f"checkpoint {checkpoint!r} not found")
     # Without resume (and load_from), Runner.test() loads nothing itself: the strict load here is the only one.
     runner, recorder = _runner(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=None)))
     state = _torch_engine_state(path)
+    what = f"the mmseg engine's FCN ({cfg.model.backbone}, {cfg.data.num_classes} classes)"
     if state is not None:
         from mmengine.model import is_model_wrapper
         # under torchrun the Runner has wrapped the model in DDP: the weights load into the module inside
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        model.load_state_dict(torch_engine_state_to_mmseg(state), strict=True)
+        state = torch_engine_state_to_mmseg(state)
+        check_fits(model, state, path, what)
+        model.load_state_dict(state, strict=True)
         metrics = runner.test()
     else:
         with _trusted_checkpoints(cfg.output_dir, checkpoint):
-            runner.load_checkpoint(str(checkpoint), strict=True)
+            try:
+                runner.load_checkpoint(str(checkpoint), strict=True)
+            except (RuntimeError, KeyError, ValueError, OSError, EOFError, pickle.UnpicklingError) as e:
+                # mmengine's strict load (keys or shapes differ), or a file that is no checkpoint at all
+                raise CheckpointError(f"checkpoint {path} cannot be loaded into {what}: {one_line(e)}; evaluate it "
+                                      "with the config (engine, model, classes) it was trained with") from None
             metrics = runner.test()
     return _summary(metrics if metrics else recorder.metrics)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from runtime.checkpoint import (gather_rng_states, load_checkpoint, resolve_resume, restore_rng_states,
                                 restore_training_state, save_checkpoint, training_state)
-from runtime.config import dump_config, to_dict
+from runtime.config import ConfigError, dump_config, to_dict
 from runtime.data import EpochStream, SeededDataset, SeededSampler, SkipBatches, default_workers
 from runtime.data import normalization as resolve_normalization
 from runtime.distributed import DistInfo, ShardSampler, all_reduce_sum, cleanup_distributed, init_distributed
@@ -35,6 +35,7 @@ from runtime.optim import build_optimizer
 from runtime.precision import autocast_for, cudnn_benchmark_off, setup_precision
 from runtime.schedules import build_scheduler, scale_lr, schedule_for_batch
 from runtime.step import OptimizerStep, TrainingDiverged
+from runtime.strict import check_fits, load_model_strictly
 
 from .ade20k import ADE20K, IGNORE_INDEX, palette
 from .config import REFERENCE_BATCH, SegmentationConfig
@@ -94,14 +95,23 @@ def class_names(cfg: SegmentationConfig) -> list[str]:
     if names is None:
         return [f"class_{i}" for i in range(cfg.data.num_classes)]
     if len(names) != cfg.data.num_classes:
-        raise ValueError(f"data.class_names has {len(names)} names but data.num_classes is {cfg.data.num_classes}")
+        raise ConfigError(f"data.class_names has {len(names)} names but data.num_classes is {cfg.data.num_classes}: "
+                          "give one name per class")
     return list(names)
 
 
-def _dataset(cfg: SegmentationConfig, split: str, transforms=None) -> ADE20K:
+def _dataset(cfg: SegmentationConfig, split: str, transforms=None, check: bool = False) -> ADE20K:
     d = cfg.data
     return ADE20K(d.root, split, transforms, num_classes=d.num_classes, reduce_zero_label=d.reduce_zero_label,
-                  max_images=d.max_images)
+                  max_images=d.max_images, check=check)
+
+
+def check_data(cfg: SegmentationConfig) -> None:
+    """Before the first iteration: the class names against ``data.num_classes``, and both splits' images
+    and masks decoded and checked (worker processes): errors name the key or the file."""
+    class_names(cfg)
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        _dataset(cfg, split, check=True)
 
 
 def _collate_train(batch: list, crop_size: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
@@ -258,7 +268,8 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
     if t.max_iter < 1 or t.batch_size < 1 or t.accum_steps < 1:
-        raise ValueError("train.max_iter, train.batch_size and train.accum_steps must be >= 1")
+        raise ConfigError("train.max_iter, train.batch_size and train.accum_steps must be >= 1")
+    check_data(cfg)
     torch.manual_seed(t.seed + dist_info.rank)
     precision = setup_precision(t.precision, device, cudnn_benchmark=True)  # fixed crops (padded to crop_size)
 
@@ -269,7 +280,7 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
     t, o = cfg.train, cfg.optim
     batches_per_epoch = len(loader)
     if batches_per_epoch == 0:
-        raise ValueError(f"the training split ({len(sampler)} images per process) is smaller than one batch "
+        raise ConfigError(f"the training split ({len(sampler)} images per process) is smaller than one batch "
                          f"({t.batch_size} images): lower train.batch_size or add data")
     normalize = Normalize(*normalization(cfg)).to(device)
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
@@ -299,6 +310,7 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
     resume_path = resolve_resume(t.resume, out)
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
+        check_fits(model, ckpt["model"], resume_path, f"this run's FCN ({cfg.data.num_classes} classes)", ckpt)
         restore_training_state(ckpt, model, stepper)
         step = ckpt["iteration"]
         metrics = dict(ckpt.get("metrics") or {})  # a finished run resumed again reports its result
@@ -369,6 +381,8 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
             for value in sums.values():
                 value.zero_()
             stepped_count = 0
+        if step == t.max_iter:  # the trained model is on disk before the final evaluation can fail
+            checkpoint()
         if (t.eval_every and step % t.eval_every == 0) or step == t.max_iter:
             metrics = run_eval()
             train_model.train()
@@ -393,8 +407,8 @@ def evaluate_checkpoint(cfg: SegmentationConfig, checkpoint: str) -> dict[str, A
     dist_info = init_distributed()
     try:
         model = build_model(cfg, pretrained=False)  # every weight comes from the checkpoint
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"] if isinstance(state, dict) and "model" in state else state)
+        load_model_strictly(model, checkpoint, f"a torch-engine FCN ({cfg.model.backbone}, "
+                            f"{cfg.data.num_classes} classes)")
         memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         model = model.to(dist_info.device, memory_format=memory_format)
         metrics = evaluate(model, cfg, dist_info,

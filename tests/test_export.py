@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from backbones import create_backbone, save_weights
 from backbones.convert import NotExportableError
+from backbones.weights import WeightsError
 from tricks.export import export
 
 timm = pytest.importorskip("timm")
@@ -480,7 +481,7 @@ def test_pkl_with_code_is_refused(tmp_path):
 
     with open(tmp_path / "evil.pkl", "wb") as f:
         pickle.dump({"model": {"stem.conv1.weight": Payload()}}, f)
-    with pytest.raises(RuntimeError, match="builtins.print is not a numpy array.*allow_pickle=True"):
+    with pytest.raises(WeightsError, match="builtins.print is not a numpy array.*allow_pickle=True"):
         create_backbone("resnet18", num_classes=0, weights=str(tmp_path / "evil.pkl"))
 
 

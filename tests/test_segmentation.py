@@ -189,7 +189,7 @@ def test_ade20k_layout_with_own_classes_and_errors(ade, tmp_path):
         ds[0]
     (root / "images" / "validation").mkdir(parents=True)
     (root / "annotations" / "validation").mkdir(parents=True)
-    with pytest.raises(ADE20KFormatError, match=r"images/validation: no .jpg images \(empty split 'val'\)"):
+    with pytest.raises(ADE20KFormatError, match=r"images/validation: no images \(.jpg .jpeg .png .bmp .tif .tiff; empty split .val.\)"):
         ADE20K(root, "val")
 
 

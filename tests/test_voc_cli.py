@@ -43,15 +43,17 @@ def test_table_headlines_the_chosen_metric(devkit, results, tmp_path, capsys):
     code, out, _ = run(capsys, "--devkit", devkit, "--results", results, "--classes-file", names, "--use-07-metric")
     lines = out.splitlines()
     assert code == 0 and lines[0].startswith("VOC2007 test")
-    assert lines[3].split() == ["dog", "1", "50.00"] and lines[5].split() == ["chair", "0", "-"]
-    assert lines[-4] == f"mAP (VOC07 11-point): {100 * (0.5 + PERSON_07) / 2:.2f}"
-    assert lines[-3] == f"mAP (area under the PR curve): {100 * (0.5 + PERSON_AREA) / 2:.2f}"
+    assert lines[3].split() == ["dog", "1", "50.00"] and lines[5].split() == ["chair", "0", "no", "ground", "truth"]
+    assert lines[-5] == f"mAP (VOC07 11-point): {100 * (0.5 + PERSON_07) / 2:.2f}"
+    assert lines[-4] == f"mAP (area under the PR curve): {100 * (0.5 + PERSON_AREA) / 2:.2f}"
     # The hits are exact boxes (IoU 1 at every threshold): AP over 0.50:0.95 and AP75 equal AP50.
-    assert lines[-2] == f"AP IoU 0.50:0.95 (VOC07 11-point, detectron2's VOC AP): {100 * (0.5 + PERSON_07) / 2:.2f}"
-    assert lines[-1] == f"AP75 (VOC07 11-point): {100 * (0.5 + PERSON_07) / 2:.2f}"
+    assert lines[-3] == f"AP IoU 0.50:0.95 (VOC07 11-point, detectron2's VOC AP): {100 * (0.5 + PERSON_07) / 2:.2f}"
+    assert lines[-2] == f"AP75 (VOC07 11-point): {100 * (0.5 + PERSON_07) / 2:.2f}"
+    # the class without ground truth is named as left out of the means (2 of 3 classes)
+    assert lines[-1] == "mean over 2 of 3 classes: left out, no ground-truth object in the test split: chair"
     out = run(capsys, "--devkit", devkit, "--results", results, "--classes-file", names, "--area")[1]
-    assert out.splitlines()[-4].startswith("mAP (area under the PR curve)")
-    assert out.splitlines()[-1] == f"AP75 (area under the PR curve): {100 * (0.5 + PERSON_AREA) / 2:.2f}"
+    assert out.splitlines()[-5].startswith("mAP (area under the PR curve)")
+    assert out.splitlines()[-2] == f"AP75 (area under the PR curve): {100 * (0.5 + PERSON_AREA) / 2:.2f}"
 
 
 def test_errors_and_flag_conflicts(devkit, results, capsys):

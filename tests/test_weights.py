@@ -87,7 +87,7 @@ class _Custom:  # an arbitrary object: needs full unpickling
 def test_pickle_needs_opt_in(tmp_path):
     state = create_backbone("resnet18d").state_dict()
     torch.save({"model": state, "extra": _Custom()}, tmp_path / "pickled.pth")
-    with pytest.raises(RuntimeError, match="allow_pickle=True"):
+    with pytest.raises(ValueError, match="allow_pickle=True"):
         load_state_dict(tmp_path / "pickled.pth")
     loaded = load_state_dict(tmp_path / "pickled.pth", allow_pickle=True)
     assert loaded.keys() == state.keys()

@@ -97,7 +97,31 @@ def load_task_config(path: Optional[str], overrides: Sequence[str]):
     if task not in TASKS:
         raise ConfigError(f"task={task!r} ({path or 'command line'}): one of {', '.join(TASKS)}")
     module, cls = TASKS[task][0].split(":")
-    return load_config(path, getattr(importlib.import_module(module), cls), overrides)
+    cfg = load_config(path, getattr(importlib.import_module(module), cls), overrides)
+    check_run_lengths(cfg, path)
+    return cfg
+
+
+# Counts every engine needs to be at least 1 (the keys a task's schema has).
+_POSITIVE_KEYS = ("train.batch_size", "train.epochs", "train.max_iter", "train.accum_steps")
+
+
+def check_run_lengths(cfg, path: Optional[str] = None) -> None:
+    """Batch size, run length and accumulation >= 1, and a warm-up no longer than the run: checked on the
+    config, so the error names the key (an inner function would only see its own argument names)."""
+    from runtime.config import ConfigError
+
+    where = path or "command line"
+    for key in _POSITIVE_KEYS:
+        section, _, name = key.partition(".")
+        value = getattr(getattr(cfg, section, None), name, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}={value} ({where}): must be at least 1")
+    t, o = cfg.train, cfg.optim
+    for warmup_key, length_key in (("warmup_iters", "max_iter"), ("warmup_epochs", "epochs")):
+        warmup, length = getattr(o, warmup_key, None), getattr(t, length_key, None)
+        if warmup is not None and length is not None and not 0 <= warmup <= length:
+            raise ConfigError(f"optim.{warmup_key}={warmup} ({where}): must be in [0, train.{length_key}={length}]")
 
 
 def _engine(cfg, verb: str) -> Callable:
@@ -118,10 +142,16 @@ def _report(cfg, metrics: dict) -> None:
         if "top1" in metrics:
             print(f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['images']} images)")
     elif cfg.task == "detection":
-        print(_table([(name, f"{ap:.2f}") for name, ap in metrics["AP"].items()], ("class", "AP %")))
+        import math
+
+        from detection.cli import without_ground_truth_note
         from detection.coco_eval import describe_metrics
 
+        print(_table([(name, "no ground truth" if math.isnan(ap) else f"{ap:.2f}") for name, ap in
+                      metrics["AP"].items()], ("class", "AP %")))
         print(f"{describe_metrics(metrics)}  ({metrics.get('images', '?')} images)")
+        for line in without_ground_truth_note(metrics["AP"], "test"):
+            print(line)
     else:  # the engines log their per-class IoU tables
         print(f"mIoU {metrics['mIoU']:.2f}%  mAcc {metrics['mAcc']:.2f}%  aAcc {metrics['aAcc']:.2f}%")
 
@@ -135,18 +165,47 @@ def run_config(cfg) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from runtime.errors import check_writable_dir
+
     _setup_logging()
-    run_config(load_task_config(args.config, args.overrides))
+    cfg = load_task_config(args.config, args.overrides)
+    check_writable_dir(cfg.output_dir, "output_dir")  # before any work, not when the first file is written
+    run_config(cfg)
     return 0
 
 
+def _eval_arguments(args: argparse.Namespace) -> tuple[Optional[str], str, list[str]]:
+    """``CONFIG CHECKPOINT key=value ...`` in any order after the config: the one word without ``=`` that
+    is not the config is the checkpoint, the others are overrides."""
+    from runtime.errors import UserError
+
+    checkpoint_suffixes = (".pth", ".pt", ".pkl", ".safetensors")
+    words = [w for w in (args.config, args.checkpoint, *args.overrides) if w is not None]
+    config = None
+    if words and (words[0].endswith((".yaml", ".yml")) or not ("=" in words[0] or words[0].endswith(checkpoint_suffixes))):
+        config, words = words[0], words[1:]
+    paths = [w for w in words if "=" not in w or w.endswith(checkpoint_suffixes)]
+    if len(paths) != 1:
+        raise UserError("tricks eval CONFIG CHECKPOINT [key=value ...]: "
+                        + (f"{len(paths)} checkpoints given ({', '.join(paths)}); give one" if paths else
+                           "no CHECKPOINT given (a .pth or .safetensors file)"))
+    return config, paths[0], [w for w in words if w != paths[0]]
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    from runtime.errors import UserError, check_writable_dir
+
     _setup_logging()
-    cfg = load_task_config(args.config, args.overrides)
+    config, checkpoint, overrides = _eval_arguments(args)
+    cfg = load_task_config(config, overrides)
     coco = cfg.task == "detection" and getattr(cfg.data, "format", "voc") == "coco"
     if args.write_results and cfg.task != "detection":
-        raise SystemExit("tricks eval --write-results: detection runs (both engines) write results (VOC or COCO format)")
-    metrics = _engine(cfg, "eval")(cfg, args.checkpoint)
+        raise UserError("--write-results: only detection runs (either engine) write results (the VOC results "
+                        "format, or COCO results JSON for data.format=coco)")
+    check_writable_dir(cfg.output_dir, "output_dir")  # pictures and overlays go there after the evaluation
+    if args.write_results:  # found now, not after the whole evaluation
+        check_writable_dir(args.write_results, "--write-results")
+    metrics = _engine(cfg, "eval")(cfg, checkpoint)
     _report(cfg, metrics)
     if cfg.task == "classification" and "loss" in metrics:
         print(f"loss {metrics['loss']:.4f}")
@@ -221,7 +280,7 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint: tricks eval CONFIG CHECKPOINT [key=value ...]",
                        epilog=epilog)
     p.add_argument("config")
-    p.add_argument("checkpoint", help="classification: .pth/.safetensors (suite, timm, torchvision); detection / "
+    p.add_argument("checkpoint", nargs="?", help="classification: .pth/.safetensors (suite, timm, torchvision); detection / "
                    "segmentation: model_final.pth or last.pth of a run (mmseg/detectron2: their checkpoints)")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--write-results", metavar="DIR", help="detection: also write the detections in the VOC results "
@@ -368,9 +427,18 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_backbone
                                                                    _add_bench]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported as one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tricks", description="Bag of Tricks for image classification and transfer.",
-                                     epilog=_tasks_epilog())
+    parser = _Parser(prog="tricks", description="Bag of Tricks for image classification and transfer.",
+                     epilog=_tasks_epilog())
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error (bad data, "
+                        "checkpoint, config, path) as well as its one-line message; also TRICKS_DEBUG=1")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
@@ -378,14 +446,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from runtime.config import ConfigError
+    """Run ``tricks``; returns the exit status. A user error (``runtime.errors.user_errors()``: config, data,
+    checkpoint, path) is printed as one line with status 2, its traceback only with ``--debug`` or
+    ``TRICKS_DEBUG=1``; any other exception is a bug and propagates with its traceback."""
+    import os
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug is accepted anywhere on the line, before or after the subcommand.
+    debug = "--debug" in argv or os.environ.get("TRICKS_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if not hasattr(args, "overrides") or "=" not in a or a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:  # key=value after an option (``--write-results DIR key=value``)
+        args.overrides = [*args.overrides, *extra]
+    from runtime.config import ConfigError
+    from runtime.errors import one_line, user_errors
+
     try:
         return args.func(args)
-    except ConfigError as e:  # a mistake in a config file or override: the message says where and what
-        parser.exit(2, f"tricks {args.command}: config error: {e}\n")
+    except user_errors() as e:
+        if debug:
+            raise
+        kind = "config error" if isinstance(e, ConfigError) else "error"
+        print(f"tricks {args.command}: {kind}: {one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

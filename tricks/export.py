@@ -211,8 +211,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     try:
         lines = export(args.weights, args.to, args.out)
-    except (convert.NotExportableError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"tricks export: {e}")
+    except (convert.NotExportableError, ValueError, FileNotFoundError) as e:  # the user's file or choice
+        from runtime.errors import UserError
+
+        raise UserError(str(e)) from None
     print(f"wrote {args.out}\n")
     print(lines)
     return 0

@@ -28,7 +28,6 @@ import math
 import os
 import platform
 import re
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field

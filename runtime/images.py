@@ -1,0 +1,99 @@
+"""Image files as users have them, and checking a whole split of them before training starts.
+
+``index_images(folder)`` maps each image's id (its file name without the extension) to its file, for the
+extensions in ``IMAGE_EXTENSIONS`` (any case): aerial imagery and many annotation tools export PNG or
+TIFF, not JPEG. Two files of one id (``a.jpg`` and ``a.png``) are an error naming both.
+
+``check_files(check, items, ...)`` runs ``check(item)`` on every item in worker processes with a progress
+bar and raises the first failure (in item order) as a ``DataError`` naming the file: the detection and
+segmentation loaders validate both splits this way before the first iteration, so a corrupt test image
+stops the run at once instead of after training.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Callable, Optional, Sequence, TypeVar
+
+from .errors import DataError, UserPathError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+T = TypeVar("T")
+
+
+def index_images(folder: Path | str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> dict[str, Path]:
+    """``{id: path}`` of the images directly in ``folder`` (one ``os.scandir``: fast on 100k files).
+
+    Raises ``UserPathError`` if the folder does not exist and ``DataError`` naming both files if an id
+    has two images (``a.jpg`` and ``a.png``): which one is meant cannot be guessed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserPathError(f"{folder}: image folder not found")
+    found: dict[str, Path] = {}
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            stem, ext = os.path.splitext(entry.name)
+            if ext.lower() not in extensions or not entry.is_file():
+                continue
+            if stem in found:
+                first, second = sorted([found[stem].name, entry.name])
+                raise DataError(f"{folder}: two images for id {stem!r} ({first} and {second}); keep one of them")
+            found[stem] = Path(entry.path)
+    return found
+
+
+def image_size(path: Path | str) -> tuple[int, int]:
+    """``(width, height)`` of an image, decoding it fully (at 1/8 scale for JPEG, which still reads every
+    byte), so a truncated or corrupt file raises ``DataError`` naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            if im.format == "JPEG":
+                im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+            im.load()
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for missing, truncated or unknown data
+        raise DataError(f"{path}: cannot read the image ({e}); fix or remove it") from None
+    return size
+
+
+def default_check_workers() -> int:
+    """Processes for ``check_files``: the CPUs this process may use, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+def check_files(check: Callable[[T], None], items: Sequence[T], description: str,
+                workers: Optional[int] = None, chunksize: int = 64) -> None:
+    """Run ``check`` (a module-level function, so it pickles) on every item, in ``workers`` processes
+    (``default_check_workers()`` if None; 0 or 1 runs here) with a tqdm progress bar on stderr; the first
+    item whose check fails (in item order) re-raises its error. ``check`` raises ``DataError`` naming the
+    file."""
+    from tqdm import tqdm
+
+    workers = default_check_workers() if workers is None else workers
+    bar = tqdm(total=len(items), desc=description, unit="file", leave=False, mininterval=1.0,
+               disable=len(items) < 500)
+    try:
+        if workers <= 1 or len(items) < 2 * chunksize:
+            for item in items:
+                check(item)
+                bar.update()
+            return
+        with ProcessPoolExecutor(workers) as pool:
+            # map yields in item order and re-raises the first failing item's error when it is reached.
+            for _ in pool.map(check, items, chunksize=chunksize):
+                bar.update()
+    finally:
+        bar.close()
+

@@ -1,0 +1,338 @@
+"""The catalogue of user mistakes: each one, run through ``tricks`` in-process, exits with status 2 and one
+line on stderr naming the culprit (file, line, key) without a traceback, and writes nothing (no checkpoint,
+no partial results, inputs unchanged). ``--debug`` / ``TRICKS_DEBUG=1`` show the traceback; a programming
+error keeps its own."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from backbones import create_backbone, save_weights
+from tricks.cli import main
+
+from test_detection_train import make_devkit
+from test_seg_train import write_tiny_ade
+
+CLS = ["model.name=resnet18d", "data.name=synthetic", "data.synthetic_size=32", "data.img_size=16",
+       "data.val_resize=16", "data.val_crop=16", "data.workers=0", "data.num_classes=4", "train.batch_size=8",
+       "train.epochs=1", "model.kwargs={width_mult: 0.25}"]
+DET = ["task=detection", "model.backbone=resnet18d", "model.norm=batchnorm", "model.frozen_stages=-1",
+       "model.min_size_train=[64]", "model.min_size_test=64", "model.max_size=64", "data.workers=0",
+       "train.batch_size=2", "train.max_iter=2", "optim.warmup_iters=1", "optim.milestones=[1]",
+       "data.train_splits=2007-trainval", "data.classes=[dog, cat]", "model.kwargs={width_mult: 0.25}"]
+SEG = ["task=segmentation", "model.backbone=resnet18d", "model.channels=8", "model.aux_channels=8",
+       "model.kwargs={width_mult: 0.25}", "data.num_classes=4", "data.class_names=[a, b, c, d]",
+       "data.scale=[64, 48]", "data.crop_size=[32, 40]", "data.workers=0", "train.max_iter=2",
+       "train.batch_size=2", "optim.warmup_iters=1"]
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """One tiny dataset in each layout, and checkpoints to load (each test copies what it breaks)."""
+    base = tmp_path_factory.mktemp("catalogue")
+    voc = make_devkit(base / "voc" / "VOCdevkit", n=4)
+    ade = write_tiny_ade(base / "ade" / "ADEChallengeData2016", n_train=2, n_val=2)
+    imagenet = base / "imagenet"
+    for split in ("train", "val"):
+        for wnid in ("n01", "n02"):
+            (imagenet / split / wnid).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(imagenet / split / wnid / "a.JPEG")
+    weights = save_weights(create_backbone("resnet18d", num_classes=4, width_mult=0.25), base / "r18.safetensors")
+    # another architecture with the same class count and another feature width (the fc's input)
+    other = save_weights(create_backbone("resnet50d", num_classes=4, width_mult=0.25), base / "r50.safetensors")
+    return {"base": base, "voc": voc, "ade": ade, "imagenet": imagenet, "weights": weights, "other": other}
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def one_error_line(capsys, argv: list[str], *culprits: str, expect_code: int = 2) -> str:
+    """Run ``tricks argv``; the exit status is 2, stderr is exactly one line naming every culprit."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's own exit
+        code = e.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == expect_code, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for culprit in culprits:
+        assert culprit in lines[0], (culprit, lines[0])
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------ classification
+def test_classification_mistakes(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    # config: unknown key, non-positive counts, warm-up longer than the run, a missing file, invalid YAML
+    one_error_line(capsys, ["train", *CLS, "optim.lrr=0.1", f"output_dir={out}"], "optim.lrr", "optim.lr")
+    one_error_line(capsys, ["train", *CLS, "train.batch_size=0", f"output_dir={out}"], "train.batch_size=0")
+    one_error_line(capsys, ["train", *CLS, "train.epochs=-1", f"output_dir={out}"], "train.epochs=-1")
+    one_error_line(capsys, ["train", *CLS, "optim.warmup_epochs=5", f"output_dir={out}"], "optim.warmup_epochs=5",
+                   "train.epochs=1")
+    one_error_line(capsys, ["train", tmp_path / "nope.yaml"], "nope.yaml")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model:\n  name: [resnet18d\n")
+    one_error_line(capsys, ["train", bad_yaml], "bad.yaml", "line")
+    # data: missing root, empty validation class folders, class count
+    imagenet = ["data.name=imagenet", "data.img_size=16", "data.val_resize=16", "data.val_crop=16", "data.workers=0",
+                "model.name=resnet18d", "train.batch_size=1", "train.epochs=1", f"output_dir={out}"]
+    one_error_line(capsys, ["train", *imagenet, f"data.root={tmp_path / 'nowhere'}"], "nowhere", "data.root")
+    empty = _copy(data["imagenet"], tmp_path / "empty_val")
+    for image in (empty / "val").rglob("*.JPEG"):
+        image.unlink()
+    one_error_line(capsys, ["train", *imagenet, f"data.root={empty}"], str(empty / "val"), "data.val_split")
+    one_error_line(capsys, ["train", *imagenet, f"data.root={data['imagenet']}", "data.num_classes=3"],
+                   "data.num_classes=3", "2 classes")
+    assert not out.exists() or not any(out.glob("*.pth"))
+    # checkpoints: another architecture (same class count), truncated .pth / .safetensors, missing file
+    line = one_error_line(capsys, ["eval", *CLS, data["other"], f"output_dir={out}"], "r50.safetensors",
+                          "do not fit", "resnet50d")
+    assert "classifier" not in line  # not reported as a class-count mismatch
+    for name, source in (("cut.pth", None), ("cut.safetensors", data["weights"])):
+        path = tmp_path / name
+        if source is None:
+            torch.save({"model": create_backbone("resnet18d", num_classes=4, width_mult=0.25).state_dict()}, path)
+            source = path
+        blob = Path(source).read_bytes()
+        path.write_bytes(blob[: len(blob) // 2])
+        line = one_error_line(capsys, ["eval", *CLS, path, f"output_dir={out}"], name, "damaged or incomplete")
+        assert "allow_pickle" not in line
+    one_error_line(capsys, ["eval", *CLS, tmp_path / "gone.pth", f"output_dir={out}"], "gone.pth")
+    # resume: a missing file, a checkpoint of another class count
+    one_error_line(capsys, ["train", *CLS, f"train.resume={tmp_path / 'gone.pth'}", f"output_dir={out}"],
+                   "train.resume", "gone.pth")
+    other = tmp_path / "other_classes.pth"
+    torch.save({"model": create_backbone("resnet18d", num_classes=7, width_mult=0.25).state_dict()}, other)
+    before = other.read_bytes()
+    one_error_line(capsys, ["train", *CLS, f"train.resume={other}", f"output_dir={out}"], "other_classes.pth",
+                   "does not fit", "fc.weight file (7, ")
+    assert not (out / "last.pth").exists() and other.read_bytes() == before
+
+
+# ----------------------------------------------------------------------------------------------- detection
+def _voc(data, tmp_path) -> Path:
+    return _copy(data["voc"], tmp_path / "VOCdevkit")
+
+
+def test_detection_data_mistakes(data, tmp_path, capsys):
+    out = tmp_path / "run"
+
+    def train(devkit: Path, *extra: str) -> list[str]:
+        return ["train", *DET, f"data.root={devkit}", f"output_dir={out}", *extra]
+
+    base = _voc(data, tmp_path)
+    voc07 = base / "VOC2007"
+    # an unreadable XML in the test split: found before training
+    devkit = _copy(base, tmp_path / "xml")
+    (devkit / "VOC2007" / "Annotations" / "000101.xml").write_text("<annotation><size>")
+    one_error_line(capsys, train(devkit), "000101.xml", "not valid XML")
+    # a class the config does not list
+    devkit = _copy(base, tmp_path / "cls")
+    xml = devkit / "VOC2007" / "Annotations" / "000001.xml"
+    xml.write_text(xml.read_text().replace("<name>cat</name>", "<name>tiger</name>"))
+    one_error_line(capsys, train(devkit), "000001.xml", "'tiger'", "data.classes")
+    # an ImageSets line with a space in the id
+    devkit = _copy(base, tmp_path / "space")
+    test_txt = devkit / "VOC2007" / "ImageSets" / "Main" / "test.txt"
+    test_txt.write_text(test_txt.read_text().replace("000102", "000102 copy"))
+    one_error_line(capsys, train(devkit), "test.txt, line 3", "'000102 copy'")
+    # a truncated test image, an image of another size than its XML, a missing image, two images of one id
+    devkit = _copy(base, tmp_path / "cut")
+    jpeg = devkit / "VOC2007" / "JPEGImages" / "000103.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:300])
+    one_error_line(capsys, train(devkit), "000103.jpg", "cannot read the image")
+    devkit = _copy(base, tmp_path / "size")
+    Image.fromarray(np.zeros((50, 64, 3), np.uint8)).save(devkit / "VOC2007" / "JPEGImages" / "000100.jpg")
+    one_error_line(capsys, train(devkit), "000100.jpg", "64x50", "64x64")
+    devkit = _copy(base, tmp_path / "missing")
+    (devkit / "VOC2007" / "JPEGImages" / "000102.jpg").unlink()
+    one_error_line(capsys, train(devkit), "JPEGImages", "'000102'")
+    devkit = _copy(base, tmp_path / "twice")
+    Image.open(devkit / "VOC2007" / "JPEGImages" / "000002.jpg").save(devkit / "VOC2007" / "JPEGImages" / "000002.png")
+    one_error_line(capsys, train(devkit), "000002.jpg", "000002.png")
+    # the devkit folder is wrong; the classes file repeats a class or does not exist
+    one_error_line(capsys, train(tmp_path / "nowhere"), "nowhere", "VOCdevkit")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("dog\ncat\ndog\n")
+    one_error_line(capsys, train(base, f"data.classes={classes}"), "classes.txt", "line 3", "'dog'")
+    one_error_line(capsys, train(base, f"data.classes={tmp_path / 'none.txt'}"), "data.classes", "none.txt")
+    # counts and warm-up named by their keys (detection's warm-up key is optim.warmup_iters)
+    one_error_line(capsys, train(base, "train.max_iter=0"), "train.max_iter=0")
+    one_error_line(capsys, train(base, "optim.warmup_iters=5"), "optim.warmup_iters=5", "train.max_iter=2")
+    one_error_line(capsys, train(base, "train.batch_size=-2"), "train.batch_size=-2")
+    assert not out.exists() or not any(out.rglob("*.pth"))
+    assert _digest(voc07) == _digest(data["voc"] / "VOC2007")  # the inputs are untouched
+
+
+def test_detection_checkpoint_and_output_mistakes(data, tmp_path, capsys):
+    from detection.config import DetectionConfig
+    from detection.train import build_model
+    from runtime.config import load_config
+
+    devkit = _voc(data, tmp_path)
+    out = tmp_path / "run"
+    cfg = load_config(None, DetectionConfig, [*DET[1:], "data.classes=[dog, cat, bird]", f"data.root={devkit}"])
+    three = tmp_path / "three_classes.pth"
+    torch.save(build_model(cfg, 3).state_dict(), three)
+    evaluate = ["eval", *DET, f"data.root={devkit}", f"output_dir={out}"]
+    one_error_line(capsys, [*evaluate, three], "three_classes.pth", "does not fit", "2 classes",
+                   "shape mismatches", "roi_heads.box_predictor.bbox_pred.weight file (16, ")
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    # options and overrides in any order: key=value after --write-results DIR is an override
+    one_error_line(capsys, [*evaluate, three, "--write-results", blocked / "sub", "train.visualize=0"],
+                   "--write-results", "a_file")
+    one_error_line(capsys, ["eval", *DET, f"data.root={devkit}", f"output_dir={blocked}", three], "output_dir",
+                   "a_file")
+    assert not out.exists() or not any(out.rglob("*"))
+
+
+def test_voc_eval_results_folder_mistakes(data, tmp_path, capsys):
+    voc_eval = ["voc-eval", "--devkit", data["voc"], "--classes", "dog,cat"]
+    one_error_line(capsys, [*voc_eval, "--results", tmp_path / "none"], "none", "not found")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "comp4_det_val_dog.txt").write_text("")
+    one_error_line(capsys, [*voc_eval, "--results", tmp_path / "empty"], "empty", "comp4_det_test_dog.txt",
+                   "comp4_det_val_dog.txt")
+
+
+# -------------------------------------------------------------------------------------------- segmentation
+def test_segmentation_mistakes(data, tmp_path, capsys):
+    out = tmp_path / "run"
+
+    def train(root: Path, *extra: str) -> list[str]:
+        return ["train", *SEG, f"data.root={root}", f"output_dir={out}", *extra]
+
+    # a validation mask of another size, one with a value that is no class: found before training
+    root = _copy(data["ade"], tmp_path / "size" / "ADEChallengeData2016")
+    mask = root / "annotations" / "validation" / "ADE_val_00000002.png"
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(mask)
+    one_error_line(capsys, train(root), "ADE_val_00000002.png", "10x10")
+    root = _copy(data["ade"], tmp_path / "value" / "ADEChallengeData2016")
+    mask = root / "annotations" / "validation" / "ADE_val_00000001.png"
+    Image.fromarray(np.full((48, 64), 9, np.uint8)).save(mask)
+    one_error_line(capsys, train(root), "ADE_val_00000001.png", "value 9")
+    # class names against num_classes; an empty split; a missing annotations folder
+    one_error_line(capsys, train(data["ade"], "data.class_names=[a, b]"), "data.class_names", "data.num_classes")
+    root = _copy(data["ade"], tmp_path / "empty" / "ADEChallengeData2016")
+    for image in (root / "images" / "validation").iterdir():
+        image.unlink()
+    one_error_line(capsys, train(root), "images/validation", "no images")
+    root = _copy(data["ade"], tmp_path / "noann" / "ADEChallengeData2016")
+    import shutil
+
+    shutil.rmtree(root / "annotations" / "training")
+    one_error_line(capsys, train(root), "annotations/training", "not found")
+    assert not out.exists() or not any(out.rglob("*.pth"))
+    # a checkpoint of another class count
+    from segmentation.config import SegmentationConfig
+    from segmentation.train import build_model
+    from runtime.config import load_config
+
+    cfg = load_config(None, SegmentationConfig, [*SEG[1:], "data.num_classes=6", "data.class_names=null",
+                                                 f"data.root={data['ade']}"])
+    six = tmp_path / "six.pth"
+    torch.save(build_model(cfg, pretrained=False).state_dict(), six)
+    one_error_line(capsys, ["eval", *SEG, f"data.root={data['ade']}", f"output_dir={out}", six], "six.pth",
+                   "does not fit", "4 classes", "classifier")
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+def test_command_line_mistakes(capsys):
+    one_error_line(capsys, ["trian"], "invalid choice", "'trian'")
+    one_error_line(capsys, ["eval", "model.name=resnet18d"], "no CHECKPOINT")
+    one_error_line(capsys, ["train", "model.name=resnet18d", "--epochs", "3"], "unrecognized arguments", "--epochs")
+    one_error_line(capsys, ["eval", "a.pth", "b.pth", "model.name=resnet18d"], "2 checkpoints", "a.pth", "b.pth")
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    from runtime.config import ConfigError
+
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        main(["--debug", "train", "model.name=resnet18d", "optim.lrr=1", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        main(["train", "model.name=resnet18d", "optim.lrr=1", f"output_dir={tmp_path}", "--debug"])
+    monkeypatch.setenv("TRICKS_DEBUG", "1")
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        main(["train", "model.name=resnet18d", "optim.lrr=1", f"output_dir={tmp_path}"])
+
+
+def test_programming_errors_keep_their_traceback(tmp_path, monkeypatch):
+    import classification.train as train_mod
+
+    def bug(cfg, callbacks=()):
+        raise KeyError("a bug, not a user mistake")
+
+    monkeypatch.setattr(train_mod, "train", bug)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["train", *CLS, f"output_dir={tmp_path}"])
+
+
+def test_eval_takes_options_and_overrides_in_any_order(data, tmp_path, capsys):
+    """``tricks eval CONFIG key=value CHECKPOINT`` and ``... CHECKPOINT --write-results DIR key=value``."""
+    for argv in (["eval", *CLS, data["weights"], f"output_dir={tmp_path}"],
+                 ["eval", "model.name=resnet18d", data["weights"], *CLS[1:], f"output_dir={tmp_path}"]):
+        assert main([str(a) for a in argv]) == 0
+        assert "top-1" in capsys.readouterr().out
+
+
+D2 = ["task=detection", "engine=detectron2", "model.backbone=resnet18d", "model.norm=batchnorm", "model.frozen_stages=0",
+      "model.min_size_train=[64]", "model.min_size_test=64", "model.max_size=64", "data.train_splits=2007-trainval",
+      "data.workers=0", "optim.warmup_iters=1", "optim.milestones=[100]", "train.max_iter=2", "train.batch_size=2",
+      "model.kwargs={width_mult: 0.25}"]
+
+
+def test_detectron2_engine_loads_strictly(data, tmp_path, capsys):
+    """fvcore's checkpointer loads what fits and logs "Skip loading" for the rest: the engine refuses instead."""
+    pytest.importorskip("detectron2")
+    from detection import d2_engine
+    from detection.config import DetectionConfig
+    from detection.train import build_model as build_torch_model
+    from runtime.config import load_config
+
+    d2_engine.import_detectron2()
+    cfg = load_config(None, DetectionConfig, [*D2[1:], f"data.root={data['voc']}", "data.classes=[dog, cat]"])
+    model = d2_engine._trainer_class().build_model(d2_engine.build_d2_config(cfg))
+    run = tmp_path / "d2run"
+    run.mkdir()
+    torch.save({"model": model.state_dict(), "iteration": 1}, run / "model_final.pth")
+    evaluate = ["eval", *D2, f"data.root={data['voc']}", f"output_dir={tmp_path / 'out'}"]
+    one_error_line(capsys, [*evaluate, "data.classes=[dog, cat, bird]", run / "model_final.pth"], "model_final.pth",
+                   "does not fit", "detectron2-engine", "3 classes", "roi_heads.box_predictor")
+    torch_cfg = load_config(None, DetectionConfig, [*DET[1:], f"data.root={data['voc']}"])
+    torch.save(build_torch_model(torch_cfg, 2).state_dict(), tmp_path / "torch_engine.pth")
+    one_error_line(capsys, [*evaluate, "data.classes=[dog, cat]", tmp_path / "torch_engine.pth"], "torch_engine.pth",
+                   "does not fit", "missing keys", "unexpected keys")
+
+
+def test_mmseg_engine_loads_strictly(data, tmp_path, capsys):
+    pytest.importorskip("mmseg")
+    from segmentation.config import SegmentationConfig
+    from segmentation.train import build_model
+    from runtime.config import load_config
+
+    cfg = load_config(None, SegmentationConfig, [*SEG[1:], "data.num_classes=6", "data.class_names=null",
+                                                 f"data.root={data['ade']}"])
+    six = tmp_path / "six_classes.pth"
+    torch.save(build_model(cfg, pretrained=False).state_dict(), six)
+    one_error_line(capsys, ["eval", *SEG, "engine=mmseg", f"data.root={data['ade']}", f"output_dir={tmp_path / 'o'}",
+                            six], "six_classes.pth", "does not fit", "mmseg engine", "4 classes", "decode_head")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    one_error_line(capsys, ["eval", *SEG, "engine=mmseg", f"data.root={data['ade']}", f"output_dir={tmp_path / 'o'}",
+                            tmp_path / "junk.pth"], "junk.pth", "cannot be loaded into")
