@@ -36,10 +36,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
-from .voc import VOCAnnotation, resolve_classes
+from .voc import VOCAnnotation, detection_sample, resolve_classes
 
 log = logging.getLogger(__name__)
 
@@ -265,31 +264,9 @@ class COCODetection(Dataset):
                 "categories": [dict(c) for c in self.categories]}
 
     def __getitem__(self, index: int):
-        from PIL import Image
-        from torchvision import tv_tensors
-
-        ann = self.annotation(index)
-        path = self.image_path(index)
         record = f"{self.annotation_file}: images[{self.images[index].get('id')!r}]"
-        try:
-            with Image.open(path) as im:
-                image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
-        except OSError as e:  # missing, truncated or not an image
-            raise COCOFormatError(f"{path} ({record}): cannot read the image ({e})") from None
-        if tuple(image.shape[1:]) != (ann.height, ann.width):
-            raise COCOFormatError(f"{path}: image is {image.shape[2]}x{image.shape[1]} but {record} says "
-                                  f"{ann.width}x{ann.height}")
-        target = {
-            "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(ann.boxes), format="XYXY",
-                                              canvas_size=(ann.height, ann.width)),
-            "labels": torch.from_numpy(ann.labels),
-            "difficult": torch.from_numpy(ann.difficult),
-            "image_id": self.ids[index],
-        }
-        image = tv_tensors.Image(image)
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        return image, target
+        return detection_sample(self.image_path(index), self.annotation(index), self.ids[index], self.transforms,
+                                COCOFormatError, record)
 
 
 def _coco_paths(data, train: bool) -> tuple[str, str]:

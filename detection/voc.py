@@ -327,30 +327,38 @@ class VOCDetection(Dataset):
         return self.ids[index]
 
     def __getitem__(self, index: int):
-        from PIL import Image
-        from torchvision import tv_tensors
+        return detection_sample(self.image_path(index), self.annotation(index), self.ids[index], self.transforms,
+                                VOCFormatError)
 
-        ann = self.annotation(index)
-        path = self.image_path(index)
-        try:  # PIL: torchvision.io's decoders are deprecated since torchvision 0.29
-            with Image.open(path) as im:
-                image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
-        except OSError as e:  # missing, truncated or not an image (UnidentifiedImageError is an OSError)
-            raise VOCFormatError(f"{path}: cannot read the image ({e})") from None
-        if tuple(image.shape[1:]) != (ann.height, ann.width):
-            raise VOCFormatError(f"{path}: image is {image.shape[2]}x{image.shape[1]} but its annotation says "
-                                 f"{ann.width}x{ann.height}")
-        target = {
-            "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(ann.boxes), format="XYXY",
-                                              canvas_size=(ann.height, ann.width)),
-            "labels": torch.from_numpy(ann.labels),
-            "difficult": torch.from_numpy(ann.difficult),
-            "image_id": self.ids[index],
-        }
-        image = tv_tensors.Image(image)
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        return image, target
+
+def detection_sample(path: Path, ann: VOCAnnotation, image_id: str, transforms: Optional[Callable],
+                     error: type[Exception], record: Optional[str] = None):
+    """``(image, target)`` of one detection image, the layout's loaders alike (VOC, COCO): the image as a uint8
+    ``tv_tensors.Image`` [3, H, W] (PIL: torchvision.io's decoders are deprecated since torchvision 0.29), the
+    target ``{"boxes" (XYXY BoundingBoxes), "labels", "difficult", "image_id"}``, then ``transforms``. An
+    unreadable image, or one of another size than its annotation (``record`` names it) says, raises ``error``."""
+    from PIL import Image
+    from torchvision import tv_tensors
+
+    try:
+        with Image.open(path) as im:
+            image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+    except OSError as e:  # missing, truncated or not an image (UnidentifiedImageError is an OSError)
+        raise error(f"{path}{f' ({record})' if record else ''}: cannot read the image ({e})") from None
+    if tuple(image.shape[1:]) != (ann.height, ann.width):
+        raise error(f"{path}: image is {image.shape[2]}x{image.shape[1]} but {record or 'its annotation'} says "
+                    f"{ann.width}x{ann.height}")
+    target = {
+        "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(ann.boxes), format="XYXY",
+                                          canvas_size=(ann.height, ann.width)),
+        "labels": torch.from_numpy(ann.labels),
+        "difficult": torch.from_numpy(ann.difficult),
+        "image_id": image_id,
+    }
+    image = tv_tensors.Image(image)
+    if transforms is not None:
+        image, target = transforms(image, target)
+    return image, target
 
 
 class VOCConcat(ConcatDataset):
