@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from runtime.config import dump_config
+from runtime.config import ConfigError, dump_config
 from runtime.data import default_workers, normalization
 from runtime.distributed import all_reduce_min, world_size
 from runtime.errors import UserPathError
@@ -741,6 +741,16 @@ def _train_images(cfg: DetectionConfig) -> int:
                if record["annotations"])
 
 
+class _CurrentStdout:
+    """A stream that writes to the ``sys.stdout`` of the moment."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
 def build_trainer(cfg: DetectionConfig, resume: Optional[str] = None):
     """detectron2's trainer for ``cfg``, with weights/state loaded: ``resume`` "auto" continues from
     ``<output_dir>/last_checkpoint`` if present, a path continues from that checkpoint, None starts fresh."""
@@ -751,7 +761,7 @@ def build_trainer(cfg: DetectionConfig, resume: Optional[str] = None):
     from detectron2.utils.logger import setup_logger
 
     if cfg.model.norm == "frozenbatchnorm" and cfg.model.weights is None:
-        raise ValueError("model.norm=frozenbatchnorm with model.weights unset freezes randomly initialised BN, and "
+        raise ConfigError("model.norm=frozenbatchnorm with model.weights unset freezes randomly initialised BN, and "
                          "Faster R-CNN then diverges: set model.weights to a pretrained backbone (model.safetensors "
                          "of a classification run) or use model.norm=batchnorm")
     check_sync_bn(cfg.model, torch.cuda.is_available())
@@ -760,7 +770,12 @@ def build_trainer(cfg: DetectionConfig, resume: Optional[str] = None):
     d2 = build_d2_config(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    setup_logger(str(out), distributed_rank=comm.get_rank(), name="detectron2")
+    logger = setup_logger(str(out), distributed_rank=comm.get_rank(), name="detectron2")
+    # setup_logger is cached per arguments: its console handler would keep the sys.stdout of its first call,
+    # which a caller may swap later (a redirection, a test's capture): it writes to the current one instead.
+    for handler in logger.handlers:
+        if type(handler) is logging.StreamHandler and not isinstance(handler.stream, _CurrentStdout):
+            handler.setStream(_CurrentStdout())
     seed_all_rng(cfg.train.seed + comm.get_rank())
     if comm.is_main_process():
         dump_config(given, out / "config.yaml")  # ours, resolved (the schedule as given: see train.scale_schedule)

@@ -248,6 +248,7 @@ cfg = load_config(None, SegmentationConfig, overrides)
 trained = mmseg_engine.train(cfg)
 evaluated = mmseg_engine.evaluate(cfg, checkpoint)
 print(json.dumps(dict(rank=dist.get_rank(), writers=writers, trained=trained, evaluated=evaluated)))
+dist.destroy_process_group()  # as tricks.cli.main does after a command
 """
 
 

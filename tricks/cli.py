@@ -6,6 +6,7 @@ trainer, and detectron2/mmseg are imported only by the commands that use them.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -59,12 +60,28 @@ def _add_backbones(sub: argparse._SubParsersAction) -> None:
 
 
 def _setup_logging() -> None:
-    import logging
     import os
 
     rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
+    root = logging.getLogger()
+    if not root.handlers:  # as logging.basicConfig: a handler the user (or pytest) set up wins
+        root.setLevel(logging.INFO if rank == "0" else logging.WARNING)
+        handler = _CurrentStderrHandler()
+        handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(name)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+
+
+class _CurrentStderrHandler(logging.StreamHandler):
+    """A console handler writing to the ``sys.stderr`` of the moment, not the one it was made with (a second
+    ``tricks`` call in one process, from a test or a notebook, may have swapped it since)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 def _split_config(path: Optional[str], overrides: Sequence[str]) -> tuple[Optional[str], list[str]]:
@@ -473,6 +490,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         kind = "config error" if isinstance(e, ConfigError) else "error"
         print(f"tricks {args.command}: {kind}: {one_line(e)}", file=sys.stderr)
         return 2
+    finally:
+        # Under torchrun the engines (and detectron2's and mmengine's launchers) leave the process group up:
+        # a gloo/NCCL group alive at interpreter exit can abort the process ("terminate called without an
+        # active exception") after a successful run.
+        if "torch.distributed" in sys.modules:
+            from runtime.distributed import cleanup_distributed
+
+            cleanup_distributed()
 
 
 if __name__ == "__main__":
