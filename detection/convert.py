@@ -29,13 +29,13 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Optional
 from xml.sax.saxutils import escape
 
 from .coco import COCOFormatError, categories_of, load_instances
-from .voc import (VOCFormatError, _devkit, _difficult, _pixels, _text, read_image_set, resolve_classes)
+from .voc import (VOCFormatError, _devkit, _difficult, _pixels, _text, read_image_set, read_voc_xml,
+                  resolve_classes)
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +49,7 @@ def _number(value: float) -> int | float:
 def read_voc_objects(path: Path) -> tuple[int, int, list[tuple[str, bool, tuple[float, float, float, float]]]]:
     """``(width, height, [(name, difficult, (xmin, ymin, xmax, ymax)), ...])`` of a VOC XML file, the corners
     as written (no clipping). Errors name the file and the object."""
-    try:
-        root = ET.parse(path).getroot()
-    except FileNotFoundError:
-        raise VOCFormatError(f"{path}: annotation file not found (the image set lists this id)") from None
-    except ET.ParseError as e:
-        raise VOCFormatError(f"{path}: not valid XML ({e})") from None
-    size = root.find("size")
-    if size is None:
-        raise VOCFormatError(f"{path}: missing <size>")
+    root, size = read_voc_xml(path)
     objects = []
     for k, obj in enumerate(root.findall("object")):
         name = _text(obj, "name", path)

@@ -152,6 +152,21 @@ def _difficult(obj: ET.Element, where: Path, k: int, name: str) -> bool:
     raise VOCFormatError(f"{where}: object {k} ({name}) has <difficult>{flag.text}</difficult>, expected 0 or 1")
 
 
+
+def read_voc_xml(path: Path) -> tuple[ET.Element, ET.Element]:
+    """The root and ``<size>`` element of a VOC XML file; a missing, unparsable or size-less file is a
+    ``VOCFormatError`` naming it."""
+    try:
+        root = ET.parse(path).getroot()
+    except FileNotFoundError:
+        raise VOCFormatError(f"{path}: annotation file not found (the image set lists this id)") from None
+    except ET.ParseError as e:
+        raise VOCFormatError(f"{path}: not valid XML ({e})") from None
+    size = root.find("size")
+    if size is None:
+        raise VOCFormatError(f"{path}: missing <size> (VOC XML gives <size><width>..</width><height>..</height>)")
+    return root, size
+
 def parse_annotation(path: Path | str, classes: Sequence[str] = VOC_CLASSES,
                      skip_invalid: bool = False) -> VOCAnnotation:
     """Read one ``Annotations/<id>.xml``; labels index ``classes``. Errors name the file and the object.
@@ -162,15 +177,7 @@ def parse_annotation(path: Path | str, classes: Sequence[str] = VOC_CLASSES,
     VOC XML (missing ``<size>``/``<bndbox>``, a corner that is not a number) is always an error.
     """
     path = Path(path)
-    try:
-        root = ET.parse(path).getroot()
-    except FileNotFoundError:
-        raise VOCFormatError(f"{path}: annotation file not found (the image set lists this id)") from None
-    except ET.ParseError as e:
-        raise VOCFormatError(f"{path}: not valid XML ({e})") from None
-    size = root.find("size")
-    if size is None:
-        raise VOCFormatError(f"{path}: missing <size> (VOC XML gives <size><width>..</width><height>..</height>)")
+    root, size = read_voc_xml(path)
     width, height = _pixels(size, "width", path), _pixels(size, "height", path)
     index = {name: i for i, name in enumerate(classes)}
     boxes, labels, difficult = [], [], []
