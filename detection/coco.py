@@ -55,19 +55,25 @@ def _is_id(value: Any) -> bool:
     return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value != "")
 
 
-def load_instances(path: Path | str) -> dict:
-    """The JSON document of an instances file, with ``images``, ``annotations`` and ``categories`` lists
-    (``annotations`` may be absent: an unlabelled set). Errors name the file."""
-    path = Path(path)
+def read_json(path: Path | str, what: str) -> Any:
+    """The JSON document in ``path``; a missing file, invalid JSON or non-UTF-8 text is a
+    ``COCOFormatError`` naming the file (``what`` says which file: "annotation file", "results file")."""
     try:
         with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
+            return json.load(f)
     except FileNotFoundError:
-        raise COCOFormatError(f"{path}: annotation file not found") from None
+        raise COCOFormatError(f"{path}: {what} not found") from None
     except json.JSONDecodeError as e:
         raise COCOFormatError(f"{path}: not valid JSON ({e})") from None
     except UnicodeDecodeError as e:
         raise COCOFormatError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def load_instances(path: Path | str) -> dict:
+    """The JSON document of an instances file, with ``images``, ``annotations`` and ``categories`` lists
+    (``annotations`` may be absent: an unlabelled set). Errors name the file."""
+    path = Path(path)
+    doc = read_json(path, "annotation file")
     if not isinstance(doc, dict):
         raise COCOFormatError(f"{path}: expected a JSON object with images, annotations and categories, "
                               f"got a {type(doc).__name__} (a results file? score it with tricks coco-eval)")

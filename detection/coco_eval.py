@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .coco import COCOFormatError, categories_of, load_instances
+from .coco import COCOFormatError, categories_of, load_instances, read_json
 
 log = logging.getLogger(__name__)
 
@@ -175,13 +175,7 @@ def score_coco_files(gt_path: Path | str, results_path: Path | str) -> dict:
             raise COCOFormatError(f"{gt_path}: annotations[{k}] has no {missing[0]!r} (COCOeval needs id, image_id, "
                                   "category_id, bbox, area, iscrowd)")
     gt = coco_from_dict(doc)
-    try:
-        with open(results_path, encoding="utf-8") as f:
-            results = json.load(f)
-    except FileNotFoundError:
-        raise COCOFormatError(f"{results_path}: results file not found") from None
-    except json.JSONDecodeError as e:
-        raise COCOFormatError(f"{results_path}: not valid JSON ({e})") from None
+    results = read_json(results_path, "results file")
     return evaluate_coco(gt, check_results(results, gt, str(results_path)))
 
 

@@ -228,6 +228,12 @@ def test_coco_eval_errors_name_file_and_record(tmp_path, capsys):
     bad.write_text(json.dumps({"annotations": []}))
     assert detection_cli(["coco-eval", "--gt", str(gt_path), "--results", str(bad)]) == 2
     assert "expected a JSON list of detections" in capsys.readouterr().err
+    bad.write_text("[{")
+    assert detection_cli(["coco-eval", "--gt", str(gt_path), "--results", str(bad)]) == 2
+    assert capsys.readouterr().err.startswith(f"coco-eval: error: {bad}: not valid JSON")
+    missing = tmp_path / "nowhere.json"
+    assert detection_cli(["coco-eval", "--gt", str(gt_path), "--results", str(missing)]) == 2
+    assert capsys.readouterr().err.strip() == f"coco-eval: error: {missing}: results file not found"
 
 
 def test_no_detections_scores_zero(tmp_path):
