@@ -169,32 +169,24 @@ _DEEP_STEM = {"conv1.0.": "stem.0.", "conv1.1.": "stem.1.", "conv1.3.": "stem.3.
               "conv1.6.": "stem.6.", "bn1.": "stem.7."}
 
 
+def _rename_prefixes(key: str, prefixes: Mapping[str, str]) -> str:
+    """``key`` with its first matching prefix of ``prefixes`` ({old: new}) replaced."""
+    for old, new in prefixes.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
 def to_openmmlab(state: Mapping[str, Tensor], deep_stem: bool) -> dict[str, Tensor]:
     """Our ResNet state dict in OpenMMLab's names; the classifier is dropped (their ResNet has none)."""
-    out = {}
-    for key, value in state.items():
-        if key.startswith("fc."):
-            continue
-        if deep_stem:
-            for ours, theirs in _DEEP_STEM.items():
-                if key.startswith(ours):
-                    key = theirs + key[len(ours):]
-                    break
-        out[key] = value
-    return out
+    prefixes = _DEEP_STEM if deep_stem else {}
+    return {_rename_prefixes(key, prefixes): value for key, value in state.items() if not key.startswith("fc.")}
 
 
 def from_openmmlab(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """OpenMMLab ``ResNet``/``ResNetV1c``/``ResNetV1d`` names in ours."""
     back = {theirs: ours for ours, theirs in _DEEP_STEM.items()}
-    out = {}
-    for key, value in state.items():
-        for theirs, ours in back.items():
-            if key.startswith(theirs):
-                key = ours + key[len(theirs):]
-                break
-        out[key] = value
-    return out
+    return {_rename_prefixes(key, back): value for key, value in state.items()}
 
 
 # ---------------------------------------------------------------------------------------------- Caffe2 (MSRA)
