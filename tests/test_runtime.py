@@ -1,6 +1,8 @@
 """runtime/: the pieces every trainer shares (step, precision, data seeding, logging, resume)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
@@ -23,6 +25,9 @@ def test_eta_does_not_wrap_at_24_hours():
 def test_reduce_mean_single_process():
     assert reduce_mean({"loss": torch.tensor(6.0), "aux": torch.tensor(3.0)}, count=3) == {"aux": 1.0, "loss": 2.0}
     assert reduce_mean({}) == {}
+    # A device count (the loops count stepped steps without a host sync); none stepped: NaN, not 0.
+    assert reduce_mean({"loss": torch.tensor(6.0)}, count=torch.tensor(3.0)) == {"loss": 2.0}
+    assert math.isnan(reduce_mean({"loss": torch.tensor(0.0)}, count=torch.tensor(0.0))["loss"])
 
 
 def _stepper(precision: str, max_nonfinite: int = 3, accum: int = 1):
