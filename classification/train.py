@@ -236,6 +236,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
 
     def checkpoint(epochs_done: int, best: bool = False) -> None:
         """last.pth (and best.pth): every rank gathers its RNG state, rank 0 writes (atomically)."""
+        stepper.check_diverged(f"step {step}", str(out / "last.pth"))  # never a checkpoint after divergence
         rngs = gather_rng_states()
         if is_main:
             state = training_state(model, stepper, step=step, epoch=epochs_done, best_top1=best_top1,
@@ -254,7 +255,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         _skip(train_loader, first * t.accum_steps)
         use_mixup = t.mixup_alpha > 0 and epoch < t.epochs - t.mixup_off_epochs
         train_model.train()
-        loss_sum, loss_count = torch.zeros((), device=device), 0
+        loss_sum, loss_count = torch.zeros((), device=device), torch.zeros((), device=device)
         tic, images_seen = time.perf_counter(), 0
         batches = iter(train_loader)
         for _ in range(first, steps_per_epoch):
@@ -281,24 +282,24 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
             stepped = stepper.step(step_loss)
             step += 1
             progress.update(t.batch_size * t.accum_steps * dist_info.world_size)
-            stepper.check_diverged(f"epoch {epoch}, step {step}", str(out / "last.pth"))
-            if stepped:
-                loss_sum += step_loss
-                loss_count += 1
+            loss_sum += torch.where(stepped, step_loss, 0.0)  # a skipped step's loss is not logged
+            loss_count += stepped
             if step % t.log_every == 0 or step == end_step:
-                # The only host sync of the loss: here, every log_every steps.
-                mean_loss = reduce_mean({"loss": loss_sum}, loss_count)["loss"] if loss_count else float("nan")
+                # The only host syncs of the loop: here, every log_every steps (and at evaluations and checkpoints).
+                stepper.check_diverged(f"epoch {epoch}, step {step}", str(out / "last.pth"))
+                mean_loss = reduce_mean({"loss": loss_sum}, loss_count)["loss"]
                 lr = optimizer.param_groups[0]["lr"]
                 shown = progress.report(step, loss=mean_loss, lr=lr)
                 logger.log("train", step, epoch=step / steps_per_epoch, loss=mean_loss, lr=lr,
                            img_per_s=shown["img_per_s"])
                 loss_sum.zero_()
-                loss_count = 0
+                loss_count.zero_()
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step % steps_per_epoch:
                 checkpoint(epoch)  # inside the epoch; the epoch's end writes its own below
             if step >= end_step:
                 break
         train_time = time.perf_counter() - tic
+        stepper.check_diverged(f"end of epoch {epoch + 1}", str(out / "last.pth"))  # before evaluating
 
         last_epoch = epoch == t.epochs - 1 or step >= end_step
         is_best = False

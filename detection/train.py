@@ -227,6 +227,7 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
     stream = EpochStream(loader, sampler, epoch, used)
 
     def checkpoint(iteration: int) -> None:
+        stepper.check_diverged(f"iteration {iteration}", str(out / "last.pth"))  # never after divergence
         rngs = gather_rng_states()
         positions = gather_per_rank((stream.epoch, stream.used))
         if is_main:
@@ -237,7 +238,7 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
     progress = Progress(t.max_iter, start, enabled=is_main, logger=log)
     metrics: dict[str, Any] = {}
     loss_sums: dict[str, torch.Tensor] = {}
-    logged = 0
+    logged = torch.zeros((), device=device)
     for iteration in range(start, t.max_iter):
         images, targets = next(stream)
         images = [im.to(device, non_blocking=True).float().div_(255) for im in images]
@@ -249,20 +250,22 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
         stepped = stepper.step(loss)
         done = iteration + 1
         progress.update(global_batch)
-        stepper.check_diverged(f"iteration {done}", str(out / "last.pth"))
-        if stepped:
-            for k, v in {"loss": loss, **losses}.items():
-                loss_sums[k] = loss_sums.get(k, 0) + v.detach().float()
-            logged += 1
+        for k, v in {"loss": loss, **losses}.items():  # a skipped step's losses are not logged
+            loss_sums[k] = loss_sums.get(k, 0) + torch.where(stepped, v.detach().float(), 0.0)
+        logged += stepped
         if done % t.log_every == 0 or done == t.max_iter:
-            values = reduce_mean(loss_sums, logged)  # over steps and ranks: the only host sync of the losses
+            # The only host syncs of the loop: here, every log_every iterations (and at evaluations and checkpoints).
+            stepper.check_diverged(f"iteration {done}", str(out / "last.pth"))
+            values = reduce_mean(loss_sums, logged)  # over steps and ranks
             lr = optimizer.param_groups[0]["lr"]
             shown = progress.report(done, loss=values.get("loss", float("nan")), lr=lr)
             logger.log("train", done, lr=lr, img_per_s=shown["img_per_s"], **values)
-            loss_sums, logged = {}, 0
+            loss_sums = {}
+            logged.zero_()
         if done == t.max_iter:  # the trained model is on disk before the final evaluation can fail
             checkpoint(done)
         if (t.eval_every and done % t.eval_every == 0) or done == t.max_iter:
+            stepper.check_diverged(f"iteration {done}", str(out / "last.pth"))
             metrics = evaluate_detector(model, cfg, dist_info, test_set)
             logger.log("val", done, **{k: v for k, v in metrics.items() if isinstance(v, float)},
                        **{f"AP/{k}": v for k, v in metrics["AP"].items()})

@@ -72,7 +72,13 @@ def training_state(model: torch.nn.Module, stepper: Any, **extra: Any) -> dict[s
 def restore_training_state(ckpt: dict[str, Any], model: torch.nn.Module, stepper: Any) -> None:
     """Load what ``training_state`` wrote into ``model`` and ``stepper`` (its optimizer, schedule, scaler)."""
     model.load_state_dict(ckpt["model"])
+    # How this run's optimizer steps (fused kernel or not) is its own choice, not the checkpoint's: torch's
+    # load_state_dict would take "fused"/"foreach" from the saved groups, and a fused SGD whose groups say
+    # otherwise fails on the found_inf that OptimizerStep and GradScaler hand it.
+    implementation = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in stepper.optimizer.param_groups]
     stepper.optimizer.load_state_dict(ckpt["optimizer"])
+    for group, kept in zip(stepper.optimizer.param_groups, implementation):
+        group.update(kept)
     stepper.scheduler.load_state_dict(ckpt["scheduler"])
     stepper.scaler.load_state_dict(ckpt["scaler"])
     stepper.load_state_dict(ckpt.get("stepper", {}))

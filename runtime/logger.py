@@ -51,19 +51,24 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def reduce_mean(values: dict[str, torch.Tensor], count: int = 1) -> dict[str, float]:
+def reduce_mean(values: dict[str, torch.Tensor], count: int | torch.Tensor = 1) -> dict[str, float]:
     """Sums of ``count`` steps on this rank -> means over all steps of all ranks, as Python floats.
 
+    ``count`` is a Python int (the same on every rank) or a device tensor (the loops count stepped
+    steps on the device), summed over ranks in the same all-reduce; a tensor count of 0 gives NaN.
     One all-reduce for the whole dict, and the only host sync: call it at log steps, not every step."""
     names = sorted(values)
     if not names:
         return {}
-    stacked = torch.stack([values[n].detach().float().reshape(()) for n in names])
+    counted = isinstance(count, torch.Tensor)
+    stacked = torch.stack([values[n].detach().float().reshape(()) for n in names]
+                          + ([count.detach().float().reshape(())] if counted else []))
     world = 1
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(stacked)
         world = torch.distributed.get_world_size()
-    return dict(zip(names, (stacked / (max(count, 1) * world)).tolist()))
+    means = stacked[:-1] / stacked[-1] if counted else stacked / (max(count, 1) * world)
+    return dict(zip(names, means.tolist()))
 
 
 class Progress:

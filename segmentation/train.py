@@ -330,12 +330,14 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
 
     def checkpoint() -> None:
         """last.pth: every rank gathers its RNG state, rank 0 writes (atomically)."""
+        stepper.check_diverged(f"iteration {step}", str(out / "last.pth"))  # never a checkpoint after divergence
         rngs = gather_rng_states()
         if is_main:
             save_checkpoint(training_state(model, stepper, iteration=step, metrics=metrics, rng=rngs,
                                            config=to_dict(cfg)), out / "last.pth")
 
     def run_eval() -> dict[str, Any]:
+        stepper.check_diverged(f"iteration {step}", str(out / "last.pth"))
         result = evaluate(model, cfg, dist_info, precision.autocast, out / "overlays" if is_main else None)
         logger.log("val", step, **_val_record(result))
         if is_main:
@@ -348,7 +350,7 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
     batches = EpochStream(loader, sampler, batches_done // batches_per_epoch, batches_done % batches_per_epoch)
     progress = Progress(t.max_iter, step, enabled=is_main, logger=log)
     sums = {"loss": torch.zeros((), device=device), "aux_loss": torch.zeros((), device=device)}
-    stepped_count = 0
+    stepped_count = torch.zeros((), device=device)
     train_model.train()
     while step < t.max_iter:
         step_loss, step_aux = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -367,20 +369,19 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
         stepped = stepper.step(step_loss)
         step += 1
         progress.update(global_batch)
-        stepper.check_diverged(f"iteration {step}", str(out / "last.pth"))
-        if stepped:
-            sums["loss"] += step_loss
-            sums["aux_loss"] += step_aux
-            stepped_count += 1
+        sums["loss"] += torch.where(stepped, step_loss, 0.0)  # a skipped step's losses are not logged
+        sums["aux_loss"] += torch.where(stepped, step_aux, 0.0)
+        stepped_count += stepped
         if step % t.log_every == 0 or step == t.max_iter:
-            # The only host sync of the losses: here, every log_every iterations.
-            means = reduce_mean(sums, stepped_count) if stepped_count else {k: float("nan") for k in sums}
+            # The only host syncs of the loop: here, every log_every iterations (and at evaluations and checkpoints).
+            stepper.check_diverged(f"iteration {step}", str(out / "last.pth"))
+            means = reduce_mean(sums, stepped_count)
             shown = progress.report(step, loss=means["loss"], aux_loss=means["aux_loss"], lr=lr)
             logger.log("train", step, epoch=step * t.accum_steps / batches_per_epoch, lr=lr,
                        img_per_s=shown["img_per_s"], **means)
             for value in sums.values():
                 value.zero_()
-            stepped_count = 0
+            stepped_count.zero_()
         if step == t.max_iter:  # the trained model is on disk before the final evaluation can fail
             checkpoint()
         if (t.eval_every and step % t.eval_every == 0) or step == t.max_iter:

@@ -1,6 +1,8 @@
 """runtime/: the pieces every trainer shares (step, precision, data seeding, logging, resume)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
@@ -23,6 +25,9 @@ def test_eta_does_not_wrap_at_24_hours():
 def test_reduce_mean_single_process():
     assert reduce_mean({"loss": torch.tensor(6.0), "aux": torch.tensor(3.0)}, count=3) == {"aux": 1.0, "loss": 2.0}
     assert reduce_mean({}) == {}
+    # A device count (the loops count stepped steps without a host sync); none stepped: NaN, not 0.
+    assert reduce_mean({"loss": torch.tensor(6.0)}, count=torch.tensor(3.0)) == {"loss": 2.0}
+    assert math.isnan(reduce_mean({"loss": torch.tensor(0.0)}, count=torch.tensor(0.0))["loss"])
 
 
 def _stepper(precision: str, max_nonfinite: int = 3, accum: int = 1):
@@ -42,22 +47,22 @@ def test_nonfinite_steps_are_skipped_and_a_streak_stops_the_run(precision):
         with prec.autocast():
             loss = model(torch.full((2, 4), float("nan"))).float().mean()
         stepper.backward(loss)
-        assert stepper.step(loss) is False
+        assert not stepper.step(loss)
         assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # no update
         if k < 2:
             stepper.check_diverged("here", "last.pth")
     assert stepper.scheduler.last_epoch == 3  # the schedule counts iterations, skipped or not
-    with pytest.raises(TrainingDiverged, match="3 steps in a row"):
+    with pytest.raises(TrainingDiverged, match="3 steps in a row"):  # read on the host here, not in step()
         stepper.check_diverged("here", "last.pth")
 
 
 def test_finite_step_resets_the_streak():
     model, stepper, _ = _stepper("fp32")
-    stepper.nonfinite_streak = 2
+    stepper.load_state_dict({"nonfinite_streak": 2})
     loss = model(torch.ones(2, 4)).mean()
     stepper.backward(loss)
-    assert stepper.step(loss) is True and stepper.nonfinite_streak == 0
-    assert stepper.state_dict() == {"nonfinite_streak": 0}
+    assert stepper.step(loss) and stepper.nonfinite_streak == 0
+    assert stepper.state_dict() == {"nonfinite_streak": 0, "skipped_steps": 0}
 
 
 def test_gradient_accumulation_equals_the_full_batch():
