@@ -1,5 +1,5 @@
 """The mmseg engine: our metric equals mmseg's IoUMetric, the registered backbone keeps its declared
-features, and a tiny run in the exact ADE20K layout trains, evaluates and resumes through mmengine's Runner."""
+features, and a tiny run in the exact ADE20K layout learns, evaluates and resumes through mmengine's Runner."""
 from __future__ import annotations
 
 import json

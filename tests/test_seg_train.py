@@ -19,6 +19,7 @@ from easy_scenes import SEGMENTATION_LEARN, all_background_scores, write_easy_ad
 from runtime.config import load_config
 from runtime.distributed import DistInfo
 from runtime.schedules import lr_at, scale_lr
+from segmentation.metrics import SegmentationMetric
 from segmentation.config import (SegDataConfig, SegEvalConfig, SegModelConfig, SegOptimConfig, SegmentationConfig,
                                  SegTrainConfig)
 
@@ -111,6 +112,20 @@ def test_a_short_run_beats_the_all_background_prediction(tmp_path):
     assert metrics["images"] == 8 and baseline["mIoU"] < 35
     assert metrics["mIoU"] > baseline["mIoU"] + 30, (metrics, baseline)
     assert metrics["aAcc"] > baseline["aAcc"] + 10, (metrics, baseline)
+
+
+def test_the_all_background_baseline_is_the_metric_of_an_all_background_prediction(tmp_path):
+    """The learning check's baseline, recounted from the PNGs, equals SegmentationMetric given class 0 at
+    every pixel of the validation set as the engine reads it."""
+    from segmentation.ade20k import ADE20K
+
+    root = write_easy_ade(tmp_path / "ADEChallengeData2016", n=3, seed=1)
+    metric = SegmentationMetric(num_classes=3)
+    for _, mask in ADE20K(root, "validation", num_classes=3):
+        metric.update(torch.zeros_like(mask.as_subclass(torch.Tensor)), mask.as_subclass(torch.Tensor))
+    expected, baseline = metric.compute(), all_background_scores(root)
+    assert baseline["mIoU"] == pytest.approx(expected["mIoU"]) and baseline["aAcc"] == pytest.approx(expected["aAcc"])
+    assert 10 < baseline["mIoU"] < 35 < 50 < baseline["aAcc"] < 90
 
 
 def test_logged_lr_follows_the_poly_schedule(finished_run):
