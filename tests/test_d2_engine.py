@@ -295,20 +295,18 @@ def test_train_evaluate(devkit, tmp_path, small_heads):
         assert np.array_equal(again["detections"][image_id].scores, boxes.scores)
 
 
-@pytest.mark.skip(reason="not calibrated yet: 40 iterations score 2.8 (torch engine) and 1.3 (detectron2) VOC07 "
-                         "mAP against 0.3 for random boxes, too thin a margin for a reliable test; needs a setting "
-                         "that beats them safely within the unit suite's time")
 def test_a_short_run_beats_random_boxes(tmp_path):
-    """Learning happened: detectron2's trainer, 40 iterations on the fashion VOC scenes (the torch engine's
-    learning check, the same overrides), scores well above random boxes."""
-    from test_detection_train import LEARN, LEARN_CLASSES, random_boxes_map, write_learning_scenes
+    """Learning happened: detectron2's trainer, 100 iterations from scratch on eight easy scenes (the torch
+    engine's learning check, the same overrides), scores far above random boxes (seeds 0-2: 85.2 / 79.4 /
+    66.5 against 0.8 / 0.8 / 0.1 VOC07 mAP)."""
+    from easy_scenes import DETECTION_LEARN, SHAPES, random_boxes_map, write_easy_voc
 
-    devkit = write_learning_scenes(tmp_path)
-    metrics = d2_engine.train(load_config(None, DetectionConfig, ["engine=detectron2", *LEARN, f"data.root={devkit}",
-                                                                  f"output_dir={tmp_path / 'run'}"]))
-    baseline = random_boxes_map(devkit, LEARN_CLASSES)
-    assert metrics["images"] == 60 and baseline < 2.0
-    assert metrics["mAP"] > baseline + 5.0, (metrics["mAP"], baseline)
+    devkit = write_easy_voc(tmp_path / "VOCdevkit")
+    metrics = d2_engine.train(load_config(None, DetectionConfig, ["engine=detectron2", *DETECTION_LEARN,
+                                                                  f"data.root={devkit}", f"output_dir={tmp_path / 'run'}"]))
+    baseline = random_boxes_map(devkit, SHAPES)
+    assert metrics["images"] == 8 and baseline < 5
+    assert metrics["mAP"] > max(3 * baseline, baseline + 30), (metrics["mAP"], baseline)
 
 
 class Crash(Exception):

@@ -1,9 +1,8 @@
 """The mmseg engine: our metric equals mmseg's IoUMetric, the registered backbone keeps its declared
-features, and a tiny run in the exact ADE20K layout trains, evaluates and resumes through mmengine's Runner."""
+features, and a tiny run in the exact ADE20K layout learns, evaluates and resumes through mmengine's Runner."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from easy_scenes import SEGMENTATION_LEARN, all_background_scores, write_easy_ade
 from runtime.config import load_config
 from segmentation.config import SegmentationConfig
 from segmentation.metrics import SegmentationMetric
@@ -86,35 +86,36 @@ def _scalars(work_dir) -> list[dict]:
     return [json.loads(line) for line in newest.read_text().splitlines()]
 
 
-def test_tiny_run_trains_evaluates_and_resumes(tmp_path):
-    root = tmp_path / "ADEChallengeData2016"
-    _write_ade20k(root, {"training": 4, "validation": 2}, num_classes=3)
+def test_tiny_run_learns_evaluates_and_resumes(tmp_path):
+    """mmengine's Runner, 100 iterations from scratch on eight easy scenes in the ADE20K layout (the torch
+    engine's learning check, the same overrides): learning happened, far above predicting background
+    everywhere (seeds 0-2: mIoU 81.5 / 80.5 / 77.8 against 21.1 / 19.8 / 20.9); the checkpoint evaluates to
+    the same numbers; resuming continues at iteration 100."""
+    root = write_easy_ade(tmp_path / "ADEChallengeData2016")
     out = tmp_path / "run"
-    overrides = [
-        "engine=mmseg", f"data.root={tmp_path}", f"output_dir={out}",
-        "model.backbone=resnet18d", "model.kwargs={width_mult: 0.25}", "model.channels=16", "model.aux_channels=8",
-        "data.num_classes=3", "data.scale=[80, 64]", "data.crop_size=[64, 64]", "data.workers=0",
-        "train.batch_size=2", "train.max_iter=2", "train.eval_every=0", "train.checkpoint_every=2",
-        "train.log_every=1",
-    ]
+    overrides = ["engine=mmseg", *SEGMENTATION_LEARN, f"data.root={tmp_path}", f"output_dir={out}"]
     cfg = load_config(None, SegmentationConfig, overrides)
     metrics = mmseg_engine.train(cfg)
     assert set(metrics) == {"mIoU", "mAcc", "aAcc"}
-    assert all(0 <= v <= 100 and math.isfinite(v) for v in metrics.values())
-    checkpoint = out / "iter_2.pth"
+    baseline = all_background_scores(root)
+    assert baseline["mIoU"] < 35
+    assert metrics["mIoU"] > baseline["mIoU"] + 30, (metrics, baseline)
+    assert metrics["aAcc"] > baseline["aAcc"] + 10, (metrics, baseline)
+    checkpoint = out / "iter_100.pth"
     assert checkpoint.is_file() and (out / "config.yaml").is_file()
 
     # The checkpoint holds the weights that were just validated: evaluating it gives the same numbers.
     assert mmseg_engine.evaluate(cfg, str(checkpoint)) == metrics
 
-    # Resume continues at iteration 2 (one more step, under CPU bf16 autocast) and validates again.
-    resumed_cfg = load_config(None, SegmentationConfig, [*overrides, "train.max_iter=3", "train.checkpoint_every=1",
-                                                         "train.resume=auto", "train.precision=bf16"])
+    # Resume continues at iteration 100 (one more step, under CPU bf16 autocast) and validates again.
+    resumed_cfg = load_config(None, SegmentationConfig, [*overrides, "train.max_iter=101", "train.checkpoint_every=1",
+                                                         "train.log_every=1", "train.resume=auto",
+                                                         "train.precision=bf16"])
     resumed = mmseg_engine.train(resumed_cfg)
     assert set(resumed) == {"mIoU", "mAcc", "aAcc"}
-    assert (out / "iter_3.pth").is_file()
+    assert (out / "iter_101.pth").is_file()
     train_steps = [r["step"] for r in _scalars(out) if "loss" in r]
-    assert train_steps == [3]
+    assert train_steps == [101]
 
 
 def test_torch_engine_checkpoint_scores_the_same_through_mmseg(tmp_path):
