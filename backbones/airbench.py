@@ -10,6 +10,7 @@ https://github.com/tysam-code/hlb-CIFAR10. The network, as there:
   output is a whitened view of every patch. The weights come from data (``init_from_data``, called by
   the trainer with the first ``data_init_images`` training images before the first step);
 * three blocks ``conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU`` (widths 64, 256, 256);
+  ``whiten_from_data=False`` (an ablation) makes it an ordinary trained conv instead;
 * a global max-pool and a linear classifier whose logits are scaled by ``logit_scale`` (1/9 there).
 
 Left out from airbench: its BN with frozen gamma and momentum 0.6, the identity (dirac) init of the
@@ -81,6 +82,7 @@ class AirbenchNet(Backbone):
         widths: Sequence[int] = (64, 256, 256),
         whiten_kernel: int = 2,
         whiten_eps: float = 5e-4,
+        whiten_from_data: bool = True,
         logit_scale: float = 1 / 9,
         output_stride: int = 32,
         zero_init_last: bool = False,
@@ -110,9 +112,11 @@ class AirbenchNet(Backbone):
         self.reset_classifier(num_classes)
         self.default_cfg = dict(input_size=(in_chans, 32, 32), mean=(0.5,) * in_chans, std=(0.25,) * in_chans)
         init_weights(self, init)
-        # Until init_from_data: the whitening filters as initialised above, trained like any other conv
-        # would not be airbench; they stay frozen from the start (the bias trains).
-        self.whiten.weight.requires_grad_(False)
+        if whiten_from_data:
+            # Frozen from the start (the bias trains); set by init_from_data before the first step.
+            self.whiten.weight.requires_grad_(False)
+        else:  # the ablation: an ordinary trained 2x2 conv, initialised like the others
+            self.data_init_images = 0
 
     @torch.no_grad()
     def init_from_data(self, images: Tensor) -> None:

@@ -78,6 +78,8 @@ def test_airbench_features_and_frozen_whitening():
     assert not model.whiten.weight.requires_grad and model.whiten.bias.requires_grad
     assert model.whiten.out_channels == 8  # 2 x (1 channel x 2 x 2 patch)
     assert profile_backbone("airbench")["input_size"] == (3, 32, 32)
+    plain = create_backbone("airbench", whiten_from_data=False)  # the ablation: an ordinary trained conv
+    assert plain.whiten.weight.requires_grad and plain.data_init_images == 0
     for bad in (dict(zero_init_last=True), dict(output_stride=16), dict(widths=(8, 8))):
         with pytest.raises(ValueError):
             create_backbone("airbench", **bad)
