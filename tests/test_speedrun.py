@@ -85,16 +85,18 @@ def test_airbench_features_and_frozen_whitening():
             create_backbone("airbench", **bad)
 
 
-def test_trainer_sets_whitening_from_the_unaugmented_training_images(tmp_path):
+def test_trainer_sets_whitening_from_the_unaugmented_training_images(tmp_path, monkeypatch):
+    from backbones.airbench import AirbenchNet
     from classification.train import build_data, normalization
     from runtime.distributed import DistInfo
 
+    monkeypatch.setattr(AirbenchNet, "data_init_images", 40)  # of the 96 training images
     cfg = tiny(tmp_path, "train.max_steps=2", "train.epochs=1")
     train(cfg)
     saved = load_state_dict(Path(cfg.output_dir) / "model.safetensors")
     info = DistInfo(0, 0, 1, torch.device("cpu"))
     loader, _, _, val_prepare, _, _ = build_data(cfg, *normalization(cfg), info)
-    expected = patch_whitening_weights(val_prepare(loader.images), 2)  # 96 images < data_init_images: all
+    expected = patch_whitening_weights(val_prepare(loader.images[:40]), 2)  # the first 40, unaugmented
     torch.testing.assert_close(saved["whiten.weight"], expected)
 
 
