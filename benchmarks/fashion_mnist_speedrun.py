@@ -58,22 +58,21 @@ def run(name: str, config: str, overrides: list[str], seed: int, work: Path) -> 
     out = work / f"{name.split()[0]}-{seed}-{time.time_ns()}"
     args = [f"output_dir={out}", f"train.seed={seed}", *overrides]
     cfg = load_config(config, Config, args)
+    curve: list[tuple[float, float]] = []  # (wall s since the call, top-1) after each evaluation
+
+    def timed(epoch: int, metrics: dict) -> None:
+        if metrics.get("epoch") == epoch + 1:  # this epoch was evaluated
+            curve.append((time.perf_counter() - tic, metrics["top1"]))
+
     tic = time.perf_counter()
-    metrics = train(cfg)
+    metrics = train(cfg, callbacks=[timed])
     wall = time.perf_counter() - tic
     val = read_records(out / "metrics.jsonl", "val")
-    # Wall time at each evaluation: the call's start-up plus training time so far plus evaluation time,
-    # spread so that the last point is the whole call.
-    train_total = sum(r["train_time_s"] for r in val)
-    elapsed, curve = wall - train_total, []
-    for r in val:
-        elapsed += r["train_time_s"]
-        curve.append((elapsed, r["top1"]))
     other = evaluate_checkpoint(load_config(config, Config, [*args, f"data.val_hflip_tta={not cfg.data.val_hflip_tta}"]),
                                 str(out / "model.safetensors"))
     tta, plain = (metrics["top1"], other["top1"]) if cfg.data.val_hflip_tta else (other["top1"], metrics["top1"])
     return {"name": name, "config": config, "overrides": overrides, "seed": seed, "epochs": cfg.train.epochs,
-            "top1": metrics["top1"], "top1_plain": plain, "top1_tta": tta, "wall_s": wall, "curve": curve,
+            "top1": metrics["top1"], "top1_plain": plain, "top1_tta": tta, "wall_s": wall, "curve": curve, "curve_timed": True,
             "img_per_s": val[-1]["train_img_per_s"], "machine": machine(), "commit": commit(),
             "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}
 
@@ -123,10 +122,21 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def _epoch_curve(record: dict) -> list[tuple[float, float]]:
+    """Records of the first version of this script summed per-epoch train times only at evaluated epochs
+    (wrong with train.eval_every > 1): place their points by epoch fraction of the wall instead."""
+    if record.get("curve_timed"):
+        return record["curve"]
+    n, e = len(record["curve"]), record["epochs"]
+    every = e / n
+    return [(record["wall_s"] * (every * (i + 1)) / e, acc) for i, (_, acc) in enumerate(record["curve"])]
+
+
 def report(records: list[dict]) -> None:
     """Write results/fashion_mnist_speedrun.md and .png from the records."""
     by_name: dict[str, list[dict]] = {}
     for r in records:
+        r["curve"] = _epoch_curve(r)
         by_name.setdefault(r["name"], []).append(r)
     rows = []
     for name, rs in by_name.items():
@@ -158,7 +168,10 @@ def report(records: list[dict]) -> None:
         + table(rows, ["recipe", "seeds", "epochs", "top-1 %", "top-1 % without TTA", "top-1 % with flip TTA",
                        "wall min", "train img/s", "config and overrides"])
         + f"\nTarget: >= {TARGET}% (mean of 3 seeds) in no more wall time than the paper's recipe: {verdict}.\n\n"
-        + "![accuracy vs wall time](fashion_mnist_speedrun.png)\n")
+        + "![accuracy vs wall time](fashion_mnist_speedrun.png)\n"
+        + ("\nThe plot's points of the runs marked untimed in the records (the script's first version) sit at the\n"
+           "epoch's fraction of the run's wall time, not at measured times; walls and accuracies are measured.\n"
+           if any(not r.get("curve_timed") for r in records) else ""))
     _plot(by_name)
     (OUT["dir"] / "fashion_mnist_speedrun.md").write_text(md)
 
