@@ -1,4 +1,5 @@
-"""One registry of backbones: ResNet (original, B, C, D; 18-152), MobileNet, Inception-V3.
+"""One registry of backbones: ResNet (original, B, C, D; 18-152), MobileNet, Inception-V3, and (not in the
+paper) airbench's CIFAR-10 speedrun network.
 
 Importing this package registers every network; ``create_backbone(name, ...)`` builds one.
 Only torch (and safetensors, for weights I/O) is imported here.
@@ -9,7 +10,7 @@ from .complexity import count_macs, count_params, profile_backbone
 from .weights import load_state_dict, load_weights, read_metadata, save_weights
 
 # The one place where the networks are registered (explicit imports, no discovery magic).
-from . import inception, mobilenet, resnet  # noqa: E402,F401  isort: skip
+from . import airbench, inception, mobilenet, resnet  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "Backbone", "BackboneArgumentError", "FeatureInfo", "FrozenBatchNorm2d", "IMAGENET_MEAN", "IMAGENET_STD",

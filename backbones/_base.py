@@ -95,6 +95,9 @@ class Backbone(nn.Module):
     feature_info: list[FeatureInfo]
     num_features: int
     default_cfg: dict
+    # > 0: the network initialises some weights from data (airbench's patch whitening); the trainer
+    # passes this many normalised training images to ``init_from_data`` before the first step.
+    data_init_images: int = 0
 
     def __init__(self, norm_eval: bool = False):
         super().__init__()
@@ -107,6 +110,9 @@ class Backbone(nn.Module):
 
     def forward_stem(self, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def init_from_data(self, images: Tensor) -> None:
+        """Data-dependent initialisation from ``data_init_images`` normalised training images (default: none)."""
 
     def forward_features(self, x: Tensor) -> dict[str, Tensor]:
         """Default for networks built as a stem and stages ``layer1``..``layer4`` (res2..res5)."""

@@ -8,6 +8,9 @@ run vectorised on the batch (airbench-style), on the GPU for GPU users. Semantic
   then bilinear resampling by two gathers per axis; this equals ``resized_crop(antialias=False)``
   (tested) and ``antialias=True`` whenever the crop is upsampled, which is the case this
   pipeline is for (small images). Large images use the per-sample pipeline (``data.pipeline=samples``).
+* ``data.translate`` (not in the paper; airbench's ``batch_crop``): each image shifted by a random
+  offset in ``[-t, t]`` px per axis, reflect-padded, as ``v2.RandomCrop(size, padding=t,
+  padding_mode="reflect")`` per image.
 * flip, brightness, contrast, saturation: per-image factors; the order of the three colour ops is
   drawn once per batch (torchvision draws it per image).
 * PCA lighting: ``transforms.Lighting`` is already batched.
@@ -93,6 +96,21 @@ def resized_crop(images: Tensor, boxes: Tensor, size: int) -> Tensor:
     return cols(r, x0) * (1 - fx) + cols(r, x1) * fx
 
 
+def translate(images: Tensor, offsets: Tensor, pad: int) -> Tensor:
+    """Shift each image of ``images`` [N, C, H, W] by ``offsets`` [N, 2] (dy, dx in ``[-pad, pad]``).
+
+    Output pixel ``(i, j)`` of image ``n`` is pixel ``(i + dy, j + dx)`` of the image reflect-padded by
+    ``pad``: the crop at ``(pad + dy, pad + dx)`` of the padded image, what ``RandomCrop`` with
+    ``padding=pad, padding_mode="reflect"`` takes. Two gathers, no per-image Python.
+    """
+    n, c, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")
+    rows = (offsets[:, 0, None] + pad + torch.arange(h, device=images.device)).long()  # [N, H]
+    cols = (offsets[:, 1, None] + pad + torch.arange(w, device=images.device)).long()  # [N, W]
+    x = padded.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * pad))
+    return x.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+
+
 def _grayscale(x: Tensor) -> Tensor:
     if x.shape[1] == 1:
         return x
@@ -139,12 +157,16 @@ class BatchAugment(nn.Module):
     def _train(self, x: Tensor) -> Tensor:
         c = self.cfg
         n = x.shape[0]
-        boxes = random_resized_crop_params(n, x.shape[-2], x.shape[-1], (c.min_area, c.max_area),
-                                           (3 / 4, 4 / 3), device=x.device)
-        x = resized_crop(x, boxes, c.img_size)
+        if not (c.min_area >= 1 and c.max_area >= 1 and x.shape[-2] == x.shape[-1] == c.img_size):
+            # (area 100% of a square image at its own size: every draw is the whole image, the identity)
+            boxes = random_resized_crop_params(n, x.shape[-2], x.shape[-1], (c.min_area, c.max_area),
+                                               (3 / 4, 4 / 3), device=x.device)
+            x = resized_crop(x, boxes, c.img_size)
         if c.hflip > 0:
             flip = torch.rand(n, device=x.device) < c.hflip
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if c.translate > 0:
+            x = translate(x, torch.randint(-c.translate, c.translate + 1, (n, 2), device=x.device), c.translate)
         ops = [op for op, strength in ((self._brightness, c.brightness), (self._contrast, c.contrast),
                                        (self._saturation, c.saturation)) if strength > 0]
         for i in torch.randperm(len(ops)).tolist():

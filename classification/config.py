@@ -40,6 +40,7 @@ class DataConfig:
     min_area: float = 0.08                  # RandomResizedCrop smallest area fraction
     max_area: float = 1.0
     hflip: float = 0.5                      # horizontal flip probability
+    translate: int = 0                      # tensor pipeline: random shift by up to this many px per axis, reflect-padded (not in the paper; airbench)
     brightness: float = 0.4                 # factor ~ U[1-b, 1+b]
     contrast: float = 0.4                   # factor ~ U[1-c, 1+c]
     saturation: float = 0.4                 # factor ~ U[1-s, 1+s]
@@ -87,6 +88,8 @@ class TrainConfig:
     max_steps: int = 0                      # >0: stop after this many optimizer steps (smoke tests, benchmarks)
     checkpoint_every: int = 0               # >0: also write last.pth every this many steps (inside an epoch); 0 = per epoch only
     compile: bool = False                   # torch.compile the model
+    ema_decay: float = 0.0                  # >0: exponential moving average of the weights and BN statistics, updated every
+                                            # step; evaluated and saved instead of the raw weights (not in the paper)
 
 
 @dataclass

@@ -4,7 +4,8 @@
 DDP, resume) once, then the epoch loop. Every refinement is a config value (see ``config.py``):
 linear LR scaling and warmup (``schedules``), zero-gamma (``model.zero_init_last``), no bias decay
 (``optim``), FP16/BF16 (``train.precision``), cosine (``optim.schedule``), label smoothing, mixup
-and distillation (``losses``).
+and distillation (``losses``). Beyond the paper: an EMA of the weights (``train.ema_decay``) and
+data-dependent initialisation (a backbone's ``data_init_images``, airbench's patch whitening).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DistributedSampler
 
 from backbones import Backbone, BackboneArgumentError, create_backbone, save_weights
@@ -145,6 +147,31 @@ def build_data(cfg: Config, mean: list[float], std: list[float], dist_info: Dist
     return train_loader, val_loader, nn.Identity(), nn.Identity(), sampler, num_classes
 
 
+def weight_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """``train.ema_decay``: torch's ``AveragedModel`` keeping ``ema = decay * ema + (1 - decay) * w`` of every
+    parameter and buffer (BN statistics too) after each ``update_parameters(model)``; the first update
+    copies the weights. ``.module`` is the averaged network."""
+    if not 0.0 < decay < 1.0:
+        raise ConfigError(f"train.ema_decay must be in (0, 1) (0 = off), got {decay}")
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def data_init_images(loader, val_prepare: Callable[[torch.Tensor], torch.Tensor], count: int,
+                     device: torch.device) -> torch.Tensor:
+    """The first ``count`` training images as the network sees them, for a backbone's ``init_from_data``
+    (airbench's patch whitening): unaugmented (``val_prepare``) from the in-memory pipeline, as airbench
+    does; the per-sample pipeline's batches come augmented."""
+    if isinstance(loader, TensorLoader):
+        return val_prepare(loader.images[:count].to(device))
+    chunks, have = [], 0
+    for images, _, _ in loader:
+        chunks.append(images.to(device))
+        have += images.shape[0]
+        if have >= count:
+            break
+    return torch.cat(chunks)[:count]
+
+
 def train(cfg: Config, callbacks: Sequence[EpochCallback] = ()) -> dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.data``; returns the final metrics. ``callbacks(epoch, metrics)`` run
     on every rank after each epoch's checkpoint is written."""
@@ -187,6 +214,8 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
     model = model.to(memory_format=memory_format)
     if cfg.model.sync_bn and dist_info.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.model.weights is None and model.data_init_images > 0:  # (a resumed run loads its weights over it)
+        model.init_from_data(data_init_images(train_loader, val_prepare, model.data_init_images, device))
     teacher = None
     if cfg.distill.teacher:
         teacher = create_backbone(cfg.distill.teacher, weights=cfg.distill.teacher_weights, num_classes=num_classes,
@@ -205,6 +234,8 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
     stepper = OptimizerStep(optimizer, scheduler, precision.scaler, accum_steps=t.accum_steps,
                             max_nonfinite=t.max_nonfinite)
     criterion = ClassificationLoss(label_smoothing=t.label_smoothing, temperature=cfg.distill.temperature)
+    ema = weight_ema(model, t.ema_decay) if t.ema_decay else None
+    eval_model = ema.module if ema is not None else None  # None: the trained model (set below)
 
     # ---- resume: weights, optimizer, schedule, scaler, every rank's RNG, the step inside the epoch ----
     step, best_top1 = 0, -1.0
@@ -214,6 +245,11 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         ckpt = load_checkpoint(resume_path)
         check_fits(model, ckpt["model"], resume_path, f"this run's {cfg.model.name} ({num_classes} classes)", ckpt)
         restore_training_state(ckpt, model, stepper)
+        if ema is not None:
+            if "ema" not in ckpt:
+                raise ConfigError(f"train.ema_decay={t.ema_decay} but {resume_path} holds no weight average (written "
+                                  "without train.ema_decay): resume with train.ema_decay=0 or start a new run")
+            ema.load_state_dict(ckpt["ema"])
         step, best_top1 = ckpt["step"], ckpt["best_top1"]
         metrics = dict(ckpt["metrics"])  # a finished run resumed again just re-exports its result
         restore_rng_states(ckpt["rng"], dist_info.rank, dist_info.world_size)
@@ -226,6 +262,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         train_model = torch.compile(model)
     if dist_info.distributed:
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    eval_model = eval_model if eval_model is not None else train_model
 
     logger = RunLogger(out, enabled=is_main)
     if is_main:
@@ -240,7 +277,8 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         rngs = gather_rng_states()
         if is_main:
             state = training_state(model, stepper, step=step, epoch=epochs_done, best_top1=best_top1,
-                                   metrics=metrics, rng=rngs, config=to_dict(cfg))
+                                   metrics=metrics, rng=rngs, config=to_dict(cfg),
+                                   **({"ema": ema.state_dict()} if ema is not None else {}))
             save_checkpoint(state, out / "last.pth")
             if best:
                 save_checkpoint(state, out / "best.pth")
@@ -280,6 +318,8 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
                 step_loss += loss.detach() / t.accum_steps
                 images_seen += images.shape[0]
             stepped = stepper.step(step_loss)
+            if ema is not None:
+                ema.update_parameters(model)
             step += 1
             progress.update(t.batch_size * t.accum_steps * dist_info.world_size)
             loss_sum += torch.where(stepped, step_loss, 0.0)  # a skipped step's loss is not logged
@@ -307,7 +347,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
             metrics = {}  # without a result: resuming from this checkpoint evaluates (below the loop)
             checkpoint(epoch + 1)
         if (epoch + 1) % t.eval_every == 0 or last_epoch:
-            metrics = evaluate(train_model, val_loader, device, precision.autocast, cfg.model.channels_last,
+            metrics = evaluate(eval_model, val_loader, device, precision.autocast, cfg.model.channels_last,
                                val_prepare, cfg.data.val_hflip_tta)
             metrics.update(epoch=epoch + 1, train_time_s=train_time,
                            train_img_per_s=images_seen * dist_info.world_size / train_time)
@@ -327,12 +367,13 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
             break
     progress.close()
     if "top1" not in metrics:  # resumed from the checkpoint written before a final evaluation that failed
-        metrics = evaluate(train_model, val_loader, device, precision.autocast, cfg.model.channels_last,
+        metrics = evaluate(eval_model, val_loader, device, precision.autocast, cfg.model.channels_last,
                            val_prepare, cfg.data.val_hflip_tta)
 
     if is_main:
         metrics["skipped_images"] = skipped_images
-        save_weights(model, out / "model.safetensors", metadata={
+        # with train.ema_decay: the averaged weights, the ones evaluated
+        save_weights(ema.module if ema is not None else model, out / "model.safetensors", metadata={
             "provenance": f"tricks train ({cfg.data.name}, {t.epochs} epochs)", "top1": metrics.get("top1"),
             "top5": metrics.get("top5"), "dataset": cfg.data.name, "config": to_dict(cfg)})
         plot_run(out)

@@ -94,6 +94,8 @@ def train_transform(cfg: DataConfig, mean: Sequence[float], std: Sequence[float]
     ]
     if cfg.hflip > 0:
         ops.append(v2.RandomHorizontalFlip(cfg.hflip))
+    if cfg.translate > 0:  # not in the paper (airbench): a shift of up to `translate` px, reflect-padded
+        ops.append(v2.RandomCrop(cfg.img_size, padding=cfg.translate, padding_mode="reflect"))
     # The paper scales hue, saturation and brightness by U[0.6, 1.4]; GluonCV's reference recipe
     # (the one its ImageNet numbers come from) jitters brightness, contrast and saturation by 0.4 and
     # leaves hue alone, hence the config defaults. torchvision's hue is an additive shift in
