@@ -1,6 +1,5 @@
 """The time-to-accuracy recipe's pieces (not in the paper): airbench's network and patch whitening,
 translate augmentation, the EMA of the weights, each against a reference."""
-import math
 from pathlib import Path
 
 import numpy as np
