@@ -23,6 +23,7 @@ raw per-round times ``bench.json`` in ``--out``.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -540,6 +541,7 @@ def markdown(rows: list[Row], peaks: dict | None, title: str, command: str, mode
     text += f"- mode: {mode}; rounds per row: {', '.join(map(str, rounds))}\n"
     if load is not None:
         text += f"- 1-minute load average: {load[0]:.1f} at the start, {load[1]:.1f} at the end\n"
+    text += f"- torch threads: {torch.get_num_threads()} of {os.cpu_count()} cores\n"
     text += ("\n"
              "Method: the two sides of a row alternate round by round (A B, B A, ...); a side's value in a round is "
              "the median of its per-unit times after warm-up (per iteration: the engines' own step timers; per "
@@ -617,13 +619,21 @@ def check_groups(groups: Sequence[str]) -> None:
         raise ValueError(f"--only {','.join(groups)}: row groups are {', '.join(GROUPS)} (comma-separated)")
 
 
-def run_bench(out: Path | str, quick: bool = False, groups: Sequence[str] = GROUPS, command: str = "tricks bench") -> Path:
-    """Measure the rows of ``groups`` (``QUICK`` or ``FULL`` sizes) and write the report into ``out``."""
+def run_bench(out: Path | str, quick: bool = False, groups: Sequence[str] = GROUPS, command: str = "tricks bench",
+              rounds: int | None = None, threads: int | None = None) -> Path:
+    """Measure the rows of ``groups`` (``QUICK`` or ``FULL`` sizes; ``rounds``, if given, replaces the mode's) and
+    write the report into ``out``. ``threads``: torch's intra-op threads for the whole run (the pipeline rows
+    always use one)."""
+    import dataclasses
     import os
 
     check_groups(groups)
     load_start = os.getloadavg()[0]
     sizes, out = (QUICK if quick else FULL), Path(out)
+    if rounds is not None:
+        sizes = dataclasses.replace(sizes, rounds=rounds)
+    if threads is not None:
+        torch.set_num_threads(threads)
     rows: list[Row] = []
     peaks = None
     with tempfile.TemporaryDirectory(prefix="tricks_bench_") as tmp:
