@@ -533,10 +533,11 @@ def _seconds(s: float) -> str:
 
 
 def markdown(rows: list[Row], peaks: dict | None, title: str, command: str, mode: str,
-             load: tuple[float, float] | None = None) -> str:
-    """The report: machine and commit, the method, one table per group, the measured peaks. ``load``: the
-    1-minute load average at the start and the end (how shared the machine was)."""
-    text = header(title, command)
+             load: tuple[float, float] | None = None, measured_commit: str | None = None) -> str:
+    """The report: machine and commit (``measured_commit``: the code measured, taken at the start), the method, one
+    table per group, the measured peaks. ``load``: the 1-minute load average at the start and the end (how
+    shared the machine was)."""
+    text = header(title, command, measured_commit)
     rounds = sorted({len(r.times) for r in rows})
     text += f"- mode: {mode}; rounds per row: {', '.join(map(str, rounds))}\n"
     if load is not None:
@@ -601,11 +602,11 @@ def plot(rows: list[Row], path: Path) -> None:
 
 
 def write(rows: list[Row], peaks: dict | None, out: Path, command: str, mode: str,
-          load: tuple[float, float] | None = None) -> Path:
+          load: tuple[float, float] | None = None, measured_commit: str | None = None) -> Path:
     """``out/bench.md``, ``bench.png`` and ``bench.json`` (the raw per-round, per-unit seconds)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.md").write_text(markdown(rows, peaks, "tricks bench: the suite vs its reference libraries",
-                                           command, mode, load))
+                                           command, mode, load, measured_commit))
     plot(rows, out / "bench.png")
     raw = [{"group": r.group, "what": r.what, "ours": r.ours, "reference": r.reference, "unit": r.unit,
             "times": r.times, "ratios": ratios(r.times)} for r in rows]
@@ -625,10 +626,11 @@ def run_bench(out: Path | str, quick: bool = False, groups: Sequence[str] = GROU
     write the report into ``out``. ``threads``: torch's intra-op threads for the whole run (the pipeline rows
     always use one)."""
     import dataclasses
-    import os
+
+    from benchmarks._common import commit
 
     check_groups(groups)
-    load_start = os.getloadavg()[0]
+    load_start, measured_commit = os.getloadavg()[0], commit()  # the code measured, whatever happens meanwhile
     sizes, out = (QUICK if quick else FULL), Path(out)
     if rounds is not None:
         sizes = dataclasses.replace(sizes, rounds=rounds)
@@ -648,4 +650,5 @@ def run_bench(out: Path | str, quick: bool = False, groups: Sequence[str] = GROU
             rows += pipeline_rows(sizes, work / "pipeline")
         if "eval" in groups:
             rows += eval_rows(sizes, work / "eval")
-    return write(rows, peaks, out, command, "quick" if quick else "full", (load_start, os.getloadavg()[0]))
+    return write(rows, peaks, out, command, "quick" if quick else "full", (load_start, os.getloadavg()[0]),
+                 measured_commit)
