@@ -110,12 +110,13 @@ class CatMaxRatioCrop(v2.Transform):
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         height, width = _image_size(flat_inputs)
         box = self._draw(height, width)
-        masks = [x for x in flat_inputs if isinstance(x, tv_tensors.Mask)]
+        masks = [x.as_subclass(Tensor) for x in flat_inputs if isinstance(x, tv_tensors.Mask)]
         if self.cat_max_ratio < 1 and masks:
             for _ in range(10):
                 y1, y2, x1, x2 = box
-                crop = masks[0][..., y1:y2, x1:x2].as_subclass(Tensor)
-                counts = torch.bincount(crop[crop != self.ignore_index].flatten().long())  # cheaper than unique
+                # pixels per class by bincount (cheaper than unique), the ignored ones left out
+                counts = torch.bincount(masks[0][..., y1:y2, x1:x2].flatten().long(), minlength=self.ignore_index + 1)
+                counts[self.ignore_index] = 0
                 counts = counts[counts > 0]
                 if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
                     break
