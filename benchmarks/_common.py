@@ -42,9 +42,10 @@ def commit() -> str:
     return head or "n/a"
 
 
-def header(title: str, command: str | None = None) -> str:
+def header(title: str, command: str | None = None, measured_commit: str | None = None) -> str:
+    """Title, machine, command and commit (``measured_commit``: the one taken when the measurement started)."""
     command = command or " ".join(["python", *sys.argv])
-    return (f"# {title}\n\n- machine: {machine()}\n- command: `{command}`\n- commit: {commit()}, "
+    return (f"# {title}\n\n- machine: {machine()}\n- command: `{command}`\n- commit: {measured_commit or commit()}, "
             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n")
 
 

@@ -23,6 +23,7 @@ raw per-round times ``bench.json`` in ``--out``.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -532,14 +533,16 @@ def _seconds(s: float) -> str:
 
 
 def markdown(rows: list[Row], peaks: dict | None, title: str, command: str, mode: str,
-             load: tuple[float, float] | None = None) -> str:
-    """The report: machine and commit, the method, one table per group, the measured peaks. ``load``: the
-    1-minute load average at the start and the end (how shared the machine was)."""
-    text = header(title, command)
+             load: tuple[float, float] | None = None, measured_commit: str | None = None) -> str:
+    """The report: machine and commit (``measured_commit``: the code measured, taken at the start), the method, one
+    table per group, the measured peaks. ``load``: the 1-minute load average at the start and the end (how
+    shared the machine was)."""
+    text = header(title, command, measured_commit)
     rounds = sorted({len(r.times) for r in rows})
     text += f"- mode: {mode}; rounds per row: {', '.join(map(str, rounds))}\n"
     if load is not None:
         text += f"- 1-minute load average: {load[0]:.1f} at the start, {load[1]:.1f} at the end\n"
+    text += f"- torch threads: {torch.get_num_threads()} of {os.cpu_count()} cores\n"
     text += ("\n"
              "Method: the two sides of a row alternate round by round (A B, B A, ...); a side's value in a round is "
              "the median of its per-unit times after warm-up (per iteration: the engines' own step timers; per "
@@ -599,11 +602,11 @@ def plot(rows: list[Row], path: Path) -> None:
 
 
 def write(rows: list[Row], peaks: dict | None, out: Path, command: str, mode: str,
-          load: tuple[float, float] | None = None) -> Path:
+          load: tuple[float, float] | None = None, measured_commit: str | None = None) -> Path:
     """``out/bench.md``, ``bench.png`` and ``bench.json`` (the raw per-round, per-unit seconds)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.md").write_text(markdown(rows, peaks, "tricks bench: the suite vs its reference libraries",
-                                           command, mode, load))
+                                           command, mode, load, measured_commit))
     plot(rows, out / "bench.png")
     raw = [{"group": r.group, "what": r.what, "ours": r.ours, "reference": r.reference, "unit": r.unit,
             "times": r.times, "ratios": ratios(r.times)} for r in rows]
@@ -617,13 +620,22 @@ def check_groups(groups: Sequence[str]) -> None:
         raise ValueError(f"--only {','.join(groups)}: row groups are {', '.join(GROUPS)} (comma-separated)")
 
 
-def run_bench(out: Path | str, quick: bool = False, groups: Sequence[str] = GROUPS, command: str = "tricks bench") -> Path:
-    """Measure the rows of ``groups`` (``QUICK`` or ``FULL`` sizes) and write the report into ``out``."""
-    import os
+def run_bench(out: Path | str, quick: bool = False, groups: Sequence[str] = GROUPS, command: str = "tricks bench",
+              rounds: int | None = None, threads: int | None = None) -> Path:
+    """Measure the rows of ``groups`` (``QUICK`` or ``FULL`` sizes; ``rounds``, if given, replaces the mode's) and
+    write the report into ``out``. ``threads``: torch's intra-op threads for the whole run (the pipeline rows
+    always use one)."""
+    import dataclasses
+
+    from benchmarks._common import commit
 
     check_groups(groups)
-    load_start = os.getloadavg()[0]
+    load_start, measured_commit = os.getloadavg()[0], commit()  # the code measured, whatever happens meanwhile
     sizes, out = (QUICK if quick else FULL), Path(out)
+    if rounds is not None:
+        sizes = dataclasses.replace(sizes, rounds=rounds)
+    if threads is not None:
+        torch.set_num_threads(threads)
     rows: list[Row] = []
     peaks = None
     with tempfile.TemporaryDirectory(prefix="tricks_bench_") as tmp:
@@ -638,4 +650,5 @@ def run_bench(out: Path | str, quick: bool = False, groups: Sequence[str] = GROU
             rows += pipeline_rows(sizes, work / "pipeline")
         if "eval" in groups:
             rows += eval_rows(sizes, work / "eval")
-    return write(rows, peaks, out, command, "quick" if quick else "full", (load_start, os.getloadavg()[0]))
+    return write(rows, peaks, out, command, "quick" if quick else "full", (load_start, os.getloadavg()[0]),
+                 measured_commit)

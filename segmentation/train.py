@@ -42,7 +42,8 @@ from .config import REFERENCE_BATCH, SegmentationConfig
 from .inference import predict
 from .metrics import SegmentationMetric
 from .model import FCN, build_fcn
-from .transforms import build_eval_transform, build_train_transform, pad_batch
+from .transforms import (build_eval_transform, build_spatial_transform, draw_photometric_params, pad_batch,
+                         photometric_distortion_batch)
 
 log = logging.getLogger("segmentation")
 
@@ -114,12 +115,31 @@ def check_data(cfg: SegmentationConfig) -> None:
         _dataset(cfg, split, check=True)
 
 
+class _TrainSamples(Dataset):
+    """``(uint8 crop, mask, photometric draws or None)``: the geometric steps of mmseg's pipeline per sample,
+    then the photometric draws, in the order the whole pipeline draws them (``transforms.build_train_transform``
+    gives the same images); ``_collate_train`` applies the photometric step to the batch at once."""
+
+    def __init__(self, dataset: ADE20K, data_cfg):
+        self.dataset, self.transform, self.photometric = dataset, build_spatial_transform(data_cfg), data_cfg.photometric
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, mask = self.transform(*self.dataset[index])
+        return image.as_subclass(Tensor), mask.as_subclass(Tensor), draw_photometric_params() if self.photometric else None
+
+
 def _collate_train(batch: list, crop_size: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
     """``(uint8 images, labels, sizes)``: crops padded to ``crop_size`` (``transforms.pad_batch``; the
-    image padding is set to the mean colour after normalisation, on the device, by ``Normalize``)."""
-    images, masks = zip(*batch)
-    images, labels, sizes = pad_batch([im.as_subclass(Tensor) for im in images],
-                                      [m.as_subclass(Tensor) for m in masks], crop_size)
+    image padding is set to the mean colour after normalisation, on the device, by ``Normalize``), the
+    photometric distortion applied to the whole batch (``transforms.photometric_distortion_batch``: per pixel,
+    so the padding does not change the crops' pixels)."""
+    images, masks, draws = zip(*batch)
+    images, labels, sizes = pad_batch(images, masks, crop_size)
+    if any(d is not None for d in draws):
+        images = photometric_distortion_batch(images, draws)
     # uint8 through the workers where the classes fit (0..254 and 255 = ignore)
     return images, labels.to(torch.uint8) if labels.max() <= 255 and labels.min() >= 0 else labels, sizes
 
@@ -154,7 +174,7 @@ def build_train_loader(cfg: SegmentationConfig, dist_info: DistInfo) -> tuple[Da
     runs it across epochs.
     """
     t = cfg.train
-    dataset = _dataset(cfg, cfg.data.train_split, build_train_transform(cfg.data))
+    dataset = _TrainSamples(_dataset(cfg, cfg.data.train_split), cfg.data)
     sampler = SeededSampler(DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
                                                shuffle=True, seed=t.seed, drop_last=True), t.seed, dist_info.rank)
     workers = default_workers(cfg.data.workers)

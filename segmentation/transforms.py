@@ -20,7 +20,7 @@ torch before a call fixes the whole sample. Normalisation is left to the trainer
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -110,12 +110,14 @@ class CatMaxRatioCrop(v2.Transform):
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         height, width = _image_size(flat_inputs)
         box = self._draw(height, width)
-        masks = [x for x in flat_inputs if isinstance(x, tv_tensors.Mask)]
+        masks = [x.as_subclass(Tensor) for x in flat_inputs if isinstance(x, tv_tensors.Mask)]
         if self.cat_max_ratio < 1 and masks:
             for _ in range(10):
                 y1, y2, x1, x2 = box
-                crop = masks[0][..., y1:y2, x1:x2]
-                _, counts = torch.unique(crop[crop != self.ignore_index], return_counts=True)
+                # pixels per class by bincount (cheaper than unique), the ignored ones left out
+                counts = torch.bincount(masks[0][..., y1:y2, x1:x2].flatten().long(), minlength=self.ignore_index + 1)
+                counts[self.ignore_index] = 0
+                counts = counts[counts > 0]
                 if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
                     break
                 box = self._draw(height, width)
@@ -156,29 +158,34 @@ def pad_batch(images: Sequence[Tensor], masks: Sequence[Tensor], size: Sequence[
 # keeps our training inputs equal to mmseg's on equal draws.
 
 _HSV_SHIFT = 12
-_SDIV = torch.tensor([0] + [round((255 << _HSV_SHIFT) / i) for i in range(1, 256)], dtype=torch.int64)
-_HDIV = torch.tensor([0] + [round((180 << _HSV_SHIFT) / (6 * i)) for i in range(1, 256)], dtype=torch.int64)
+_SDIV = torch.tensor([0] + [round((255 << _HSV_SHIFT) / i) for i in range(1, 256)], dtype=torch.int32)
+_HDIV = torch.tensor([0] + [round((180 << _HSV_SHIFT) / (6 * i)) for i in range(1, 256)], dtype=torch.int32)
 
 
 def rgb_to_hsv_u8(image: Tensor) -> Tensor:
-    """OpenCV ``COLOR_RGB2HSV`` on uint8 [3, H, W]: H in 0..179 (degrees / 2), S, V in 0..255."""
-    r, g, b = image.to(torch.int64).unbind(0)
+    """OpenCV ``COLOR_RGB2HSV`` on uint8 [..., 3, H, W]: H in 0..179 (degrees / 2), S, V in 0..255. int32
+    arithmetic suffices: the largest product, ``h * _HDIV[diff]``, stays below 1275 * 122880 < 2**31."""
+    r, g, b = image.to(torch.int32).unbind(-3)
     v = torch.maximum(torch.maximum(r, g), b)
     diff = v - torch.minimum(torch.minimum(r, g), b)
     half = 1 << (_HSV_SHIFT - 1)
-    s = (diff * _SDIV[v] + half) >> _HSV_SHIFT
+    s = (diff * _SDIV[v.long()] + half) >> _HSV_SHIFT
     h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
-    h = (h * _HDIV[diff] + half) >> _HSV_SHIFT
+    h = (h * _HDIV[diff.long()] + half) >> _HSV_SHIFT
     h = torch.where(h < 0, h + 180, h)
-    return torch.stack([h, s, v]).to(torch.uint8)
+    return torch.stack([h, s, v], -3).to(torch.uint8)
+
+
+# (r, g, b) indices into (v, p, q, t) per sector, from OpenCV's sector_data {b, g, r}
+_SECTOR_ORDER = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])
 
 
 def hsv_to_rgb_u8(hsv: Tensor) -> Tensor:
-    """OpenCV ``COLOR_HSV2RGB`` on uint8 [3, H, W] as its scalar code computes it: float32 arithmetic with
-    ``1 - s*h`` fused, rounded half to even. OpenCV's SIMD path, which it takes for full vector blocks of
-    a row, truncates instead, so mmseg's own output differs from this by one level at some pixels
+    """OpenCV ``COLOR_HSV2RGB`` on uint8 [..., 3, H, W] as its scalar code computes it: float32 arithmetic
+    with ``1 - s*h`` fused, rounded half to even. OpenCV's SIMD path, which it takes for full vector blocks
+    of a row, truncates instead, so mmseg's own output differs from this by one level at some pixels
     depending on their position in the row; this follows the position-independent scalar code."""
-    h, s, v = hsv.to(torch.float32).unbind(0)
+    h, s, v = hsv.to(torch.float32).unbind(-3)
     s, v = s * torch.tensor(1 / 255, dtype=torch.float32), v * torch.tensor(1 / 255, dtype=torch.float32)
     h = torch.fmod(h * (torch.tensor(6.0) / 180), 6.0)
     sector = torch.floor(h)
@@ -188,11 +195,9 @@ def hsv_to_rgb_u8(hsv: Tensor) -> Tensor:
     def one_minus(a: Tensor, b: Tensor) -> Tensor:  # 1 - a*b fused (as OpenCV's build): a*b exact in float64
         return (1 - a.double() * b.double()).float()
 
-    tab = torch.stack([v, v * (1 - s), v * one_minus(s, frac), v * one_minus(s, 1 - frac)])  # v, p, q, t
-    # (r, g, b) indices into tab per sector, from OpenCV's sector_data {b, g, r}
-    order = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])
-    rgb = torch.gather(tab, 0, order[sector].permute(2, 0, 1))
-    rgb = torch.where(s == 0, v.expand_as(rgb), rgb)
+    tab = torch.stack([v, v * (1 - s), v * one_minus(s, frac), v * one_minus(s, 1 - frac)], -3)  # v, p, q, t
+    rgb = torch.gather(tab, -3, _SECTOR_ORDER[sector].movedim(-1, -3))
+    rgb = torch.where((s == 0).unsqueeze(-3), v.unsqueeze(-3), rgb)
     return torch.round(rgb * 255).clamp(0, 255).to(torch.uint8)
 
 
@@ -244,6 +249,47 @@ def photometric_distortion(image: Tensor, params: dict) -> Tensor:
     return image
 
 
+def photometric_distortion_batch(images: Tensor, params: Sequence[Optional[dict]]) -> Tensor:
+    """``photometric_distortion`` of each image of a uint8 batch [N, 3, H, W] with its own draws
+    (``params[i]``; ``None``: left as it is), computed batch-wide: the same pixels as image by image (each step
+    is per pixel, so padding is harmless and the crops may be padded), at a fraction of the per-image
+    operator overhead. The brightness and contrast steps run on the whole batch with the identity
+    (``alpha`` 1, ``beta`` 0, exact in float32) where an image skips them; the HSV steps, which are not the
+    identity even without a change (OpenCV's conversions round), only on the images that take them."""
+    n = len(params)
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[0] != n:
+        raise ValueError(f"photometric_distortion_batch: expected uint8 [N, 3, H, W] with N = {n} draws, got "
+                         f"{images.dtype} {tuple(images.shape)}")
+
+    def column(values: list) -> Tensor:  # one float32 per image, broadcast over [N, C, H, W]
+        return torch.tensor(values, dtype=torch.float32).view(-1, 1, 1, 1)
+
+    def convert(x: Tensor, alpha: list, beta: list) -> Tensor:  # _convert per image
+        if all(a == 1.0 for a in alpha) and all(b == 0.0 for b in beta):
+            return x
+        return (x.to(torch.float32) * column(alpha) + column(beta)).clamp(0, 255).to(torch.uint8)
+
+    draws = [p or {"brightness": None, "contrast_first": False, "contrast": None, "saturation": None, "hue": None}
+             for p in params]
+    images = convert(images, [1.0] * n, [d["brightness"] if d["brightness"] is not None else 0.0 for d in draws])
+    images = convert(images, [d["contrast"] if d["contrast_first"] and d["contrast"] is not None else 1.0
+                              for d in draws], [0.0] * n)
+    chosen = [i for i, d in enumerate(draws) if d["saturation"] is not None]
+    if chosen:
+        hsv = rgb_to_hsv_u8(images[chosen])
+        alpha = column([draws[i]["saturation"] for i in chosen]).view(-1, 1, 1)
+        hsv[:, 1] = (hsv[:, 1].to(torch.float32) * alpha).clamp(0, 255).to(torch.uint8)
+        images[chosen] = hsv_to_rgb_u8(hsv)
+    chosen = [i for i, d in enumerate(draws) if d["hue"] is not None]
+    if chosen:
+        hsv = rgb_to_hsv_u8(images[chosen])
+        shift = torch.tensor([draws[i]["hue"] for i in chosen], dtype=torch.int32).view(-1, 1, 1)
+        hsv[:, 0] = ((hsv[:, 0].to(torch.int32) + shift) % 180).to(torch.uint8)
+        images[chosen] = hsv_to_rgb_u8(hsv)
+    return convert(images, [d["contrast"] if not d["contrast_first"] and d["contrast"] is not None else 1.0
+                            for d in draws], [0.0] * n)
+
+
 class PhotoMetricDistortion(v2.Transform):
     """mmseg ``PhotoMetricDistortion`` (brightness +-32, contrast 0.5-1.5 before or after the HSV steps,
     saturation 0.5-1.5, hue +-18; each with probability 0.5) on the uint8 image; masks pass through."""
@@ -268,15 +314,22 @@ class PhotoMetricDistortion(v2.Transform):
 def build_train_transform(data_cfg) -> v2.Compose:
     """mmseg's ADE20K training pipeline from a ``SegDataConfig`` (scale, ratio_range, crop_size,
     cat_max_ratio, hflip, photometric); call as ``image, mask = transform(image, mask)``. The crop is at
-    most ``crop_size``: smaller where the resized image is (``pad_batch`` pads the batch)."""
-    steps = [
-        RandomResize(data_cfg.scale, data_cfg.ratio_range),
-        CatMaxRatioCrop(data_cfg.crop_size, data_cfg.cat_max_ratio),
-        v2.RandomHorizontalFlip(p=data_cfg.hflip),
-    ]
+    most ``crop_size``: smaller where the resized image is (``pad_batch`` pads the batch). The trainer runs
+    ``build_spatial_transform`` per sample and the photometric step batch-wide (``photometric_distortion_batch``)."""
+    steps = list(build_spatial_transform(data_cfg).transforms)
     if data_cfg.photometric:
         steps.append(PhotoMetricDistortion())
     return v2.Compose(steps)  # crops smaller than crop_size are padded per batch (pad_batch), as mmseg
+
+
+def build_spatial_transform(data_cfg) -> v2.Compose:
+    """The geometric steps of ``build_train_transform`` (resize, crop, flip), which draw first: the
+    photometric draws follow them (``draw_photometric_params``) in the same order as the whole pipeline."""
+    return v2.Compose([
+        RandomResize(data_cfg.scale, data_cfg.ratio_range),
+        CatMaxRatioCrop(data_cfg.crop_size, data_cfg.cat_max_ratio),
+        v2.RandomHorizontalFlip(p=data_cfg.hflip),
+    ])
 
 
 def build_eval_transform(data_cfg) -> v2.Compose:

@@ -126,6 +126,20 @@ def test_sample_augmentation_depends_only_on_seed_epoch_rank_index():
     assert sample_seed(0, 1, 0, 5) != sample_seed(0, 1, 1, 5)  # ranks differ
 
 
+def test_seeded_item_is_the_item_after_torch_manual_seed(monkeypatch):
+    """SeededDataset seeds the CPU generator alone: the same draws as after ``torch.manual_seed(seed)``, without
+    its per-call stack trace for the accelerator backends (``traceback.format_stack``)."""
+    import traceback
+
+    expected = []
+    for seed in (0, 7, 2**40 + 3):
+        torch.manual_seed(seed)
+        expected.append(_Noise()[4])
+    monkeypatch.setattr(traceback, "format_stack", lambda *a, **k: pytest.fail("a stack was formatted per sample"))
+    got = [SeededDataset(_Noise())[(4, seed)] for seed in (0, 7, 2**40 + 3)]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
 def test_grouped_batches_share_a_group_and_keep_the_order():
     group = [i % 2 for i in range(10)]
     batches = list(GroupedBatchSampler(list(range(10)), group, 2))

@@ -10,8 +10,9 @@ import torch
 from torchvision import tv_tensors
 
 from segmentation.transforms import (CatMaxRatioCrop, PhotoMetricDistortion, RandomResize, build_eval_transform,
-                                     build_train_transform, draw_photometric_params, hsv_to_rgb_u8,
-                                     photometric_distortion, rescale_size, rgb_to_hsv_u8)
+                                     build_train_transform, draw_photometric_params, hsv_to_rgb_u8, pad_batch,
+                                     photometric_distortion, photometric_distortion_batch, rescale_size,
+                                     rgb_to_hsv_u8)
 
 
 def import_mmseg_transforms():
@@ -93,6 +94,52 @@ def test_photometric_distortion_equals_mmseg_on_equal_draws(monkeypatch):
     expected = photometric_distortion(image.as_subclass(torch.Tensor), draw_photometric_params())
     assert torch.equal(out_image, expected) and isinstance(out_image, tv_tensors.Image)
     assert torch.equal(out_mask, sample(24, 40)[1])
+
+
+def test_batched_photometric_distortion_equals_per_image():
+    """The trainer's batch-wide step gives each padded crop the pixels ``photometric_distortion`` gives it alone,
+    every step combination drawn (and ``None``: untouched)."""
+    g = torch.Generator().manual_seed(0)
+    crops = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+             for h, w in [(24, 40), (17, 40), (24, 31), (9, 12)] * 4]
+    images, _, _ = pad_batch(crops, [c[0].long() for c in crops], (24, 40))
+    steps_seen = set()
+    params = []
+    for seed in range(len(crops)):
+        torch.manual_seed(seed)
+        params.append(draw_photometric_params() if seed != 5 else None)
+        steps_seen |= {k for k, v in (params[-1] or {}).items() if v not in (None, False)}
+    assert steps_seen == {"brightness", "contrast_first", "contrast", "saturation", "hue"}
+    out = photometric_distortion_batch(images.clone(), params)
+    for i, (crop, p) in enumerate(zip(crops, params)):
+        h, w = crop.shape[-2:]
+        expected = crop if p is None else photometric_distortion(crop, p)
+        assert torch.equal(out[i, :, :h, :w], expected), f"image {i}: {p}"
+
+
+def test_trainer_samples_equal_the_whole_pipeline(tmp_path):
+    """The trainer's per-sample geometric steps + batch-wide photometric step (``_TrainSamples``,
+    ``_collate_train``) produce the batch that ``build_train_transform`` + ``pad_batch`` produce under the
+    same per-sample seeds: the draws come in the same order."""
+    import segmentation.train as seg_train
+
+    cfg = SimpleNamespace(scale=[256, 48], ratio_range=[0.5, 2.0], crop_size=[48, 64], cat_max_ratio=0.75,
+                          hflip=0.5, photometric=True)
+    pairs = [sample(30, 50, seed=seed) for seed in range(8)]
+    samples = seg_train._TrainSamples(pairs, cfg)
+    whole = build_train_transform(cfg)
+    ours, theirs = [], []
+    for seed in range(8):
+        torch.manual_seed(100 + seed)
+        ours.append(samples[seed])
+        torch.manual_seed(100 + seed)
+        theirs.append(whole(*pairs[seed]))
+    images, labels, sizes = seg_train._collate_train(ours, crop_size=(48, 64))
+    ref_images, ref_labels, ref_sizes = pad_batch([im.as_subclass(torch.Tensor) for im, _ in theirs],
+                                                  [m.as_subclass(torch.Tensor) for _, m in theirs], (48, 64))
+    assert torch.equal(sizes, ref_sizes) and torch.equal(labels.long(), ref_labels.long())
+    for i, (h, w) in enumerate(sizes.tolist()):  # the padding is set on the device (Normalize)
+        assert torch.equal(images[i, :, :h, :w], ref_images[i, :, :h, :w])
 
 
 def test_random_resize_follows_mmcv_rescale_rule():
@@ -187,7 +234,7 @@ def test_padded_batch_equals_mmseg_seg_data_preprocessor():
     assert sum(im.shape[-2:] != crop for im, _ in crops) >= 2 and sum(im.shape[-2:] == crop for im, _ in crops) >= 1
 
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    images, labels, sizes = seg_train._collate_train(crops, crop_size=crop)
+    images, labels, sizes = seg_train._collate_train([(im, m, None) for im, m in crops], crop_size=crop)
     ours = seg_train.Normalize(mean, std)(images, sizes)
 
     preprocessor = SegDataPreProcessor(mean=[255 * m for m in mean], std=[255 * s for s in std], size=crop,

@@ -420,8 +420,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise SystemExit(f"tricks bench {e}")
     _setup_logging()
-    command = "tricks bench" + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
-    report = run_bench(args.out, quick=args.quick, groups=groups, command=command)
+    if args.rounds is not None and args.rounds < 1 or args.threads is not None and args.threads < 1:
+        raise SystemExit("tricks bench: --rounds and --threads must be >= 1")
+    command = ("tricks bench" + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
+               + (f" --rounds {args.rounds}" if args.rounds else "") + (f" --threads {args.threads}" if args.threads else ""))
+    report = run_bench(args.out, quick=args.quick, groups=groups, command=command, rounds=args.rounds,
+                       threads=args.threads)
     print(report.read_text())
     print(f"-> {report}")
     return 0
@@ -435,6 +439,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="benchmarks/results/bench", help="folder for bench.md, bench.png, bench.json")
     p.add_argument("--only", default="", metavar="GROUPS", help="comma-separated subset of the row groups: "
                    "train, engines, pipeline, eval (default: all)")
+    p.add_argument("--rounds", type=int, default=None, help="alternated rounds per row (default: the mode's, 5 "
+                   "full, 2 quick)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the train and engine rows (default: "
+                   "torch's, one per core; on a shared machine 1 keeps both sides off each other's cores)")
     p.set_defaults(func=cmd_bench)
 
 
