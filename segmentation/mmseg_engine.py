@@ -206,8 +206,9 @@ def _optim_wrapper_classes() -> dict[str, type]:
 
     class CPUAutocastOptimWrapper(TricksOptimWrapper):
         """Forward and loss under CPU bf16 autocast. mmengine's AmpOptimWrapper refuses to run without a
-        GPU, yet bf16 autocast is the fast way to train on a CPU (about 2.2x for ResNet-50 here); bf16 keeps
-        fp32's exponent range, so no loss scaling is needed."""
+        GPU, yet bf16 autocast can be the fast way to train on a CPU with native bf16 matrix units (AMX); on
+        CPUs without them it can be slower than fp32 (benchmarks/results/step_settings.md: 1.5x slower on an
+        AVX-512-BF16 Xeon). bf16 keeps fp32's exponent range, so no loss scaling is needed."""
 
         @contextlib.contextmanager
         def optim_context(self, model: nn.Module):
