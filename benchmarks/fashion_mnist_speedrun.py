@@ -29,6 +29,7 @@ from classification.config import Config  # noqa: E402
 from classification.train import evaluate_checkpoint, train  # noqa: E402
 from runtime.config import load_config  # noqa: E402
 from runtime.logger import read_records  # noqa: E402
+from runtime.precision import resolve_precision  # noqa: E402
 
 PAPER = "configs/classification/fashion_mnist/resnet18d_1xb128_efficient-cosine-ls_fashion-mnist.yaml"
 SPEEDRUN = "configs/classification/fashion_mnist/airbench_1xb512_speedrun-cosine_fashion-mnist.yaml"
@@ -52,6 +53,14 @@ OUT = {"dir": RESULTS}  # --out: where the records, Markdown and PNG go
 TARGET = 95.0
 
 
+def precision_of(config: str, overrides: list[str]) -> str:
+    """The precision a run of ``config`` resolves to on this machine (``auto``: fp32 on a CPU without AMX)."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_precision(load_config(config, Config, overrides).train.precision, device)
+
+
 def run(name: str, config: str, overrides: list[str], seed: int, work: Path) -> dict:
     """Train one recipe (the whole ``train()`` call is the wall time), and evaluate its final weights with
     and without flip TTA (whichever the recipe did not do itself)."""
@@ -72,6 +81,7 @@ def run(name: str, config: str, overrides: list[str], seed: int, work: Path) -> 
                                 str(out / "model.safetensors"))
     tta, plain = (metrics["top1"], other["top1"]) if cfg.data.val_hflip_tta else (other["top1"], metrics["top1"])
     return {"name": name, "config": config, "overrides": overrides, "seed": seed, "epochs": cfg.train.epochs,
+            "precision": precision_of(config, overrides),
             "top1": metrics["top1"], "top1_plain": plain, "top1_tta": tta, "wall_s": wall, "curve": curve, "curve_timed": True,
             "img_per_s": val[-1]["train_img_per_s"], "machine": machine(), "commit": commit(),
             "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}
@@ -107,7 +117,10 @@ def main() -> None:
              for name, (config, overrides) in ABLATIONS.items()]
     with tempfile.TemporaryDirectory() as tmp:
         for name, config, overrides, seed in plan:
-            if any(r["name"] == name and r["seed"] == seed for r in load_records()):
+            # a record of another precision (the configs said bf16 before train.precision=auto) is not this run
+            precision = precision_of(config, [*overrides, *args.overrides])
+            if any(r["name"] == name and r["seed"] == seed and r.get("precision", "bf16") == precision
+                   for r in load_records()):
                 continue
             record = run(name, config, [*overrides, *args.overrides], seed, Path(tmp))
             with records_path().open("a") as f:
@@ -134,17 +147,18 @@ def _epoch_curve(record: dict) -> list[tuple[float, float]]:
 
 def report(records: list[dict]) -> None:
     """Write results/fashion_mnist_speedrun.md and .png from the records."""
-    by_name: dict[str, list[dict]] = {}
+    by_name: dict[tuple[str, str], list[dict]] = {}  # (name, precision): runs of another precision apart
     for r in records:
         r["curve"] = _epoch_curve(r)
-        by_name.setdefault(r["name"], []).append(r)
+        by_name.setdefault((r["name"], r.get("precision", "bf16")), []).append(r)
     rows = []
-    for name, rs in by_name.items():
-        rows.append([name, len(rs), rs[0]["epochs"], _mean_sd([r["top1"] for r in rs]),
+    for (name, precision), rs in by_name.items():
+        rows.append([name, precision, len(rs), rs[0]["epochs"], _mean_sd([r["top1"] for r in rs]),
                      _mean_sd([r["top1_plain"] for r in rs]), _mean_sd([r["top1_tta"] for r in rs]),
                      _mean_sd([r["wall_s"] / 60 for r in rs]), f"{statistics.mean(r['img_per_s'] for r in rs):.0f}",
                      f"`{Path(rs[0]['config']).name}` " + " ".join(f"`{o}`" for o in rs[0]["overrides"])])
-    paper, speed = by_name.get("paper", []), by_name.get("speedrun", [])
+    now = precision_of(SPEEDRUN, [])
+    paper, speed = by_name.get(("paper", now), []), by_name.get(("speedrun", now), [])
     verdict = "not measured yet"
     if paper and speed:
         paired = [(s, p) for s in speed for p in paper if s["seed"] == p["seed"]]
@@ -165,7 +179,7 @@ def report(records: list[dict]) -> None:
         "evaluated without and with flip TTA. Ablations change one technique of the speedrun recipe.\n\n"
         f"- speedrun config: `{SPEEDRUN}`\n- paper config: `{PAPER}`\n"
         + "".join(f"- runs on: {m}, commit {c}\n" for m, c in runs) + "\n"
-        + table(rows, ["recipe", "seeds", "epochs", "top-1 %", "top-1 % without TTA", "top-1 % with flip TTA",
+        + table(rows, ["recipe", "precision", "seeds", "epochs", "top-1 %", "top-1 % without TTA", "top-1 % with flip TTA",
                        "wall min", "train img/s", "config and overrides"])
         + f"\nTarget: >= {TARGET}% (mean of 3 seeds) in no more wall time than the paper's recipe: {verdict}.\n\n"
         + "![accuracy vs wall time](fashion_mnist_speedrun.png)\n"
@@ -176,7 +190,7 @@ def report(records: list[dict]) -> None:
     (OUT["dir"] / "fashion_mnist_speedrun.md").write_text(md)
 
 
-def _plot(by_name: dict[str, list[dict]]) -> None:
+def _plot(by_name: dict[tuple[str, str], list[dict]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,12 +198,13 @@ def _plot(by_name: dict[str, list[dict]]) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for k, (name, rs) in enumerate(by_name.items()):
+    for k, ((name, precision), rs) in enumerate(by_name.items()):
         main = name in RECIPES
         for i, r in enumerate(rs):
             t, acc = zip(*r["curve"])
             ax.plot([x / 60 for x in t], acc, marker="o" if main else ".", lw=1.5 if main else 0.8,
-                    alpha=1.0 if main else 0.6, color=colours[k % len(colours)], label=name if i == 0 else None)
+                    alpha=1.0 if main else 0.6, color=colours[k % len(colours)],
+                    label=f"{name} ({precision})" if i == 0 else None)
     ax.axhline(TARGET, color="gray", ls="--", lw=1)
     ax.set_xlabel(f"wall time (min, {platform.machine()} CPU)")
     ax.set_ylabel("test top-1 (%)")

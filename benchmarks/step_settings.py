@@ -1,10 +1,13 @@
 """The segmentation demo's train step (half-width ResNet-18-D FCN-D8, batch 8, 96x96 crops, forward + both
 losses + backward + SGD) in each precision, memory format and ``torch.compile`` setting: which setting is
-fastest on this machine, and what compiling costs. ``tricks bench`` compares the suite with the reference
+fastest on this machine, and what compiling costs. ``--task detection``: the detection demo's Faster R-CNN
+train step (torchvision engine, batch 8 of 128x128 scenes at the config's sizes; precision and memory format,
+no compile: multi-scale inputs recompile per size). ``tricks bench`` compares the suite with the reference
 libraries at one setting; this compares the settings, by the same method (alternated rounds, medians of
 per-round ratios to the first setting).
 
-Run: ``python benchmarks/step_settings.py [--rounds 3] [--threads 1] [--no-compile] [--warm-cache]``
+Run: ``python benchmarks/step_settings.py [--task segmentation|detection] [--rounds 3] [--threads 1] [--no-compile]
+[--warm-cache]``
 
 The compilation is timed cold (inductor's on-disk caches off) unless ``--warm-cache``: a first run's cost.
 """
@@ -20,10 +23,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import RESULTS, commit, header, table  # noqa: E402
-from benchmarks.bench import SEG_CONFIG, Spread, ratios, round_values, run_rounds  # noqa: E402
+from benchmarks.bench import DET_CONFIG, SEG_CONFIG, Spread, ratios, round_values, run_rounds  # noqa: E402
 
 # (label, autocast dtype or None, channels_last, compiled); the first is the reference of the ratios
-SETTINGS = (("bf16 autocast, channels_last (the config's)", torch.bfloat16, True, False),
+SETTINGS = (("bf16 autocast, channels_last", torch.bfloat16, True, False),
             ("bf16 autocast, contiguous", torch.bfloat16, False, False),
             ("fp32, channels_last", None, True, False),
             ("fp32, contiguous", None, False, False),
@@ -57,8 +60,50 @@ def seg_step(dtype, channels_last: bool, compiled: bool, batch: int = 8, size: i
     return step
 
 
+def det_step(dtype, channels_last: bool, compiled: bool, batch: int = 8, size: int = 128):
+    """A closure of one train step of the detection demo's Faster R-CNN (as ``detection.train`` runs it: the
+    model resizes each 128x128 scene to a shorter side drawn from ``model.min_size_train``)."""
+    from detection.train import build_model
+    from tricks.cli import load_task_config
+
+    assert not compiled
+    cfg = load_task_config(str(Path(__file__).resolve().parents[1] / DET_CONFIG),
+                           [f"model.channels_last={str(channels_last).lower()}"])
+    torch.manual_seed(0)
+    model = build_model(cfg, 10).train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
+                                weight_decay=1e-4)
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, size, size, generator=g) for _ in range(batch)]
+    targets = []
+    for _ in range(batch):
+        xy = torch.rand(3, 2, generator=g) * (size - 56)
+        wh = 28 + torch.rand(3, 2, generator=g) * 28
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.randint(1, 11, (3,), generator=g)})
+    steps = [0]
+
+    def step() -> None:
+        torch.manual_seed(steps[0] % 4)  # the same 4 multi-scale draws in every setting and round
+        steps[0] += 1
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            losses = model(images, targets)
+        sum(losses.values()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+TASKS = {"segmentation": (seg_step, "step_settings", "Segmentation train step",
+                          "The demo's FCN (half-width ResNet-18-D, output stride 8, batch 8, 96x96, 11 classes)."),
+         "detection": (det_step, "step_settings_detection", "Detection train step",
+                       "The detection demo's Faster R-CNN + FPN (torchvision engine; half-width ResNet-18-D, FPN 64 "
+                       "channels, batch 8 scenes of 128x128 resized to a shorter side of 112-160, 10 classes).")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", choices=sorted(TASKS), default="segmentation")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=5, help="timed steps per setting and round")
     p.add_argument("--threads", type=int, default=None)
@@ -70,10 +115,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     measured_commit = commit()
-    settings = [s for s in SETTINGS if not (args.no_compile and s[3])]
+    build, stem, title, what = TASKS[args.task]
+    settings = [s for s in SETTINGS if not ((args.no_compile or args.task == "detection") and s[3])]
     steps, first_call = [], []
     for label, dtype, channels_last, compiled in settings:
-        step = seg_step(dtype, channels_last, compiled)
+        step = build(dtype, channels_last, compiled)
         tic = time.perf_counter()
         step()  # eager: warm-up; compiled: compilation (forward and backward graphs)
         first_call.append(time.perf_counter() - tic)
@@ -100,20 +146,20 @@ def main() -> None:
                      f"{r.low:.2f}-{r.high:.2f}", " ".join(f"{x:.2f}" for x in ratios(times, ours=j, reference=0)),
                      f"{first_call[j]:.1f}"])
     command = "python benchmarks/step_settings.py " + " ".join(sys.argv[1:])
-    text = header("Segmentation train step: precision, memory format, torch.compile", command, measured_commit)
+    text = header(f"{title}: precision, memory format, torch.compile", command, measured_commit)
     text += (f"- torch threads: {torch.get_num_threads()}; {args.rounds} alternated rounds x {args.steps} steps\n\n"
-             "The demo's FCN (half-width ResNet-18-D, output stride 8, batch 8, 96x96, 11 classes). ratio = this "
+             f"{what} ratio = this "
              "setting's time per step / the first setting's, median of per-round ratios (< 1: faster), min-max "
              "over rounds. First call: the warm-up step, which for torch.compile is the compilation "
              f"({'inductor caches on' if args.warm_cache else 'cold: inductor caches off'}).\n\n")
     text += table(rows, ["setting", "s per step", "ratio", "min-max", "per round", "first call s"])
-    text += "\n![settings](step_settings.png)\n"
-    (RESULTS / "step_settings.md").write_text(text)
-    _plot([r[0] for r in rows], [Spread.of(ratios(times, ours=j, reference=0)) for j in range(len(settings))])
+    text += f"\n![settings]({stem}.png)\n"
+    (RESULTS / f"{stem}.md").write_text(text)
+    _plot([r[0] for r in rows], [Spread.of(ratios(times, ours=j, reference=0)) for j in range(len(settings))], stem)
     print(text)
 
 
-def _plot(labels, spreads) -> None:
+def _plot(labels, spreads, stem: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,7 +173,7 @@ def _plot(labels, spreads) -> None:
     ax.set_yticks(y, labels, fontsize=7)
     ax.set_xlabel("time per step / bf16 channels_last (median of per-round ratios, whiskers min-max)")
     fig.tight_layout()
-    fig.savefig(RESULTS / "step_settings.png", dpi=110)
+    fig.savefig(RESULTS / f"{stem}.png", dpi=110)
     plt.close(fig)
 
 

@@ -18,7 +18,6 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DistributedSampler
 
 from backbones import Backbone, BackboneArgumentError, create_backbone, save_weights
@@ -28,9 +27,10 @@ from runtime.config import ConfigError, dump_config, to_dict
 from runtime.data import SeededDataset, SeededSampler, SkipBatches, default_workers
 from runtime.data import normalization as resolve_normalization
 from runtime.distributed import DistInfo, ShardSampler, all_reduce_sum, cleanup_distributed, init_distributed
-from runtime.logger import Progress, RunLogger, plot_run, reduce_mean
+from runtime.ema import WeightEMA
+from runtime.logger import LossMeter, Progress, RunLogger, plot_run
 from runtime.optim import build_optimizer
-from runtime.precision import autocast_for, setup_precision
+from runtime.precision import autocast_for, memory_format_for, setup_precision
 from runtime.schedules import build_scheduler, scale_lr
 from runtime.step import OptimizerStep, TrainingDiverged
 from runtime.strict import check_fits
@@ -147,13 +147,13 @@ def build_data(cfg: Config, mean: list[float], std: list[float], dist_info: Dist
     return train_loader, val_loader, nn.Identity(), nn.Identity(), sampler, num_classes
 
 
-def weight_ema(model: nn.Module, decay: float) -> AveragedModel:
-    """``train.ema_decay``: torch's ``AveragedModel`` keeping ``ema = decay * ema + (1 - decay) * w`` of every
-    parameter and buffer (BN statistics too) after each ``update_parameters(model)``; the first update
-    copies the weights. ``.module`` is the averaged network."""
+def weight_ema(model: nn.Module, decay: float) -> WeightEMA:
+    """``train.ema_decay``: ``ema = decay * ema + (1 - decay) * w`` of every parameter and buffer (BN
+    statistics too) after each ``update_parameters(model)``, on the device without a host sync
+    (``runtime.ema``); the first update copies the weights. ``.module`` is the averaged network."""
     if not 0.0 < decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in (0, 1) (0 = off), got {decay}")
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return WeightEMA(model, decay)
 
 
 def data_init_images(loader, val_prepare: Callable[[torch.Tensor], torch.Tensor], count: int,
@@ -197,7 +197,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         raise ConfigError("distill.teacher is set but distill.teacher_weights is not: a randomly initialised "
                          "teacher teaches nothing. Point distill.teacher_weights at a trained checkpoint")
     torch.manual_seed(t.seed + dist_info.rank)
-    precision = setup_precision(t.precision, device)
+    precision = setup_precision(t.precision, device, channels_last=cfg.model.channels_last)
 
     # ---- data -------------------------------------------------------------------------------------
     mean, std = normalization(cfg)
@@ -209,9 +209,8 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
     total_steps = t.epochs * steps_per_epoch
 
     # ---- model, teacher, optimizer, schedule --------------------------------------------------------
-    model = build_model(cfg, num_classes).to(device)
-    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    memory_format = precision.memory_format
+    model = build_model(cfg, num_classes).to(device, memory_format=memory_format)
     if cfg.model.sync_bn and dist_info.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.model.weights is None and model.data_init_images > 0:  # (a resumed run loads its weights over it)
@@ -293,7 +292,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         _skip(train_loader, first * t.accum_steps)
         use_mixup = t.mixup_alpha > 0 and epoch < t.epochs - t.mixup_off_epochs
         train_model.train()
-        loss_sum, loss_count = torch.zeros((), device=device), torch.zeros((), device=device)
+        meter = LossMeter(device)
         tic, images_seen = time.perf_counter(), 0
         batches = iter(train_loader)
         for _ in range(first, steps_per_epoch):
@@ -322,18 +321,15 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
                 ema.update_parameters(model)
             step += 1
             progress.update(t.batch_size * t.accum_steps * dist_info.world_size)
-            loss_sum += torch.where(stepped, step_loss, 0.0)  # a skipped step's loss is not logged
-            loss_count += stepped
+            meter.add(stepped, loss=step_loss)
             if step % t.log_every == 0 or step == end_step:
                 # The only host syncs of the loop: here, every log_every steps (and at evaluations and checkpoints).
                 stepper.check_diverged(f"epoch {epoch}, step {step}", str(out / "last.pth"))
-                mean_loss = reduce_mean({"loss": loss_sum}, loss_count)["loss"]
+                mean_loss = meter.mean()["loss"]
                 lr = optimizer.param_groups[0]["lr"]
                 shown = progress.report(step, loss=mean_loss, lr=lr)
                 logger.log("train", step, epoch=step / steps_per_epoch, loss=mean_loss, lr=lr,
                            img_per_s=shown["img_per_s"])
-                loss_sum.zero_()
-                loss_count.zero_()
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step % steps_per_epoch:
                 checkpoint(epoch)  # inside the epoch; the epoch's end writes its own below
             if step >= end_step:
@@ -398,8 +394,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict[str, float]:
         # strict: a classifier of another size is an error naming both sizes, not a random head
         model = create_backbone(cfg.model.name, weights=checkpoint, num_classes=num_classes,
                                 in_chans=cfg.model.in_chans, norm_eval=True, **model_kwargs(cfg))
-        memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-        model = model.to(device, memory_format=memory_format)
+        model = model.to(device, memory_format=memory_format_for(cfg.model.channels_last))
         return evaluate(model, loader, device, autocast_for(cfg.train.precision, device), cfg.model.channels_last,
                         prepare, cfg.data.val_hflip_tta)
     finally:

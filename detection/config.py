@@ -22,6 +22,7 @@ class DetModelConfig:
     frozen_stages: int = 1                   # stem + first k stages frozen (detectron2 FREEZE_AT=2)
     norm: Literal["frozenbatchnorm", "batchnorm"] = "frozenbatchnorm"  # batchnorm: training from scratch
     sync_bn: bool = False                    # norm=batchnorm under DDP on CUDA: SyncBatchNorm (statistics over the global batch)
+    channels_last: bool = True               # NHWC memory format for the backbone and FPN (both engines)
     min_size_train: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))  # shorter side (px), drawn per image
     min_size_test: int = 800                 # shorter side at test (px)
     max_size: int = 1333                     # longer side cap (px)
@@ -77,7 +78,7 @@ class DetTrainConfig:
     scale_schedule: bool = False             # true: a global batch other than REFERENCE_BATCH (16) rescales max_iter,
                                              # milestones, warm-up, eval and checkpoint periods to the recipe's epochs
     batch_size: int = 2                      # images per device and step
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    precision: Literal["fp32", "fp16", "bf16", "auto"] = "fp32"  # auto: fp16 on CUDA, bf16 on AMX CPUs, else fp32
     seed: int = 0
     log_every: int = 20                      # iterations
     eval_every: int = 0                      # iterations; 0 = only at the end

@@ -161,12 +161,15 @@ def _backbone_class():
         returns the ``out_features`` of ``forward_features``; shapes come from its declared ``feature_info``.
 
         ``up_to`` (C4) runs the stem and the stages up to that feature only; the later stages are removed
-        from the module (the C4 box head owns res5), so DDP sees no unused parameters.
+        from the module (the C4 box head owns res5), so DDP sees no unused parameters. ``channels_last``:
+        the body's weights and its input in NHWC (the FPN's convolutions follow their input's format).
         """
 
-        def __init__(self, backbone, out_features: list[str], up_to: Optional[str] = None):
+        def __init__(self, backbone, out_features: list[str], up_to: Optional[str] = None,
+                     channels_last: bool = False):
             super().__init__()
-            self.body = backbone
+            self.channels_last = channels_last
+            self.body = backbone.to(memory_format=torch.channels_last) if channels_last else backbone
             info = {f.name: f for f in backbone.feature_info}
             unknown = [f for f in out_features if f not in info]
             if unknown:
@@ -186,6 +189,8 @@ def _backbone_class():
                     setattr(backbone, name, nn.Identity())
 
         def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             if self._stages is None:
                 feats = self.body.forward_features(x)
             else:
@@ -203,7 +208,8 @@ def _backbone_class():
 
 def build_registry_backbone(d2_cfg, out_features: list[str], up_to: Optional[str] = None):
     """Our backbone (``d2_cfg.MODEL.TRICKS``) wrapped as a detectron2 ``Backbone`` with ``out_features``."""
-    return _backbone_class()(_create_registry_backbone(d2_cfg.MODEL.TRICKS), out_features, up_to)
+    return _backbone_class()(_create_registry_backbone(d2_cfg.MODEL.TRICKS), out_features, up_to,
+                             channels_last=bool(d2_cfg.MODEL.TRICKS.get("CHANNELS_LAST", False)))
 
 
 def register_d2_components() -> None:
@@ -414,11 +420,13 @@ def build_d2_config(cfg: DetectionConfig):
     from detectron2.config import CfgNode, get_cfg
 
     m, o, t = cfg.model, cfg.optim, cfg.train
-    if t.precision == "bf16":
+    cuda = torch.cuda.is_available()
+    # auto: fp16 on CUDA (AMPTrainer), fp32 on a CPU (detectron2 v0.6 has no bf16 path)
+    precision = ("fp16" if cuda else "fp32") if t.precision == "auto" else t.precision
+    if precision == "bf16":
         raise ValueError("train.precision=bf16: detectron2 v0.6's AMPTrainer autocasts to fp16 only (with a "
                          "GradScaler, on CUDA); use precision=fp16 on CUDA or fp32, or engine=torch for bf16")
-    cuda = torch.cuda.is_available()
-    if t.precision == "fp16" and not cuda:
+    if precision == "fp16" and not cuda:
         raise ValueError("train.precision=fp16 needs CUDA with the detectron2 engine (its AMPTrainer asserts it); "
                          "use precision=fp32 on CPU")
     from backbones import get_builder  # noqa: F401  (checks the name early, with suggestions)
@@ -429,7 +437,8 @@ def build_d2_config(cfg: DetectionConfig):
     d2 = get_cfg()
     d2.MODEL.TRICKS = CfgNode({"BACKBONE": m.backbone, "WEIGHTS": m.weights or "", "NORM": m.norm,
                                "FROZEN_STAGES": m.frozen_stages, "KWARGS": CfgNode(dict(m.kwargs)),
-                               "SYNC_BN": bool(m.sync_bn and world_size() > 1)})  # SyncBatchNorm under DDP
+                               "SYNC_BN": bool(m.sync_bn and world_size() > 1),  # SyncBatchNorm under DDP
+                               "CHANNELS_LAST": m.channels_last})
     d2.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
     d2.MODEL.MASK_ON = False
     d2.MODEL.WEIGHTS = ""  # the backbone loads its own pretrained weights (MODEL.TRICKS.WEIGHTS)
@@ -497,7 +506,7 @@ def build_d2_config(cfg: DetectionConfig):
     d2.SOLVER.WARMUP_ITERS = o.warmup_iters
     d2.SOLVER.MAX_ITER = t.max_iter
     d2.SOLVER.CHECKPOINT_PERIOD = t.checkpoint_every
-    d2.SOLVER.AMP.ENABLED = t.precision == "fp16"
+    d2.SOLVER.AMP.ENABLED = precision == "fp16"
     d2.TEST.EVAL_PERIOD = t.eval_every
     d2.SEED = t.seed
     d2.OUTPUT_DIR = cfg.output_dir

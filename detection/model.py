@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Optional, Sequence
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 from torchvision.models.detection import FasterRCNN
@@ -21,10 +22,11 @@ from backbones import Backbone, create_backbone
 
 class FPNBackbone(nn.Module):
     """A registry backbone (``body``) and an FPN (``fpn``) over its ``in_features``; returns the
-    ``OrderedDict`` "0".."3" + "pool" that torchvision's detection heads expect."""
+    ``OrderedDict`` "0".."3" + "pool" that torchvision's detection heads expect. ``channels_last``: the
+    batched images enter in NHWC (convert the module's weights too: ``model.to(memory_format=...)``)."""
 
     def __init__(self, body: Backbone, out_channels: int = 256,
-                 in_features: Sequence[str] = ("res2", "res3", "res4", "res5")):
+                 in_features: Sequence[str] = ("res2", "res3", "res4", "res5"), channels_last: bool = False):
         super().__init__()
         channels = {f.name: f.channels for f in body.feature_info}
         missing = [name for name in in_features if name not in channels]
@@ -36,8 +38,11 @@ class FPNBackbone(nn.Module):
         self.fpn = FeaturePyramidNetwork([channels[name] for name in in_features], out_channels,
                                          extra_blocks=LastLevelMaxPool())
         self.out_channels = out_channels
+        self.channels_last = channels_last
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         features = self.body.forward_features(x)
         return self.fpn(OrderedDict((str(i), features[name]) for i, name in enumerate(self.in_features)))
 
@@ -46,7 +51,7 @@ def build_faster_rcnn(backbone: str, num_classes: int = 21, *, weights: Optional
                       frozen_stages: int = 1, norm_layer: Optional[str] = "frozenbatchnorm",
                       fpn_channels: int = 256, anchor_sizes: Optional[Sequence[int]] = None,
                       backbone_kwargs: Optional[dict] = None, box_fc_dim: int = 1024,
-                      **detector_kwargs) -> FasterRCNN:
+                      channels_last: bool = False, **detector_kwargs) -> FasterRCNN:
     """Faster R-CNN + FPN on registry backbone ``backbone``.
 
     Args:
@@ -59,6 +64,7 @@ def build_faster_rcnn(backbone: str, num_classes: int = 21, *, weights: Optional
             or ``None`` for trainable BN (needed without pretrained weights: random init with frozen BN
             diverges).
         box_fc_dim: width of the box head's two fully connected layers (torchvision and detectron2: 1024).
+        channels_last: NHWC weights and backbone input (the runtime's ``model.channels_last``).
         backbone_kwargs: further ``create_backbone`` arguments (``width_mult``, ...).
         anchor_sizes: one anchor size (px) per FPN level P2..P6, aspect ratios 0.5/1/2 (torchvision's
             default: 32..512).
@@ -80,4 +86,6 @@ def build_faster_rcnn(backbone: str, num_classes: int = 21, *, weights: Optional
         num_classes = None  # torchvision takes either num_classes or a box_predictor
     detector_kwargs.setdefault("image_mean", list(body.default_cfg["mean"]))
     detector_kwargs.setdefault("image_std", list(body.default_cfg["std"]))
-    return FasterRCNN(FPNBackbone(body, fpn_channels), num_classes=num_classes, **detector_kwargs)
+    model = FasterRCNN(FPNBackbone(body, fpn_channels, channels_last=channels_last), num_classes=num_classes,
+                       **detector_kwargs)
+    return model.to(memory_format=torch.channels_last) if channels_last else model

@@ -26,7 +26,7 @@ from runtime.config import ConfigError, dump_config, to_dict
 from runtime.data import (EpochStream, GroupedBatchSampler, SeededDataset, SeededSampler, SkipBatches, default_workers,
                           normalization)
 from runtime.distributed import DistInfo, ShardSampler, cleanup_distributed, init_distributed
-from runtime.logger import Progress, RunLogger, plot_run, reduce_mean
+from runtime.logger import LossMeter, Progress, RunLogger, plot_run
 from runtime.optim import build_optimizer
 from runtime.precision import autocast_for, setup_precision
 from runtime.schedules import build_scheduler, scale_lr, schedule_for_batch
@@ -83,7 +83,7 @@ def build_model(cfg: DetectionConfig, num_classes: int):
                              rpn_pre_nms_top_n_train=pre_train, rpn_post_nms_top_n_train=post_train,
                              rpn_pre_nms_top_n_test=pre_test, rpn_post_nms_top_n_test=post_test,
                              box_batch_size_per_image=m.roi_batch_per_image, box_score_thresh=m.score_thresh_test,
-                             box_detections_per_img=m.detections_per_image)
+                             box_detections_per_img=m.detections_per_image, channels_last=m.channels_last)
 
 
 def sync_batchnorm(model: nn.Module, cfg: DetectionConfig, dist_info: DistInfo) -> nn.Module:
@@ -177,7 +177,8 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
                          "of a classification run) or use model.norm=batchnorm")
     check_sync_bn(cfg.model, device.type == "cuda")
     torch.manual_seed(t.seed + dist_info.rank)
-    precision = setup_precision(t.precision, device, cudnn_benchmark=False)  # image sizes vary (multi-scale)
+    precision = setup_precision(t.precision, device, channels_last=cfg.model.channels_last,
+                                cudnn_benchmark=False)  # image sizes vary (multi-scale)
 
     # Workers decode, mirror (v2, per-sample seed) and keep uint8; batches share an aspect-ratio group.
     dataset = build_detection_set(cfg.data, train=True, transforms=TrainTransform(cfg.data.hflip), check_images=True)
@@ -237,8 +238,7 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
     train_model.train()
     progress = Progress(t.max_iter, start, enabled=is_main, logger=log)
     metrics: dict[str, Any] = {}
-    loss_sums: dict[str, torch.Tensor] = {}
-    logged = torch.zeros((), device=device)
+    meter = LossMeter(device)
     for iteration in range(start, t.max_iter):
         images, targets = next(stream)
         images = [im.to(device, non_blocking=True).float().div_(255) for im in images]
@@ -250,18 +250,14 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
         stepped = stepper.step(loss)
         done = iteration + 1
         progress.update(global_batch)
-        for k, v in {"loss": loss, **losses}.items():  # a skipped step's losses are not logged
-            loss_sums[k] = loss_sums.get(k, 0) + torch.where(stepped, v.detach().float(), 0.0)
-        logged += stepped
+        meter.add(stepped, loss=loss, **losses)
         if done % t.log_every == 0 or done == t.max_iter:
             # The only host syncs of the loop: here, every log_every iterations (and at evaluations and checkpoints).
             stepper.check_diverged(f"iteration {done}", str(out / "last.pth"))
-            values = reduce_mean(loss_sums, logged)  # over steps and ranks
+            values = meter.mean()  # over steps and ranks
             lr = optimizer.param_groups[0]["lr"]
             shown = progress.report(done, loss=values.get("loss", float("nan")), lr=lr)
             logger.log("train", done, lr=lr, img_per_s=shown["img_per_s"], **values)
-            loss_sums = {}
-            logged.zero_()
         if done == t.max_iter:  # the trained model is on disk before the final evaluation can fail
             checkpoint(done)
         if (t.eval_every and done % t.eval_every == 0) or done == t.max_iter:

@@ -71,6 +71,29 @@ def reduce_mean(values: dict[str, torch.Tensor], count: int | torch.Tensor = 1) 
     return dict(zip(names, means.tolist()))
 
 
+class LossMeter:
+    """Sums, on the device, of the losses of the optimizer steps that were taken (a skipped non-finite step's
+    losses are not logged) and their count; ``mean()`` at a log step turns them into means over steps and
+    ranks (``reduce_mean``: one all-reduce, the only host sync) and starts a new window."""
+
+    def __init__(self, device: torch.device):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = torch.zeros((), device=device)
+
+    def add(self, stepped: torch.Tensor, **losses: torch.Tensor) -> None:
+        """``stepped``: the step's bool tensor from ``OptimizerStep.step``; ``losses``: its scalar losses."""
+        for name, value in losses.items():
+            masked = torch.where(stepped, value.detach().float(), 0.0)
+            self.sums[name] = self.sums[name] + masked if name in self.sums else masked
+        self.count += stepped
+
+    def mean(self) -> dict[str, float]:
+        values = reduce_mean(self.sums, self.count)
+        self.sums = {}
+        self.count.zero_()
+        return values
+
+
 class Progress:
     """Progress of an iteration-counted run: a tqdm bar on a terminal, log lines otherwise (log files,
     nohup), both with img/s over the last window and the ETA of the whole run."""

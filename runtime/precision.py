@@ -1,11 +1,23 @@
-"""Mixed precision, chosen once per run (§3.2 of the paper): the autocast context and the GradScaler.
+"""Mixed precision and memory format, chosen once per run (§3.2 of the paper) for every task: the autocast
+context, the GradScaler and the tensor layout.
 
 ``fp16``: autocast to float16 + ``GradScaler`` (loss scaling; fp32 master weights), the CUDA choice.
-``bf16``: autocast to bfloat16, no scaler (bf16 has fp32's exponent range), the CPU choice.
-``fp32``: neither. On CUDA the run also chooses cuDNN's autotuner (``cudnn_benchmark``): on where the input
-size is fixed (classification crops, segmentation training crops), off where it varies (multi-scale
-detection training, whole-image segmentation evaluation: ``cudnn_benchmark_off``), as detectron2 does
-(``CUDNN_BENCHMARK: False``): the autotuner times every kernel again for each new shape.
+``bf16``: autocast to bfloat16, no scaler (bf16 has fp32's exponent range).
+``fp32``: neither.
+``auto``: the low precision this device computes fast (``resolve_precision``): fp16 on CUDA (the paper's
+FP16, with loss scaling, as detectron2's and mmengine's AMP); bf16 on a CPU with AMX (bf16 matrix tiles:
+Intel Sapphire Rapids and later); fp32 on any other CPU, where bf16 autocast converts every operand and
+runs slower than fp32 (measured 1.5x per step on an AVX-512-BF16 CPU without AMX:
+benchmarks/results/step_settings.md).
+
+``channels_last`` (``model.channels_last`` of every task): model and inputs in NHWC, what cuDNN's tensor-core
+convolutions and oneDNN's CPU convolutions read natively (measured 0.93x the time per step of contiguous
+on the CPU above, fp32).
+
+On CUDA the run also chooses cuDNN's autotuner (``cudnn_benchmark``): on where the input size is fixed
+(classification crops, segmentation training crops), off where it varies (multi-scale detection training,
+whole-image segmentation evaluation: ``cudnn_benchmark_off``), as detectron2 does (``CUDNN_BENCHMARK:
+False``): the autotuner times every kernel again for each new shape.
 """
 from __future__ import annotations
 
@@ -18,20 +30,47 @@ import torch
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "auto")
 
 
 @dataclass
 class Precision:
-    name: str
+    name: str                                # fp32, fp16 or bf16 ("auto" resolved)
     autocast: Callable[[], ContextManager]   # a fresh autocast context per call: `with precision.autocast():`
     scaler: torch.amp.GradScaler             # disabled (a pass-through) unless fp16
+    memory_format: torch.memory_format = torch.contiguous_format  # of the model and of every input batch
+
+
+def cpu_has_amx() -> bool:
+    """True when this CPU has AMX bf16 tiles, the only CPU feature that makes bf16 autocast faster than
+    fp32 in torch's oneDNN kernels (AVX-512-BF16 alone does not: see the module docstring)."""
+    try:
+        caps = torch.cpu.get_capabilities()
+        return bool(caps.get("amx_bf16") or caps.get("amx_tile"))
+    except AttributeError:  # torch < 2.6
+        is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        return bool(is_amx()) if is_amx is not None else False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``precision`` itself, or for ``auto`` the low precision ``device`` computes fast: fp16 on CUDA, bf16 on
+    a CPU with AMX, fp32 otherwise (any other device: fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision={precision!r}: one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "fp16"
+    return "bf16" if device.type == "cpu" and cpu_has_amx() else "fp32"
+
+
+def memory_format_for(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def autocast_for(precision: str, device: torch.device) -> Callable[[], ContextManager]:
-    """A zero-argument factory of the autocast context for ``precision`` on ``device``."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"train.precision={precision!r}: one of {', '.join(PRECISIONS)}")
+    """A zero-argument factory of the autocast context for ``precision`` (``auto`` resolved) on ``device``."""
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return nullcontext
     if precision == "fp16" and device.type == "cpu":
@@ -42,13 +81,19 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], ContextMa
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-def setup_precision(precision: str, device: torch.device, *, cudnn_benchmark: bool = True) -> Precision:
-    """The autocast factory and GradScaler of a run; on CUDA also sets cuDNN's autotuner to
-    ``cudnn_benchmark``: True for fixed input sizes, False where they vary."""
+def setup_precision(precision: str, device: torch.device, *, channels_last: bool = False,
+                    cudnn_benchmark: bool = True) -> Precision:
+    """The autocast factory, GradScaler and memory format of a run (``auto`` resolved and logged once); on
+    CUDA also sets cuDNN's autotuner to ``cudnn_benchmark``: True for fixed input sizes, False where they vary."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cudnn_benchmark
-    return Precision(precision, autocast_for(precision, device),
-                     torch.amp.GradScaler(device.type, enabled=precision == "fp16"))
+    name = resolve_precision(precision, device)
+    if precision == "auto":
+        why = {"cuda": "CUDA"}.get(device.type, "a CPU with AMX" if name == "bf16" else
+                                   f"{device.type}: no fast low-precision matrix unit")
+        log.info("train.precision=auto: %s (%s)", name, why)
+    return Precision(name, autocast_for(name, device), torch.amp.GradScaler(device.type, enabled=name == "fp16"),
+                     memory_format_for(channels_last))
 
 
 @contextmanager

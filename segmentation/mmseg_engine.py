@@ -36,6 +36,7 @@ from runtime.config import ConfigError, dump_config
 from runtime.data import default_workers, normalization
 from runtime.distributed import init_distributed, world_size
 from runtime.errors import CheckpointError, UserPathError, one_line
+from runtime.precision import resolve_precision
 from runtime.schedules import scale_lr, schedule_for_batch
 from runtime.strict import check_fits
 
@@ -308,11 +309,12 @@ def _optim_wrapper(cfg: SegmentationConfig, lr: float, on_cuda: bool) -> dict:
                                   weight_decay=cfg.optim.weight_decay))
     if cfg.optim.no_bias_decay:  # the paper's rule: biases and norm-layer parameters get no weight decay
         wrapper["paramwise_cfg"] = dict(bias_decay_mult=0.0, norm_decay_mult=0.0)
-    if cfg.train.precision == "fp16":
+    precision = resolve_precision(cfg.train.precision, torch.device("cuda" if on_cuda else "cpu"))
+    if precision == "fp16":
         if not on_cuda:
             raise ValueError("train.precision=fp16 needs a GPU (mmengine's AmpOptimWrapper); on a CPU use bf16 or fp32")
         wrapper.update(type="TricksAmpOptimWrapper", loss_scale="dynamic")
-    elif cfg.train.precision == "bf16":
+    elif precision == "bf16":
         wrapper.update(type="TricksAmpOptimWrapper", dtype="bfloat16") if on_cuda else wrapper.update(
             type="CPUAutocastOptimWrapper")
     return wrapper

@@ -30,9 +30,9 @@ from runtime.config import ConfigError, dump_config, to_dict
 from runtime.data import EpochStream, SeededDataset, SeededSampler, SkipBatches, default_workers
 from runtime.data import normalization as resolve_normalization
 from runtime.distributed import DistInfo, ShardSampler, all_reduce_sum, cleanup_distributed, init_distributed
-from runtime.logger import Progress, RunLogger, plot_run, reduce_mean
+from runtime.logger import LossMeter, Progress, RunLogger, plot_run
 from runtime.optim import build_optimizer
-from runtime.precision import autocast_for, cudnn_benchmark_off, setup_precision
+from runtime.precision import autocast_for, cudnn_benchmark_off, memory_format_for, setup_precision
 from runtime.schedules import build_scheduler, scale_lr, schedule_for_batch
 from runtime.step import OptimizerStep, TrainingDiverged
 from runtime.strict import check_fits, load_model_strictly
@@ -220,7 +220,7 @@ def evaluate(model: nn.Module, cfg: SegmentationConfig, dist_info: DistInfo, aut
                         num_workers=default_workers(cfg.data.workers), pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(0))  # never draws from the training RNG
     normalize = Normalize(*normalization(cfg)).to(device)
-    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    memory_format = memory_format_for(cfg.model.channels_last)
     colours = palette(cfg.data.num_classes)
     if overlays_dir is not None and e.overlays > 0:
         overlays_dir.mkdir(parents=True, exist_ok=True)
@@ -291,7 +291,8 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
         raise ConfigError("train.max_iter, train.batch_size and train.accum_steps must be >= 1")
     check_data(cfg)
     torch.manual_seed(t.seed + dist_info.rank)
-    precision = setup_precision(t.precision, device, cudnn_benchmark=True)  # fixed crops (padded to crop_size)
+    precision = setup_precision(t.precision, device, channels_last=cfg.model.channels_last,
+                                cudnn_benchmark=True)  # fixed crops (padded to crop_size)
 
     # ---- data -------------------------------------------------------------------------------------------
     loader, sampler = build_train_loader(cfg, dist_info)
@@ -303,7 +304,7 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
         raise ConfigError(f"the training split ({len(sampler)} images per process) is smaller than one batch "
                          f"({t.batch_size} images): lower train.batch_size or add data")
     normalize = Normalize(*normalization(cfg)).to(device)
-    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    memory_format = precision.memory_format
 
     # ---- model, optimizer, schedule ------------------------------------------------------------------
     model = build_model(cfg, dist_info).to(device, memory_format=memory_format)
@@ -369,8 +370,7 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
     batches_done = step * t.accum_steps  # resuming inside an epoch: its first batches are skipped
     batches = EpochStream(loader, sampler, batches_done // batches_per_epoch, batches_done % batches_per_epoch)
     progress = Progress(t.max_iter, step, enabled=is_main, logger=log)
-    sums = {"loss": torch.zeros((), device=device), "aux_loss": torch.zeros((), device=device)}
-    stepped_count = torch.zeros((), device=device)
+    meter = LossMeter(device)
     train_model.train()
     while step < t.max_iter:
         step_loss, step_aux = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -389,19 +389,14 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
         stepped = stepper.step(step_loss)
         step += 1
         progress.update(global_batch)
-        sums["loss"] += torch.where(stepped, step_loss, 0.0)  # a skipped step's losses are not logged
-        sums["aux_loss"] += torch.where(stepped, step_aux, 0.0)
-        stepped_count += stepped
+        meter.add(stepped, loss=step_loss, aux_loss=step_aux)
         if step % t.log_every == 0 or step == t.max_iter:
             # The only host syncs of the loop: here, every log_every iterations (and at evaluations and checkpoints).
             stepper.check_diverged(f"iteration {step}", str(out / "last.pth"))
-            means = reduce_mean(sums, stepped_count)
+            means = meter.mean()
             shown = progress.report(step, loss=means["loss"], aux_loss=means["aux_loss"], lr=lr)
             logger.log("train", step, epoch=step * t.accum_steps / batches_per_epoch, lr=lr,
                        img_per_s=shown["img_per_s"], **means)
-            for value in sums.values():
-                value.zero_()
-            stepped_count.zero_()
         if step == t.max_iter:  # the trained model is on disk before the final evaluation can fail
             checkpoint()
         if (t.eval_every and step % t.eval_every == 0) or step == t.max_iter:
@@ -430,8 +425,7 @@ def evaluate_checkpoint(cfg: SegmentationConfig, checkpoint: str) -> dict[str, A
         model = build_model(cfg, pretrained=False)  # every weight comes from the checkpoint
         load_model_strictly(model, checkpoint, f"a torch-engine FCN ({cfg.model.backbone}, "
                             f"{cfg.data.num_classes} classes)")
-        memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-        model = model.to(dist_info.device, memory_format=memory_format)
+        model = model.to(dist_info.device, memory_format=memory_format_for(cfg.model.channels_last))
         metrics = evaluate(model, cfg, dist_info,
                            overlays_dir=Path(cfg.output_dir) / "overlays" if dist_info.is_main else None)
         if dist_info.is_main:

@@ -493,3 +493,25 @@ def test_missing_checkpoint_is_a_clear_error(devkit, tmp_path):
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(pytest.main([os.path.abspath(__file__), "-q"]))
+
+
+def test_channels_last_and_auto_precision(devkit, tmp_path):
+    """model.channels_last puts the registry backbone in NHWC with the same features; train.precision=auto is
+    detectron2's fp32 on a CPU (no AMP: AMPTrainer needs CUDA and v0.6 has no bf16)."""
+    from detectron2.modeling import build_backbone
+
+    torch.manual_seed(0)
+    nhwc_cfg = d2_engine.build_d2_config(tiny_config(devkit, tmp_path, "model.channels_last=true",
+                                                     "train.precision=auto"))
+    assert nhwc_cfg.MODEL.TRICKS.CHANNELS_LAST and not nhwc_cfg.SOLVER.AMP.ENABLED
+    nhwc = build_backbone(nhwc_cfg).eval()
+    plain = build_backbone(d2_engine.build_d2_config(tiny_config(devkit, tmp_path, "model.channels_last=false"))).eval()
+    plain.load_state_dict(nhwc.state_dict())
+    conv = nhwc.bottom_up.body.layer1[0].conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    x = torch.randn(1, 3, 128, 192)
+    with torch.no_grad():
+        a, b = nhwc(x), plain(x)
+    assert a["p2"].is_contiguous(memory_format=torch.channels_last)
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4)

@@ -79,3 +79,25 @@ def test_missing_feature_is_named():
     body = create_backbone("resnet18d", num_classes=0)
     with pytest.raises(ValueError, match="no feature.*res6"):
         FPNBackbone(body, in_features=("res5", "res6"))
+
+
+def test_channels_last_detector_detects_the_same_as_contiguous():
+    """model.channels_last: NHWC weights and backbone input, the same detections (same weights)."""
+    torch.manual_seed(0)
+    plain = build_faster_rcnn("resnet18d", num_classes=5, frozen_stages=-1, norm_layer=None, box_score_thresh=0.0,
+                              **SMALL).eval()
+    _calibrate_bn(plain)
+    nhwc = build_faster_rcnn("resnet18d", num_classes=5, frozen_stages=-1, norm_layer=None, box_score_thresh=0.0,
+                             channels_last=True, **SMALL).eval()
+    nhwc.load_state_dict(plain.state_dict())
+    conv = nhwc.backbone.body.layer1[0].conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    images = [torch.rand(3, 120, 150), torch.rand(3, 100, 128)]
+    with torch.no_grad():
+        a, b = nhwc(images), plain(images)
+        feats = nhwc.backbone(torch.rand(1, 3, 128, 160))
+    assert feats["0"].is_contiguous(memory_format=torch.channels_last)
+    for da, db in zip(a, b):
+        assert len(da["boxes"]) > 0
+        torch.testing.assert_close(da["boxes"], db["boxes"], atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(da["scores"], db["scores"], atol=1e-4, rtol=1e-4)

@@ -338,3 +338,15 @@ def test_scale_schedule_runs_the_recipes_epochs(tmp_path, caplog):
     assert sorted(p.name for p in out.glob("iter_*.pth")) == ["iter_4.pth"]  # the period too: 1 -> 4
     assert [r["step"] for r in _scalars(out) if "loss" in r] == [1, 2, 3, 4]
     assert any("runs 4 iterations instead of 1" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_precision_picks_the_optimizer_wrapper_the_device_computes_fast(monkeypatch, amx):
+    """train.precision=auto through mmengine: on a CPU with AMX the bf16 autocast wrapper, otherwise fp32's
+    plain wrapper; on CUDA mmengine's AmpOptimWrapper with dynamic loss scaling (fp16)."""
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": amx, "amx_tile": amx})
+    cfg = load_config(None, SegmentationConfig, ["engine=mmseg", "train.precision=auto"])
+    cpu = mmseg_engine._optim_wrapper(cfg, 0.01, on_cuda=False)
+    assert cpu["type"] == ("CPUAutocastOptimWrapper" if amx else "TricksOptimWrapper")
+    cuda = mmseg_engine._optim_wrapper(cfg, 0.01, on_cuda=True)
+    assert cuda["type"] == "TricksAmpOptimWrapper" and cuda["loss_scale"] == "dynamic"

@@ -191,3 +191,42 @@ def test_setup_precision_sets_the_cudnn_autotuner_as_asked(monkeypatch, benchmar
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", not benchmark)
     setup_precision("fp32", torch.device("cuda"), cudnn_benchmark=benchmark)
     assert torch.backends.cudnn.benchmark is benchmark
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_precision_is_the_low_precision_the_device_computes_fast(monkeypatch, amx):
+    """auto: fp16 on CUDA (the paper's FP16), bf16 on a CPU with AMX tiles, fp32 on other CPUs (where bf16
+    autocast runs slower than fp32); explicit choices pass through; the run's Precision carries the
+    resolved name, a scaler only for fp16, and the memory format."""
+    from runtime import precision as p
+
+    caps = {"amx_bf16": amx, "amx_tile": amx, "avx512_bf16": True}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    cpu = torch.device("cpu")
+    assert p.resolve_precision("auto", torch.device("cuda")) == "fp16"
+    assert p.resolve_precision("auto", cpu) == ("bf16" if amx else "fp32")
+    assert p.resolve_precision("auto", torch.device("mps")) == "fp32"
+    assert [p.resolve_precision(x, cpu) for x in ("fp32", "fp16", "bf16")] == ["fp32", "fp16", "bf16"]
+    with pytest.raises(ValueError, match="train.precision='half'"):
+        p.resolve_precision("half", cpu)
+    run = p.setup_precision("auto", cpu, channels_last=True)
+    assert run.name == ("bf16" if amx else "fp32") and not run.scaler.is_enabled()
+    assert run.memory_format == torch.channels_last
+    with run.autocast():
+        y = torch.ones(2, 2) @ torch.ones(2, 2)
+    assert y.dtype == (torch.bfloat16 if amx else torch.float32)
+    assert p.setup_precision("fp32", cpu).memory_format == torch.contiguous_format
+
+
+def test_loss_meter_means_the_stepped_steps_only_and_starts_a_new_window():
+    from runtime.logger import LossMeter
+
+    meter = LossMeter(torch.device("cpu"))
+    meter.add(torch.tensor(True), loss=torch.tensor(2.0), aux=torch.tensor(1.0))
+    meter.add(torch.tensor(False), loss=torch.tensor(float("nan")), aux=torch.tensor(100.0))  # skipped: not logged
+    meter.add(torch.tensor(True), loss=torch.tensor(4.0), aux=torch.tensor(3.0))
+    assert meter.mean() == {"aux": 2.0, "loss": 3.0}
+    meter.add(torch.tensor(True), loss=torch.tensor(10.0))
+    assert meter.mean() == {"loss": 10.0}
+    meter.add(torch.tensor(False), loss=torch.tensor(1.0))
+    assert math.isnan(meter.mean()["loss"])  # no step taken in the window

@@ -209,3 +209,36 @@ def test_training_with_ema_evaluates_and_saves_the_averaged_weights_and_resumes_
     train(tiny(tmp_path, "train.max_steps=1", "train.epochs=1", name="noema"))
     with pytest.raises(Exception, match="ema_decay"):
         train(tiny(tmp_path, "train.ema_decay=0.9", f"train.resume={tmp_path / 'noema' / 'last.pth'}", name="other"))
+
+
+def test_weight_ema_update_reads_nothing_from_the_device_and_loads_averaged_model_state(monkeypatch):
+    """No host sync per update (torch's AveragedModel reads ``n_averaged`` each time), and a checkpoint of
+    torch's AveragedModel (the format train.ema_decay wrote before) loads and continues identically."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    ema = weight_ema(model, 0.9)
+    theirs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    reads = []
+    for name in ("item", "__bool__", "__int__", "__float__", "cpu", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _n=name, _o=original, **k: reads.append(_n) or _o(t, *a, **k))
+    for _ in range(2):
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        ema.update_parameters(model)
+    assert reads == []
+    monkeypatch.undo()
+    for _ in range(2):
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        theirs.update_parameters(model)
+    resumed = weight_ema(model, 0.9)
+    resumed.load_state_dict(theirs.state_dict())  # AveragedModel's keys: module.* and n_averaged
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    for avg in (resumed, theirs):
+        avg.update_parameters(model)
+    assert not torch.allclose(resumed.module[0].weight, model[0].weight)  # averaged, not copied
+    torch.testing.assert_close(resumed.module[0].weight, theirs.module[0].weight)
