@@ -75,6 +75,13 @@ def test_every_row_differs_from_the_row_above_by_exactly_the_papers_step():
     assert checked == 3 + 8 + 3 + 15    # tables 5, 4, 3, 6
 
 
+def test_every_row_pins_its_precision():
+    """A record's hash is over the config: ``train.precision=auto`` would resolve to another precision on
+    another machine (fp16 on CUDA, bf16 with AMX, fp32 otherwise) under the same record."""
+    for row in ROWS.values():
+        assert rp.resolved_config(row).train.precision in ("fp32", "bf16"), row.id
+
+
 def test_first_rows_and_the_backbones_of_tables_8_and_9():
     # Table 4's batch-1024 column starts from the batch-256 one with only the batch (lr 0.1 per 256: scaled to 0.4)
     assert _diff("r50-baseline", "r50-b1024-0") == {"train.batch_size": (256, 1024)}

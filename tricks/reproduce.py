@@ -145,8 +145,10 @@ def _rows() -> dict[str, Row]:
         add(Row(f"det-{backbone}", by_id[backbone].label, DETECTION,
                 (*common, "model.norm=frozenbatchnorm", "model.frozen_stages=1", "data.root=<voc>",
                  "data.classes=<voc_classes>", "train.visualize=0"), {"mAP": mAP, "top1": top1}, backbone=backbone))
+        # precision pinned: a record's hash is over the config, and `auto` would mean another precision on
+        # another machine (bf16: what the demo config said when the first full run began)
         add(Row(f"seg-{backbone}", by_id[backbone].label, SEGMENTATION,
-                (*common, "data.root=<scenes>", "eval.overlays=0"), {"aAcc": pix, "mIoU": miou, "top1": top1},
+                (*common, "data.root=<scenes>", "eval.overlays=0", "train.precision=bf16"), {"aAcc": pix, "mIoU": miou, "top1": top1},
                 backbone=backbone))
     return {r.id: r for r in rows}
 
