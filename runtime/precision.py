@@ -89,8 +89,9 @@ def setup_precision(precision: str, device: torch.device, *, channels_last: bool
         torch.backends.cudnn.benchmark = cudnn_benchmark
     name = resolve_precision(precision, device)
     if precision == "auto":
-        why = {"cuda": "CUDA"}.get(device.type, "a CPU with AMX" if name == "bf16" else
-                                   f"{device.type}: no fast low-precision matrix unit")
+        why = ("CUDA" if device.type == "cuda" else "a CPU with AMX" if name == "bf16" else
+               "a CPU without AMX, where bf16 autocast is slower than fp32" if device.type == "cpu" else
+               f"{device.type}: no low-precision rule")
         log.info("train.precision=auto: %s (%s)", name, why)
     return Precision(name, autocast_for(name, device), torch.amp.GradScaler(device.type, enabled=name == "fp16"),
                      memory_format_for(channels_last))
