@@ -53,12 +53,15 @@ OUT = {"dir": RESULTS}  # --out: where the records, Markdown and PNG go
 TARGET = 95.0
 
 
-def precision_of(config: str, overrides: list[str]) -> str:
-    """The precision a run of ``config`` resolves to on this machine (``auto``: fp32 on a CPU without AMX)."""
+def resolved_precision(cfg: Config) -> str:
+    """The precision a run of ``cfg`` resolves to on this machine (``auto``: fp32 on a CPU without AMX)."""
     import torch
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return resolve_precision(load_config(config, Config, overrides).train.precision, device)
+    return resolve_precision(cfg.train.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def precision_of(config: str, overrides: list[str]) -> str:
+    return resolved_precision(load_config(config, Config, overrides))
 
 
 def run(name: str, config: str, overrides: list[str], seed: int, work: Path) -> dict:
@@ -81,7 +84,7 @@ def run(name: str, config: str, overrides: list[str], seed: int, work: Path) -> 
                                 str(out / "model.safetensors"))
     tta, plain = (metrics["top1"], other["top1"]) if cfg.data.val_hflip_tta else (other["top1"], metrics["top1"])
     return {"name": name, "config": config, "overrides": overrides, "seed": seed, "epochs": cfg.train.epochs,
-            "precision": precision_of(config, overrides),
+            "precision": resolved_precision(cfg),
             "top1": metrics["top1"], "top1_plain": plain, "top1_tta": tta, "wall_s": wall, "curve": curve, "curve_timed": True,
             "img_per_s": val[-1]["train_img_per_s"], "machine": machine(), "commit": commit(),
             "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}

@@ -148,8 +148,8 @@ def _rows() -> dict[str, Row]:
         # precision pinned: a record's hash is over the config, and `auto` would mean another precision on
         # another machine (bf16: what the demo config said when the first full run began)
         add(Row(f"seg-{backbone}", by_id[backbone].label, SEGMENTATION,
-                (*common, "data.root=<scenes>", "eval.overlays=0", "train.precision=bf16"), {"aAcc": pix, "mIoU": miou, "top1": top1},
-                backbone=backbone))
+                (*common, "data.root=<scenes>", "eval.overlays=0", "train.precision=bf16"),
+                {"aAcc": pix, "mIoU": miou, "top1": top1}, backbone=backbone))
     return {r.id: r for r in rows}
 
 
