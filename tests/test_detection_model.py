@@ -21,15 +21,19 @@ def _calibrate_bn(model: torch.nn.Module) -> None:
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
 
 
-def test_torchvision_faster_rcnn_state_dict_loads_strictly_and_detects_the_same():
+@pytest.mark.parametrize("fast_roi_align", [False, True])
+def test_torchvision_faster_rcnn_state_dict_loads_strictly_and_detects_the_same(fast_roi_align):
+    """With torchvision's RoI pooler the same detections to fp32 rounding; with ours (the default) the
+    pooled features differ in the order of float additions, so the boxes within 1e-5 relative."""
     torch.manual_seed(0)
     # Without pretrained weights torchvision builds trainable BN and trains every stage.
     theirs = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=5, box_score_thresh=0.0,
                                      **SMALL).eval()
     _calibrate_bn(theirs)
     ours = build_faster_rcnn("resnet50b", num_classes=5, frozen_stages=-1, norm_layer=None, box_score_thresh=0.0,
-                             **SMALL).eval()
+                             fast_roi_align=fast_roi_align, **SMALL).eval()
     assert ours.state_dict().keys() == theirs.state_dict().keys()
+    tol = dict(rtol=1e-5, atol=1e-3) if fast_roi_align else {}
     ours.load_state_dict(theirs.state_dict(), strict=True)
     images = [torch.rand(3, 120, 150), torch.rand(3, 100, 128)]
     with torch.no_grad():
@@ -38,8 +42,8 @@ def test_torchvision_faster_rcnn_state_dict_loads_strictly_and_detects_the_same(
         fa, fb = ours.backbone(x), theirs.backbone(x)
     for da, db in zip(a, b):
         assert len(da["boxes"]) > 0
-        torch.testing.assert_close(da["boxes"], db["boxes"])
-        torch.testing.assert_close(da["scores"], db["scores"])
+        torch.testing.assert_close(da["boxes"], db["boxes"], **tol)
+        torch.testing.assert_close(da["scores"], db["scores"], **tol)
         assert torch.equal(da["labels"], db["labels"])
     assert list(fa) == list(fb) == ["0", "1", "2", "3", "pool"] and fa["0"].shape[-2:] == (32, 40)
     for k in fa:
