@@ -37,6 +37,7 @@ class DataConfig:
     val_resize: int = 256                   # val: resize short side to this (px) ...
     val_crop: int = 224                     # ... then center crop (px)
     val_hflip_tta: bool = False             # val: average the predictions of each image and its mirror image (TTA; not in the paper)
+    val_translate_tta: int = 0              # val: also the image shifted diagonally by +-this many px (weights 1/2, 1/4, 1/4; airbench's TTA; not in the paper)
     min_area: float = 0.08                  # RandomResizedCrop smallest area fraction
     max_area: float = 1.0
     hflip: float = 0.5                      # horizontal flip probability

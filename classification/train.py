@@ -72,14 +72,31 @@ def normalization(cfg: Config) -> tuple[list[float], list[float]]:
 
 
 @torch.no_grad()
+def _tta_views(images: torch.Tensor, hflip: bool, translate: int) -> list[tuple[torch.Tensor, float]]:
+    """The test-time views of a batch and their weights (summing to 1)."""
+    views = [(images, 1.0)]
+    h, w = images.shape[-2:]
+    if not 0 <= translate < min(h, w):
+        raise ValueError(f"data.val_translate_tta={translate}: a shift in pixels, 0 (off) up to less than the "
+                         f"validation crop ({h}x{w} px)")
+    if translate > 0:
+        padded = nn.functional.pad(images, (translate,) * 4, mode="reflect")
+        views = [(images, 0.5), (padded[..., :h, :w], 0.25), (padded[..., 2 * translate:, 2 * translate:], 0.25)]
+    if hflip:
+        views = [(v.flip(-1) if mirrored else v, weight / 2) for v, weight in views for mirrored in (False, True)]
+    return views
+
+
 def evaluate(model: nn.Module, loader, device: torch.device, autocast, channels_last: bool,
              prepare: Callable[[torch.Tensor], torch.Tensor] = nn.Identity(),
-             hflip_tta: bool = False) -> dict[str, float]:
+             hflip_tta: bool = False, translate_tta: int = 0) -> dict[str, float]:
     """Top-1/top-5 accuracy (%) and cross-entropy over the whole loader, summed over ranks.
 
     ``prepare`` turns a loaded batch (on the device) into network input (the batched pipeline's
     resize/crop/normalise; identity for the per-sample pipeline). ``hflip_tta`` averages the class
-    probabilities of each image and its mirror image (test-time augmentation)."""
+    probabilities of each image and its mirror image (test-time augmentation); ``translate_tta=d`` (airbench's
+    TTA) gives weight 1/2 to the image and 1/4 to each of its two diagonal shifts by ``d`` px (reflect-padded),
+    each with its mirror image when ``hflip_tta``."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, count
     for images, labels, _ in loader:
@@ -89,11 +106,12 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast, channels_
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(device, non_blocking=True)
+        views = _tta_views(images, hflip_tta, translate_tta)
         with autocast():
-            logits = model(images).float()
-            if hflip_tta:  # log of the mean probability: top-k and the loss below read it like logits
-                flipped = model(images.flip(-1)).float()
-                logits = torch.logsumexp(torch.stack([logits.log_softmax(1), flipped.log_softmax(1)]), 0) - math.log(2)
+            if len(views) == 1:
+                logits = model(images).float()
+            else:  # log of the weighted mean probability: top-k and the loss below read it like logits
+                logits = torch.logsumexp(torch.stack([model(v).float().log_softmax(1) + math.log(w) for v, w in views]), 0)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == labels[:, None]
         totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(),
@@ -344,7 +362,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
             checkpoint(epoch + 1)
         if (epoch + 1) % t.eval_every == 0 or last_epoch:
             metrics = evaluate(eval_model, val_loader, device, precision.autocast, cfg.model.channels_last,
-                               val_prepare, cfg.data.val_hflip_tta)
+                               val_prepare, cfg.data.val_hflip_tta, cfg.data.val_translate_tta)
             metrics.update(epoch=epoch + 1, train_time_s=train_time,
                            train_img_per_s=images_seen * dist_info.world_size / train_time)
             logger.log("val", step, **metrics)
@@ -364,7 +382,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
     progress.close()
     if "top1" not in metrics:  # resumed from the checkpoint written before a final evaluation that failed
         metrics = evaluate(eval_model, val_loader, device, precision.autocast, cfg.model.channels_last,
-                           val_prepare, cfg.data.val_hflip_tta)
+                           val_prepare, cfg.data.val_hflip_tta, cfg.data.val_translate_tta)
 
     if is_main:
         metrics["skipped_images"] = skipped_images
@@ -396,6 +414,6 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict[str, float]:
                                 in_chans=cfg.model.in_chans, norm_eval=True, **model_kwargs(cfg))
         model = model.to(device, memory_format=memory_format_for(cfg.model.channels_last))
         return evaluate(model, loader, device, autocast_for(cfg.train.precision, device), cfg.model.channels_last,
-                        prepare, cfg.data.val_hflip_tta)
+                        prepare, cfg.data.val_hflip_tta, cfg.data.val_translate_tta)
     finally:
         cleanup_distributed()

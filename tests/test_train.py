@@ -250,6 +250,32 @@ def test_evaluate_hflip_tta_averages_probabilities():
         assert plain["loss"] == pytest.approx(torch.nn.functional.cross_entropy(net(images), labels).item(), rel=1e-5)
 
 
+def test_evaluate_translate_tta_weights_the_shifted_views():
+    """data.val_translate_tta=1: probabilities 1/2 of the image, 1/4 of each diagonal shift by one pixel
+    (reflect-padded), each view with its mirror image under hflip_tta (airbench's TTA)."""
+    from contextlib import nullcontext
+
+    from classification.train import evaluate
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2 * 4 * 4, 5))
+    images, labels = torch.randn(16, 2, 4, 4), torch.randint(0, 5, (16,))
+    loader = [(images[:10], labels[:10], 0), (images[10:], labels[10:], 0)]
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="reflect")
+    up_left, down_right = padded[..., :4, :4], padded[..., 2:, 2:]
+    assert torch.equal(up_left[..., 1:, 1:], images[..., :3, :3]) and torch.equal(down_right[..., :3, :3], images[..., 1:, 1:])
+    for hflip in (False, True):
+        def p(x):
+            return (net(x).softmax(1) + net(x.flip(-1)).softmax(1)) / 2 if hflip else net(x).softmax(1)
+        with torch.no_grad():
+            probs = p(images) / 2 + p(up_left) / 4 + p(down_right) / 4
+        got = evaluate(net, loader, torch.device("cpu"), nullcontext, channels_last=False, hflip_tta=hflip,
+                       translate_tta=1)
+        assert got["top1"] == pytest.approx(100 * (probs.argmax(1) == labels).float().mean().item())
+        assert got["loss"] == pytest.approx(torch.nn.functional.nll_loss(probs.log(), labels).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="data.val_translate_tta=4"):
+        evaluate(net, loader, torch.device("cpu"), nullcontext, channels_last=False, translate_tta=4)
+
+
 @pytest.mark.parametrize("pipeline,workers", [("samples", 2), ("tensor", 0)])
 def test_resume_inside_an_epoch_is_exact(tmp_path, monkeypatch, pipeline, workers):
     """train.checkpoint_every: a crash right after the step-4 checkpoint (epoch 1 has 6 steps), then
