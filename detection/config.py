@@ -23,7 +23,7 @@ class DetModelConfig:
     norm: Literal["frozenbatchnorm", "batchnorm"] = "frozenbatchnorm"  # batchnorm: training from scratch
     sync_bn: bool = False                    # norm=batchnorm under DDP on CUDA: SyncBatchNorm (statistics over the global batch)
     channels_last: bool = True               # NHWC memory format for the backbone and FPN (both engines)
-    fast_roi_align: bool = True              # torch engine: RoIAlign of all FPN levels as one gather (detection/roi_align.py; same numbers as torchvision's, faster backward)
+    roi_align: Literal["auto", "gather", "torchvision"] = "auto"  # torch engine's box pooler, torchvision's numbers either way: gather = all FPN levels in one gather (detection/roi_align.py, faster on CPU); auto = gather on CPU, torchvision's kernel on CUDA
     min_size_train: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))  # shorter side (px), drawn per image
     min_size_test: int = 800                 # shorter side at test (px)
     max_size: int = 1333                     # longer side cap (px)

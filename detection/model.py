@@ -53,7 +53,7 @@ def build_faster_rcnn(backbone: str, num_classes: int = 21, *, weights: Optional
                       frozen_stages: int = 1, norm_layer: Optional[str] = "frozenbatchnorm",
                       fpn_channels: int = 256, anchor_sizes: Optional[Sequence[int]] = None,
                       backbone_kwargs: Optional[dict] = None, box_fc_dim: int = 1024,
-                      channels_last: bool = False, fast_roi_align: bool = True, **detector_kwargs) -> FasterRCNN:
+                      channels_last: bool = False, roi_align: str = "auto", **detector_kwargs) -> FasterRCNN:
     """Faster R-CNN + FPN on registry backbone ``backbone``.
 
     Args:
@@ -67,9 +67,10 @@ def build_faster_rcnn(backbone: str, num_classes: int = 21, *, weights: Optional
             diverges).
         box_fc_dim: width of the box head's two fully connected layers (torchvision and detectron2: 1024).
         channels_last: NHWC weights and backbone input (the runtime's ``model.channels_last``).
-        fast_roi_align: pool the box head's RoIs with :class:`detection.roi_align.FastMultiScaleRoIAlign`
-            (torchvision's ``MultiScaleRoIAlign`` arguments and numbers, all levels in one gather, a backward
-            several times faster on CPU); ``False``: torchvision's own.
+        roi_align: the box head's RoI pooler, torchvision's ``MultiScaleRoIAlign`` arguments and numbers either
+            way. ``"gather"``: :class:`detection.roi_align.FastMultiScaleRoIAlign` on every device (all levels
+            in one gather, a backward several times faster on CPU); ``"auto"``: the gather on CPU and
+            torchvision's kernel on CUDA; ``"torchvision"``: torchvision's kernel everywhere.
         backbone_kwargs: further ``create_backbone`` arguments (``width_mult``, ...).
         anchor_sizes: one anchor size (px) per FPN level P2..P6, aspect ratios 0.5/1/2 (torchvision's
             default: 32..512).
@@ -89,8 +90,12 @@ def build_faster_rcnn(backbone: str, num_classes: int = 21, *, weights: Optional
         detector_kwargs["box_head"] = TwoMLPHead(fpn_channels * 7 * 7, box_fc_dim)
         detector_kwargs["box_predictor"] = FastRCNNPredictor(box_fc_dim, num_classes)
         num_classes = None  # torchvision takes either num_classes or a box_predictor
-    if fast_roi_align and "box_roi_pool" not in detector_kwargs:  # torchvision's default pooler's arguments
-        detector_kwargs["box_roi_pool"] = FastMultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+    if roi_align not in ("auto", "gather", "torchvision"):
+        raise ValueError(f"model.roi_align={roi_align!r}: choose auto (the gather on CPU, torchvision's kernel on "
+                         "CUDA), gather or torchvision")
+    if roi_align != "torchvision" and "box_roi_pool" not in detector_kwargs:  # torchvision's default arguments
+        detector_kwargs["box_roi_pool"] = FastMultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2,
+                                                                 on_cuda=roi_align == "gather")
     detector_kwargs.setdefault("image_mean", list(body.default_cfg["mean"]))
     detector_kwargs.setdefault("image_std", list(body.default_cfg["std"]))
     model = FasterRCNN(FPNBackbone(body, fpn_channels, channels_last=channels_last), num_classes=num_classes,

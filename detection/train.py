@@ -84,7 +84,7 @@ def build_model(cfg: DetectionConfig, num_classes: int):
                              rpn_pre_nms_top_n_test=pre_test, rpn_post_nms_top_n_test=post_test,
                              box_batch_size_per_image=m.roi_batch_per_image, box_score_thresh=m.score_thresh_test,
                              box_detections_per_img=m.detections_per_image, channels_last=m.channels_last,
-                             fast_roi_align=m.fast_roi_align)
+                             roi_align=m.roi_align)
 
 
 def sync_batchnorm(model: nn.Module, cfg: DetectionConfig, dist_info: DistInfo) -> nn.Module:

@@ -21,8 +21,8 @@ def _calibrate_bn(model: torch.nn.Module) -> None:
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
 
 
-@pytest.mark.parametrize("fast_roi_align", [False, True])
-def test_torchvision_faster_rcnn_state_dict_loads_strictly_and_detects_the_same(fast_roi_align):
+@pytest.mark.parametrize("roi_align", ["torchvision", "auto"])
+def test_torchvision_faster_rcnn_state_dict_loads_strictly_and_detects_the_same(roi_align):
     """With torchvision's RoI pooler the same detections to fp32 rounding; with ours (the default) the
     pooled features differ in the order of float additions, so the boxes within 1e-5 relative."""
     torch.manual_seed(0)
@@ -31,9 +31,9 @@ def test_torchvision_faster_rcnn_state_dict_loads_strictly_and_detects_the_same(
                                      **SMALL).eval()
     _calibrate_bn(theirs)
     ours = build_faster_rcnn("resnet50b", num_classes=5, frozen_stages=-1, norm_layer=None, box_score_thresh=0.0,
-                             fast_roi_align=fast_roi_align, **SMALL).eval()
+                             roi_align=roi_align, **SMALL).eval()
     assert ours.state_dict().keys() == theirs.state_dict().keys()
-    tol = dict(rtol=1e-5, atol=1e-3) if fast_roi_align else {}
+    tol = dict(rtol=1e-5, atol=1e-3) if roi_align == "auto" else {}
     ours.load_state_dict(theirs.state_dict(), strict=True)
     images = [torch.rand(3, 120, 150), torch.rand(3, 100, 128)]
     with torch.no_grad():

@@ -101,12 +101,12 @@ def test_no_rois_and_bf16_features():
 
 def test_detector_with_the_fast_pooler_trains_as_with_torchvision_s():
     """A Faster R-CNN training step: the four losses and every parameter's gradient equal with
-    model.fast_roi_align on and off (same weights, same sampled RoIs)."""
+    model.roi_align=auto (the gather, on CPU) and torchvision (same weights, same sampled RoIs)."""
     kwargs = dict(num_classes=4, frozen_stages=-1, norm_layer=None, min_size=96, max_size=128, fpn_channels=16,
                   box_fc_dim=32, backbone_kwargs={"width_mult": 0.25})
     torch.manual_seed(0)
-    fast = build_faster_rcnn("resnet18d", fast_roi_align=True, **kwargs).train()
-    slow = build_faster_rcnn("resnet18d", fast_roi_align=False, **kwargs).train()
+    fast = build_faster_rcnn("resnet18d", roi_align="auto", **kwargs).train()
+    slow = build_faster_rcnn("resnet18d", roi_align="torchvision", **kwargs).train()
     assert isinstance(fast.roi_heads.box_roi_pool, FastMultiScaleRoIAlign)
     assert type(slow.roi_heads.box_roi_pool) is MultiScaleRoIAlign
     slow.load_state_dict(fast.state_dict())
