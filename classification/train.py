@@ -71,7 +71,6 @@ def normalization(cfg: Config) -> tuple[list[float], list[float]]:
     return resolve_normalization(cfg.data.mean, cfg.data.std, cfg.model.name, cfg.model.in_chans, model_kwargs(cfg))
 
 
-@torch.no_grad()
 def _tta_views(images: torch.Tensor, hflip: bool, translate: int) -> list[tuple[torch.Tensor, float]]:
     """The test-time views of a batch and their weights (summing to 1)."""
     views = [(images, 1.0)]
@@ -87,6 +86,7 @@ def _tta_views(images: torch.Tensor, hflip: bool, translate: int) -> list[tuple[
     return views
 
 
+@torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, autocast, channels_last: bool,
              prepare: Callable[[torch.Tensor], torch.Tensor] = nn.Identity(),
              hflip_tta: bool = False, translate_tta: int = 0) -> dict[str, float]:

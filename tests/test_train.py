@@ -272,6 +272,10 @@ def test_evaluate_translate_tta_weights_the_shifted_views():
                        translate_tta=1)
         assert got["top1"] == pytest.approx(100 * (probs.argmax(1) == labels).float().mean().item())
         assert got["loss"] == pytest.approx(torch.nn.functional.nll_loss(probs.log(), labels).item(), rel=1e-5)
+    seen = []  # evaluation builds no autograd graph (one kept across batches grows without bound)
+    net.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    evaluate(net, loader, torch.device("cpu"), nullcontext, channels_last=False, hflip_tta=True, translate_tta=1)
+    assert len(seen) == 12 and not any(seen)
     with pytest.raises(ValueError, match="data.val_translate_tta=4"):
         evaluate(net, loader, torch.device("cpu"), nullcontext, channels_last=False, translate_tta=4)
 
