@@ -621,10 +621,11 @@ def check_groups(groups: Sequence[str]) -> None:
 
 
 def run_bench(out: Path | str, quick: bool = False, groups: Sequence[str] = GROUPS, command: str = "tricks bench",
-              rounds: int | None = None, threads: int | None = None) -> Path:
+              rounds: int | None = None, threads: int | None = None,
+              tasks: Sequence[str] = ("segmentation", "detection")) -> Path:
     """Measure the rows of ``groups`` (``QUICK`` or ``FULL`` sizes; ``rounds``, if given, replaces the mode's) and
     write the report into ``out``. ``threads``: torch's intra-op threads for the whole run (the pipeline rows
-    always use one)."""
+    always use one). ``tasks``: the engine rows' tasks."""
     import dataclasses
 
     from benchmarks._common import commit
@@ -645,7 +646,7 @@ def run_bench(out: Path | str, quick: bool = False, groups: Sequence[str] = GROU
             best = {dtype: max(p.values()) for dtype, p in peaks.items()}
             rows += train_step_rows(sizes, best)
         if "engines" in groups:
-            rows += engine_rows(sizes, work / "engines")
+            rows += engine_rows(sizes, work / "engines", tasks)
         if "pipeline" in groups:
             rows += pipeline_rows(sizes, work / "pipeline")
         if "eval" in groups:

@@ -88,6 +88,18 @@ def test_unknown_row_group_is_one_clear_line(capsys):
                               "(comma-separated)")
 
 
+def test_engine_tasks_are_passed_and_checked(monkeypatch, tmp_path):
+    """--tasks detection: only the detection engine row is measured; an unknown task is one clear line."""
+    from tricks.cli import main
+
+    asked = []
+    monkeypatch.setattr(bench, "engine_rows", lambda sizes, work, tasks=(): asked.append(tuple(tasks)) or [])
+    main(["bench", "--quick", "--only", "engines", "--tasks", "detection", "--out", str(tmp_path)])
+    assert asked == [("detection",)] and "--tasks detection" in (tmp_path / "bench.md").read_text()
+    with pytest.raises(SystemExit, match="the engine rows' tasks are segmentation, detection"):
+        main(["bench", "--quick", "--only", "engines", "--tasks", "classification"])
+
+
 def test_write_outputs(tmp_path):
     rows = [bench.Row("eval", "voc", "ours", "d2", "evaluation", TIMES)]
     report = bench.write(rows, None, tmp_path, "tricks bench", "quick")

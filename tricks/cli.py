@@ -419,13 +419,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         check_groups(groups)
     except ValueError as e:
         raise SystemExit(f"tricks bench {e}")
+    tasks = args.tasks.split(",") if args.tasks else ["segmentation", "detection"]
+    if not set(tasks) <= {"segmentation", "detection"} or not tasks:
+        raise SystemExit(f"tricks bench --tasks {args.tasks}: the engine rows' tasks are segmentation, detection")
     _setup_logging()
     if args.rounds is not None and args.rounds < 1 or args.threads is not None and args.threads < 1:
         raise SystemExit("tricks bench: --rounds and --threads must be >= 1")
     command = ("tricks bench" + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
-               + (f" --rounds {args.rounds}" if args.rounds else "") + (f" --threads {args.threads}" if args.threads else ""))
+               + (f" --rounds {args.rounds}" if args.rounds else "") + (f" --threads {args.threads}" if args.threads else "")
+               + (f" --tasks {args.tasks}" if args.tasks else ""))
     report = run_bench(args.out, quick=args.quick, groups=groups, command=command, rounds=args.rounds,
-                       threads=args.threads)
+                       threads=args.threads, tasks=tasks)
     print(report.read_text())
     print(f"-> {report}")
     return 0
@@ -443,6 +447,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    "full, 2 quick)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the train and engine rows (default: "
                    "torch's, one per core; on a shared machine 1 keeps both sides off each other's cores)")
+    p.add_argument("--tasks", default="", metavar="TASKS", help="comma-separated tasks of the engine rows: "
+                   "segmentation, detection (default: both)")
     p.set_defaults(func=cmd_bench)
 
 
