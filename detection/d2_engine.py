@@ -773,6 +773,9 @@ def build_trainer(cfg: DetectionConfig, resume: Optional[str] = None):
         raise ConfigError("model.norm=frozenbatchnorm with model.weights unset freezes randomly initialised BN, and "
                          "Faster R-CNN then diverges: set model.weights to a pretrained backbone (model.safetensors "
                          "of a classification run) or use model.norm=batchnorm")
+    if cfg.model.roi_align != "auto":
+        raise ConfigError(f"model.roi_align={cfg.model.roi_align} chooses the torchvision engine's RoI pooler; the "
+                          "detectron2 engine pools with detectron2's ROIAlignV2: leave model.roi_align=auto")
     check_sync_bn(cfg.model, torch.cuda.is_available())
     given = cfg
     cfg = schedule_for_batch(cfg, cfg.train.batch_size * world_size(), REFERENCE_BATCH, _train_images(cfg))

@@ -218,6 +218,8 @@ def test_sync_bn_under_ddp_builds_sync_batchnorm(devkit, tmp_path, monkeypatch):
 def test_frozen_random_bn_is_refused(devkit, tmp_path):
     with pytest.raises(ValueError, match="model.weights"):
         d2_engine.build_trainer(tiny_config(devkit, tmp_path, "model.norm=frozenbatchnorm"))
+    with pytest.raises(ValueError, match="model.roi_align=gather chooses the torchvision engine's"):
+        d2_engine.build_trainer(tiny_config(devkit, tmp_path, "model.roi_align=gather"))
 
 
 def test_both_engines_read_the_same_detector_sizes(devkit, tmp_path):
