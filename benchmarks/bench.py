@@ -308,7 +308,10 @@ def engine_side(config: str, engine: str, overrides: list[str], work: Path, warm
     return measure
 
 
-def engine_rows(sizes: Sizes, work: Path, tasks: Sequence[str] = ("segmentation", "detection")) -> list[Row]:
+ENGINE_TASKS = ("segmentation", "detection")  # the tasks with an engine row (suite engine vs reference engine)
+
+
+def engine_rows(sizes: Sizes, work: Path, tasks: Sequence[str] = ENGINE_TASKS) -> list[Row]:
     """Each task engine of the suite vs its reference engine: the demo's configs, the same data, model and batch,
     data loaded in the main process (``data.workers=0``), every iteration logged by both (``train.log_every=1``),
     random initialisation (trainable BN), evaluation only after the last iteration (on 2 scenes)."""
@@ -622,7 +625,7 @@ def check_groups(groups: Sequence[str]) -> None:
 
 def run_bench(out: Path | str, quick: bool = False, groups: Sequence[str] = GROUPS, command: str = "tricks bench",
               rounds: int | None = None, threads: int | None = None,
-              tasks: Sequence[str] = ("segmentation", "detection")) -> Path:
+              tasks: Sequence[str] = ENGINE_TASKS) -> Path:
     """Measure the rows of ``groups`` (``QUICK`` or ``FULL`` sizes; ``rounds``, if given, replaces the mode's) and
     write the report into ``out``. ``threads``: torch's intra-op threads for the whole run (the pipeline rows
     always use one). ``tasks``: the engine rows' tasks."""

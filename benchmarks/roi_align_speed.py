@@ -4,8 +4,8 @@
 Two sizes: the detection demo's (8 images of 160 px, a 64-channel FPN, 128 RoIs per image) and detectron2's
 VOC recipe (2 images of 800 x 1067 px, a 256-channel FPN, 512 RoIs per image). Boxes are drawn over the
 image with sizes that spread them over the four levels. Rounds alternate the two poolers (A B, B A, ...);
-the result is the median of the per-round ratios ours / torchvision's (< 1: ours is faster). Every round
-also checks that both give the same outputs and feature gradients.
+the result is the median of the per-round ratios ours / torchvision's (< 1: ours is faster). Before the
+rounds the run checks that both give the same outputs and feature gradients.
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/roi_align_speed.py [--rounds 7]``
 """
@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import RESULTS, header, paired_seconds, table  # noqa: E402
+from benchmarks._common import RESULTS, header, round_order, table  # noqa: E402
 
 from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
 
@@ -71,7 +72,15 @@ def main() -> None:
         out_diff = (out_a - out_b).abs().max().item()
         grad_diff = max((a - b).abs().max().item() for a, b in zip(grad_a, grad_b))
         assert out_diff < 1e-4 and grad_diff < 1e-3, (out_diff, grad_diff)
-        per_round = [paired_seconds([run(poolers[0]), run(poolers[1])], 1) for _ in range(args.rounds)]
+        steps = [run(poolers[0]), run(poolers[1])]  # both were called once above: the warm-up
+        per_round = []
+        for r in range(args.rounds):  # A B, B A, ...
+            seconds = [0.0, 0.0]
+            for j in round_order(2, r):
+                tic = time.perf_counter()
+                steps[j]()
+                seconds[j] = time.perf_counter() - tic
+            per_round.append(seconds)
         ratios = [a / b for a, b in per_round]
         ratios_by_size[name] = ratios
         q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3

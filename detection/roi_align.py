@@ -15,7 +15,7 @@ torchvision's autocast rule does) and returned in the features' dtype.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from torch import Tensor
@@ -190,10 +190,9 @@ class FastMultiScaleRoIAlign(MultiScaleRoIAlign):
             self.scales, self.map_levels = _setup_scales(x_filtered, image_shapes, self.canonical_scale,
                                                          self.canonical_level)
         rois = _convert_to_roi_format(boxes)
-        levels: Optional[Tensor] = None
         if len(x_filtered) > 1:
             levels = self.map_levels(boxes)
-        if levels is None:
+        else:
             levels = torch.zeros(rois.shape[0], dtype=torch.long, device=rois.device)
         return multiscale_roi_align(x_filtered, rois, levels, self.scales, self.output_size, self.sampling_ratio,
                                     self.aligned)

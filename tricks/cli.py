@@ -412,16 +412,16 @@ def _add_task_tools(sub: argparse._SubParsersAction) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Every speed comparison against the reference libraries, one method: benchmarks/bench.py."""
-    from benchmarks.bench import GROUPS, check_groups, run_bench
+    from benchmarks.bench import ENGINE_TASKS, GROUPS, check_groups, run_bench
 
     groups = args.only.split(",") if args.only else list(GROUPS)
     try:
         check_groups(groups)
     except ValueError as e:
         raise SystemExit(f"tricks bench {e}")
-    tasks = args.tasks.split(",") if args.tasks else ["segmentation", "detection"]
-    if not set(tasks) <= {"segmentation", "detection"} or not tasks:
-        raise SystemExit(f"tricks bench --tasks {args.tasks}: the engine rows' tasks are segmentation, detection")
+    tasks = args.tasks.split(",") if args.tasks else list(ENGINE_TASKS)
+    if not set(tasks) <= set(ENGINE_TASKS):
+        raise SystemExit(f"tricks bench --tasks {args.tasks}: the engine rows' tasks are {', '.join(ENGINE_TASKS)}")
     _setup_logging()
     if args.rounds is not None and args.rounds < 1 or args.threads is not None and args.threads < 1:
         raise SystemExit("tricks bench: --rounds and --threads must be >= 1")
