@@ -4,6 +4,11 @@ Module names equal torchvision's ``Inception3`` (and timm's ``inception_v3``), s
 strictly. torchvision is imported when the network is built, keeping ``import backbones`` torch-only.
 The auxiliary classifier is off by default: the paper's reference (GluonCV) trains without it;
 ``aux_logits=True`` keeps it so checkpoints that contain it load strictly (it is not used in forward).
+
+``width_mult`` scales every width (a narrower network for small inputs, as ResNet's and MobileNet's). Every
+published width is a multiple of 16, so a multiplier in steps of 1/16 keeps each branch, and so each
+concatenation, exact; 1.0 builds torchvision's shapes. The blocks stay torchvision's: their ``conv_block`` hook
+receives the published widths and builds each conv at the scaled ones.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ class InceptionV3(Backbone):
         transform_input: bool = False,
         drop_rate: float = 0.5,
         init: Literal["xavier", "kaiming"] = "xavier",
+        width_mult: float = 1.0,
     ):
         super().__init__(norm_eval=norm_eval)
         from torchvision.models import inception as tv  # lazy: see the module docstring
@@ -42,33 +48,46 @@ class InceptionV3(Backbone):
         if norm_layer is not None:
             raise ValueError("inception_v3 builds torchvision's BasicConv2d (BN, eps 1e-3): pass norm_layer as a "
                              "string ('frozenbatchnorm', 'syncbatchnorm') to convert after building")
+        if width_mult <= 0 or abs(width_mult * 16 - round(width_mult * 16)) > 1e-9:
+            raise ValueError(f"inception_v3 width_mult={width_mult}: use a multiple of 1/16 (0.25, 0.5, 0.75, ...), "
+                             "which keeps every published width (all multiples of 16) an integer")
+        if aux_logits and width_mult != 1.0:
+            raise ValueError("aux_logits=True needs width_mult=1.0 (the auxiliary head's 768-wide fc is fixed in "
+                             "torchvision's InceptionAux; it exists to load published checkpoints)")
         self.num_classes = num_classes
         # torchvision's trick to feed its ImageNet-normalised inputs to weights trained on [-1, 1] inputs.
         self.transform_input = transform_input
         self.variant = dict(aux_logits=aux_logits)
-        conv = tv.BasicConv2d
-        self.Conv2d_1a_3x3 = conv(in_chans, 32, kernel_size=3, stride=2)
+        if width_mult != 1.0:
+            self.variant["width_mult"] = width_mult
+
+        def w(channels: int) -> int:  # exact for multiples of 1/16: see the module docstring
+            return int(round(channels * width_mult))
+
+        block = None if width_mult == 1.0 else _scaled_conv(w)
+        conv = block or tv.BasicConv2d
+        self.Conv2d_1a_3x3 = tv.BasicConv2d(in_chans, w(32), kernel_size=3, stride=2)  # image channels unscaled
         self.Conv2d_2a_3x3 = conv(32, 32, kernel_size=3)
         self.Conv2d_2b_3x3 = conv(32, 64, kernel_size=3, padding=1)
         self.maxpool1 = nn.MaxPool2d(kernel_size=3, stride=2)
         self.Conv2d_3b_1x1 = conv(64, 80, kernel_size=1)
         self.Conv2d_4a_3x3 = conv(80, 192, kernel_size=3)
         self.maxpool2 = nn.MaxPool2d(kernel_size=3, stride=2)
-        self.Mixed_5b = tv.InceptionA(192, pool_features=32)
-        self.Mixed_5c = tv.InceptionA(256, pool_features=64)
-        self.Mixed_5d = tv.InceptionA(288, pool_features=64)
-        self.Mixed_6a = tv.InceptionB(288)
-        self.Mixed_6b = tv.InceptionC(768, channels_7x7=128)
-        self.Mixed_6c = tv.InceptionC(768, channels_7x7=160)
-        self.Mixed_6d = tv.InceptionC(768, channels_7x7=160)
-        self.Mixed_6e = tv.InceptionC(768, channels_7x7=192)
+        self.Mixed_5b = tv.InceptionA(192, pool_features=32, conv_block=block)
+        self.Mixed_5c = tv.InceptionA(256, pool_features=64, conv_block=block)
+        self.Mixed_5d = tv.InceptionA(288, pool_features=64, conv_block=block)
+        self.Mixed_6a = tv.InceptionB(288, conv_block=block)
+        self.Mixed_6b = tv.InceptionC(768, channels_7x7=128, conv_block=block)
+        self.Mixed_6c = tv.InceptionC(768, channels_7x7=160, conv_block=block)
+        self.Mixed_6d = tv.InceptionC(768, channels_7x7=160, conv_block=block)
+        self.Mixed_6e = tv.InceptionC(768, channels_7x7=192, conv_block=block)
         self.AuxLogits = tv.InceptionAux(768, num_classes) if aux_logits else None
-        self.Mixed_7a = tv.InceptionD(768)
-        self.Mixed_7b = tv.InceptionE(1280)
-        self.Mixed_7c = tv.InceptionE(2048)
-        self.feature_info = [FeatureInfo("res2", 192, 4), FeatureInfo("res3", 288, 8),
-                             FeatureInfo("res4", 768, 16), FeatureInfo("res5", 2048, 32)]
-        self.num_features = 2048
+        self.Mixed_7a = tv.InceptionD(768, conv_block=block)
+        self.Mixed_7b = tv.InceptionE(1280, conv_block=block)
+        self.Mixed_7c = tv.InceptionE(2048, conv_block=block)
+        self.feature_info = [FeatureInfo("res2", w(192), 4), FeatureInfo("res3", w(288), 8),
+                             FeatureInfo("res4", w(768), 16), FeatureInfo("res5", w(2048), 32)]
+        self.num_features = w(2048)
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(drop_rate)
         self.reset_classifier(num_classes)
@@ -103,7 +122,17 @@ class InceptionV3(Backbone):
         return self.fc(self.dropout(self.global_pool(x).flatten(1)))
 
 
+def _scaled_conv(w):
+    """torchvision's BasicConv2d at scaled widths, for the blocks' ``conv_block`` hook (which passes published ones)."""
+    from torchvision.models.inception import BasicConv2d
+
+    def conv_block(in_channels: int, out_channels: int, **kwargs) -> nn.Module:
+        return BasicConv2d(w(in_channels), w(out_channels), **kwargs)
+
+    return conv_block
+
+
 @register_backbone
 def inception_v3(**kwargs) -> InceptionV3:
-    """Inception-V3 (299 px input)."""
+    """Inception-V3 (299 px input; ``width_mult`` for a narrower network)."""
     return InceptionV3(**kwargs)

@@ -18,7 +18,7 @@ class ModelConfig:
     name: str = "resnet50d"                 # registry name (backbones.list_backbones())
     in_chans: int = 3                       # input channels; 1 for grayscale
     weights: Optional[str] = None           # initial weights: .safetensors / .pth (suite, timm, torchvision)
-    width_mult: float = 1.0                 # channel width multiplier (ResNet, MobileNet); 1.0 = published shapes
+    width_mult: float = 1.0                 # channel width multiplier (ResNet, MobileNet, Inception-V3); 1.0 = published shapes
     init: Literal["xavier", "kaiming"] = "xavier"  # conv/fc init (paper: Xavier)
     zero_init_last: bool = False            # zero-gamma: last BN of each residual block starts at 0
     norm_eval: bool = False                 # keep every BN in eval mode (fine-tuning with small batches)
@@ -99,6 +99,9 @@ class DistillConfig:
     teacher_weights: Optional[str] = None   # required when teacher is set
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # further builder arguments of the teacher, e.g. {width_mult: 0.25}
     temperature: float = 20.0               # T of the paper
+    teacher_img_size: Optional[int] = None  # the teacher sees each (mixed) batch resized to this size (bilinear,
+                                            # antialiased): a teacher trained at another resolution than the student;
+                                            # None = the student's batch as it is
 
 
 @dataclass

@@ -123,6 +123,20 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast, channels_
     return {"top1": 100 * c1 / n, "top5": 100 * c5 / n, "loss": loss / n, "images": int(n)}
 
 
+def _resizer(size: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The teacher's view of a batch: resized to ``size`` (bilinear, antialiased when shrinking), or as it is."""
+    if size is None:
+        return lambda images: images
+
+    def resize(images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-2:] == (size, size):
+            return images
+        return nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
+                                         antialias=True)
+
+    return resize
+
+
 def build_data(cfg: Config, mean: list[float], std: list[float], dist_info: DistInfo, with_train: bool = True):
     """Loaders and device-side preparation for ``data.pipeline``.
 
@@ -211,6 +225,9 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         raise ConfigError("train.epochs, train.batch_size and train.accum_steps must be >= 1")
     if cfg.model.sync_bn and device.type != "cuda":
         raise ConfigError("model.sync_bn=true needs CUDA: torch's SyncBatchNorm has no CPU kernel")
+    if cfg.distill.teacher_img_size is not None and cfg.distill.teacher_img_size < 1:
+        raise ConfigError(f"distill.teacher_img_size={cfg.distill.teacher_img_size}: give the teacher's input size "
+                          "in pixels, or null for the student's batch as it is")
     if cfg.distill.teacher and not cfg.distill.teacher_weights:
         raise ConfigError("distill.teacher is set but distill.teacher_weights is not: a randomly initialised "
                          "teacher teaches nothing. Point distill.teacher_weights at a trained checkpoint")
@@ -239,6 +256,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
                                   in_chans=cfg.model.in_chans, **cfg.distill.teacher_kwargs)
         teacher = teacher.to(device, memory_format=memory_format).eval()
         teacher.requires_grad_(False)
+    teacher_view = _resizer(cfg.distill.teacher_img_size)
 
     global_batch = t.batch_size * dist_info.world_size * t.accum_steps
     base_lr = scale_lr(cfg.optim.lr, global_batch, REFERENCE_BATCH)  # linear scaling rule
@@ -329,7 +347,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
                     with precision.autocast():
                         logits = train_model(images)
                         with torch.no_grad():
-                            teacher_logits = teacher(images) if teacher is not None else None
+                            teacher_logits = teacher(teacher_view(images)) if teacher is not None else None
                     loss = criterion(logits, targets, teacher_logits)
                     stepper.backward(loss)
                 step_loss += loss.detach() / t.accum_steps

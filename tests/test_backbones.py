@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 
 import backbones
 from backbones import FrozenBatchNorm2d, create_backbone, list_backbones, profile_backbone, register_backbone
@@ -83,6 +84,33 @@ def test_dilation_layout_fcn_d8():
 def test_inception_rejects_dilation():
     with pytest.raises(ValueError, match="output_stride"):
         create_backbone("inception_v3", output_stride=8)
+
+
+@pytest.mark.parametrize("width", [0.25, 0.5])
+def test_inception_width_mult_scales_every_conv(width):
+    """Every conv of torchvision's Inception3 (same names, kernels, strides, paddings) at width x its channels,
+    except the image channels of the first; the features and the classifier follow."""
+    ref = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
+    model = create_backbone("inception_v3", width_mult=width, num_classes=10, in_chans=1)
+    ref_convs = {n: m for n, m in ref.named_modules() if isinstance(m, nn.Conv2d)}
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert convs.keys() == ref_convs.keys()
+    for n, m in convs.items():
+        r = ref_convs[n]
+        cin = 1 if n == "Conv2d_1a_3x3.conv" else r.in_channels * width
+        assert (m.in_channels, m.out_channels) == (cin, r.out_channels * width), n
+        assert (m.kernel_size, m.stride, m.padding) == (r.kernel_size, r.stride, r.padding), n
+    assert model.fc.in_features == 2048 * width == model.num_features
+    feats = model.forward_features(torch.randn(2, 1, 75, 75))
+    assert [feats[f.name].shape[1] for f in model.feature_info] == [c * width for c in (192, 288, 768, 2048)]
+    assert model(torch.randn(2, 1, 75, 75)).shape == (2, 10)
+
+
+def test_inception_width_mult_errors():
+    with pytest.raises(ValueError, match="multiple of 1/16"):
+        create_backbone("inception_v3", width_mult=0.3)
+    with pytest.raises(ValueError, match="aux_logits"):
+        create_backbone("inception_v3", width_mult=0.5, aux_logits=True)
 
 
 def test_variants_follow_the_paper():

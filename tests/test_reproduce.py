@@ -47,6 +47,9 @@ for prefix in ("r50d", "mobilenet", "inception"):  # Table 6, every network
     STEPS[f"{prefix}-cos-ls-mixup-distill"] = {"distill.teacher": (None, "resnet101d"),
                                                "distill.teacher_kwargs": ({}, {"width_mult": 0.25}),
                                                "distill.teacher_weights": (None, "<weights:teacher-mixup>")}
+for row, (above, here) in (("inception-cos-ls-distill", (None, 28)), ("inception-cos-ls-mixup", (28, None)),
+                           ("inception-cos-ls-mixup-distill", (None, 28))):  # the teacher sees its own 28 px
+    STEPS[row] = {**STEPS[row], "distill.teacher_img_size": (above, here)}
 STEPS["r50-efficient@table3"] = {**EFFICIENT_STEP, "model.zero_init_last": (False, True)}
 STEPS["mobilenet-efficient"] = EFFICIENT_STEP        # no residual blocks: no zero-gamma, as in the paper
 STEPS["inception-efficient"] = EFFICIENT_STEP

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 import torch
+import torchvision.transforms.v2.functional as tvF
 
 import classification.train as train_mod
 from conftest import crash_after_checkpoint
@@ -325,9 +326,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_teacher_sees_exactly_the_students_mixed_batch(tmp_path, monkeypatch, one_thread):
+@pytest.mark.parametrize("teacher_size", [None, 11])
+def test_teacher_sees_exactly_the_students_mixed_batch(tmp_path, monkeypatch, one_thread, teacher_size):
     """Distillation with mixup: at every step the teacher is fed the very (mixed) batch the student trains
-    on, and the loss is the paper's l(p, softmax(z)) + T^2 l(softmax(r/T), softmax(z/T)) of that step."""
+    on (resized to distill.teacher_img_size when set), and the loss is the paper's
+    l(p, softmax(z)) + T^2 l(softmax(r/T), softmax(z/T)) of that step."""
     weights = tmp_path / "teacher.safetensors"
     save_weights(create_backbone("resnet18d", num_classes=4), weights)
     student_inputs, teacher_inputs, mixups, losses = [], [], [], []
@@ -372,14 +375,18 @@ def test_teacher_sees_exactly_the_students_mixed_batch(tmp_path, monkeypatch, on
     temperature = 4.0
     train(tiny(tmp_path, NARROW, "train.epochs=1", "train.max_steps=3", "train.mixup_alpha=0.2",
                "distill.teacher=resnet18d", f"distill.teacher_weights={weights}",
-               f"distill.temperature={temperature}"))
+               f"distill.temperature={temperature}", f"distill.teacher_img_size={teacher_size or 'null'}"))
 
     assert len(student_inputs) == len(teacher_inputs) == len(mixups) == len(losses) == 3
     for step, (student_x, teacher_x, (unmixed, mixed, lam), (z, p, r, loss)) in enumerate(
             zip(student_inputs, teacher_inputs, mixups, losses)):
         assert 0 < lam < 1 and not torch.equal(mixed, unmixed), step  # mixup really mixed this batch
         assert torch.equal(student_x, mixed), step
-        assert torch.equal(teacher_x, student_x), step
+        if teacher_size is None:
+            assert torch.equal(teacher_x, student_x), step
+        else:  # the student's 16 px batch, shrunk as torchvision's Resize(antialias=True) does
+            assert teacher_x.shape[-2:] == (teacher_size, teacher_size), step
+            torch.testing.assert_close(teacher_x, tvF.resize(student_x, [teacher_size, teacher_size], antialias=True))
         with torch.no_grad():
             torch.testing.assert_close(teachers[0](teacher_x), r, rtol=0, atol=1e-5)  # r = teacher(that batch)
         soft_teacher = torch.softmax(r.double() / temperature, 1)

@@ -277,7 +277,7 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iters", type=int, help="shorten: at most this many optimizer steps per run")
     p.add_argument("--out", default="runs/reproduce", help="records/, runs/, data/ and <table>.md/.png go here")
     p.add_argument("--nets", default="resnet,mobilenet", help="networks of Tables 3 and 6: resnet,mobilenet[,inception]"
-                   " (Inception-V3 at 75 px costs 16x a ResNet row)")
+                   " (Inception-V3 at 75 px costs about 3x a ResNet row)")
     p.add_argument("--report-only", action="store_true", help="write the tables from the records present, run nothing")
     p.set_defaults(func=cmd_reproduce)
 
