@@ -225,9 +225,9 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         raise ConfigError("train.epochs, train.batch_size and train.accum_steps must be >= 1")
     if cfg.model.sync_bn and device.type != "cuda":
         raise ConfigError("model.sync_bn=true needs CUDA: torch's SyncBatchNorm has no CPU kernel")
-    if cfg.distill.teacher_img_size is not None and cfg.distill.teacher_img_size < 1:
+    if cfg.distill.teacher_img_size is not None and (cfg.distill.teacher_img_size < 1 or not cfg.distill.teacher):
         raise ConfigError(f"distill.teacher_img_size={cfg.distill.teacher_img_size}: give the teacher's input size "
-                          "in pixels, or null for the student's batch as it is")
+                          "in pixels with distill.teacher set, or null (the student's batch as it is)")
     if cfg.distill.teacher and not cfg.distill.teacher_weights:
         raise ConfigError("distill.teacher is set but distill.teacher_weights is not: a randomly initialised "
                          "teacher teaches nothing. Point distill.teacher_weights at a trained checkpoint")

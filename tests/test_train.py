@@ -139,6 +139,8 @@ def test_distillation_teacher_frozen_and_mixup_changes_training(tmp_path):
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="teacher_weights"):
         train(tiny(tmp_path, "distill.teacher=resnet18d"))
+    with pytest.raises(ValueError, match="teacher_img_size=8: .* with distill.teacher set"):
+        train(tiny(tmp_path, "distill.teacher_img_size=8"))  # no teacher to show the resized batch to
 
 
 def test_fp16_grad_scaler_learns_and_resumes_exactly(tmp_path):
