@@ -77,6 +77,8 @@ def export_target(arch: str, variant: Mapping[str, Any], target: str) -> dict[st
 
 def _target_spec(arch: str, variant: dict, target: str) -> dict | str:
     if arch == "inception_v3":
+        if variant.get("width_mult", 1.0) != 1.0:
+            return f"its variant width_mult={variant['width_mult']} exists only in the suite"
         if target in ("timm", "torchvision"):
             return {"name": "inception_v3"}
         return f"{target} has no Inception-V3 backbone"

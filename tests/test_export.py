@@ -167,6 +167,16 @@ def _load_torchvision(out: Path, printed: str, x: torch.Tensor, name: str):
         return body(x), logits, namespace["normalize"]
 
 
+@pytest.mark.parametrize("name,kwargs", [("inception_v3", {"width_mult": 0.25}), ("resnet50d", {"width_mult": 0.25})])
+def test_narrow_networks_export_nowhere(tmp_path, name, kwargs):
+    """A width multiplier makes a network only the suite builds: every target refuses it, naming why."""
+    weights = save_weights(create_backbone(name, num_classes=10, **kwargs), tmp_path / "narrow.safetensors")
+    for target in CAN_BUILD[name]:
+        with pytest.raises(NotExportableError, match=rf"cannot be built by {target}: its variant width_mult=0.25 "
+                                                     "exists only in the suite; no other library builds it"):
+            export(weights, target, tmp_path / f"export{SUFFIX[target]}")
+
+
 @pytest.mark.parametrize("name,target", CASES)
 def test_export_loads_in_target_with_same_features(tmp_path, name, target):
     model, weights = _suite_weights(tmp_path, name)
