@@ -52,6 +52,27 @@ def cpu_has_amx() -> bool:
         return bool(is_amx()) if is_amx is not None else False
 
 
+def cpu_description() -> str:
+    """The CPU's model name and the features that decide low-precision speed (``AVX-512-BF16``, ``AMX``),
+    e.g. ``Intel(R) Xeon(R) Processor (AVX-512-BF16, AMX)``: two machines of one model name may differ in
+    them, and a run's wall time means little without them."""
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        caps = torch.cpu.get_capabilities()
+    except AttributeError:  # torch < 2.6
+        caps = {}
+    features = [label for key, label in (("avx512_bf16", "AVX-512-BF16"),) if caps.get(key)]
+    features += ["AMX"] if cpu_has_amx() else []
+    return f"{name} ({', '.join(features)})" if features else name
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``precision`` itself, or for ``auto`` the low precision ``device`` computes fast: fp16 on CUDA, bf16 on
     a CPU with AMX, fp32 otherwise (any other device: fp32)."""

@@ -193,6 +193,18 @@ def test_setup_precision_sets_the_cudnn_autotuner_as_asked(monkeypatch, benchmar
     assert torch.backends.cudnn.benchmark is benchmark
 
 
+@pytest.mark.parametrize("caps, suffix", [({"amx_bf16": True, "amx_tile": True, "avx512_bf16": True}, " (AVX-512-BF16, AMX)"),
+                                          ({"avx512_bf16": True}, " (AVX-512-BF16)"), ({}, "")])
+def test_cpu_description_names_the_features_that_decide_low_precision_speed(monkeypatch, caps, suffix):
+    """Two machines of one model name differ in AMX (bf16 twice as fast, fp32 not): records must say which."""
+    from runtime import precision as p
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    desc = p.cpu_description()
+    assert desc.endswith(suffix) and len(desc) > len(suffix)
+    assert ("AMX" in desc) == bool(caps.get("amx_tile"))
+
+
 @pytest.mark.parametrize("amx", [True, False])
 def test_auto_precision_is_the_low_precision_the_device_computes_fast(monkeypatch, amx):
     """auto: fp16 on CUDA (the paper's FP16), bf16 on a CPU with AMX tiles, fp32 on other CPUs (where bf16

@@ -335,7 +335,10 @@ def row_key(row: Row, extra: Sequence[str] = ()) -> str:
 def machine() -> dict[str, Any]:
     import torch
 
+    from runtime.precision import cpu_description
+
     return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "cpu": cpu_description(),
             "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
@@ -511,7 +514,7 @@ class Reproduction:
         for row in self.rows_of(table):
             overrides = [*row.overrides, *self.extra(row), "train.seed=<seed>"]
             commands[row.id] = f"tricks train {row.config} {' '.join(overrides)}"
-        machines = sorted({f"{m['machine']}, {m['cpus']} CPUs, {m['threads']} thread(s), torch {m['torch']}"
+        machines = sorted({f"{m.get('cpu', m['machine'])}, {m['cpus']} CPUs, {m['threads']} thread(s), torch {m['torch']}"
                            for m in (r["machine"] for r in recs)})
         return {"records": len(recs), "wanted": sum(len(self.seeds_of(r)) for r in self.rows_of(table)),
                 "wall_s": sum(r["wall_s"] for r in recs), "machines": machines,
