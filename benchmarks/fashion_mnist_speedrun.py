@@ -103,6 +103,8 @@ def load_records() -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=3, help="seeds of the paper vs speedrun comparison")
+    p.add_argument("--seed-list", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="run only these seeds of the comparison, e.g. 1,2 (two processes can then share the seeds)")
     p.add_argument("--ablation-seeds", type=int, default=1, help="seeds of each ablation (0: none)")
     p.add_argument("--fresh", action="store_true", help="forget the recorded runs (default: skip them)")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory of the records, Markdown and PNG")
@@ -113,7 +115,7 @@ def main() -> None:
     if args.fresh and records_path().is_file():
         records_path().unlink()
     plan = []
-    for seed in range(args.seeds):
+    for seed in args.seed_list if args.seed_list is not None else range(args.seeds):
         names = list(RECIPES)
         plan += [(names[i], *RECIPES[names[i]], seed) for i in round_order(len(names), seed)]
     plan += [(name, config, overrides, seed) for seed in range(args.ablation_seeds)
