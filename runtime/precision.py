@@ -22,9 +22,10 @@ False``): the autotuner times every kernel again for each new shape.
 from __future__ import annotations
 
 import logging
+import platform
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterator
+from typing import Callable, ContextManager, Iterator, Optional
 
 import torch
 
@@ -41,34 +42,35 @@ class Precision:
     memory_format: torch.memory_format = torch.contiguous_format  # of the model and of every input batch
 
 
+def _cpu_capabilities() -> Optional[dict]:
+    """torch's CPU feature flags (``avx512_bf16``, ``amx_tile``, ...); None on torch < 2.6, which has no query."""
+    try:
+        return torch.cpu.get_capabilities()
+    except AttributeError:
+        return None
+
+
 def cpu_has_amx() -> bool:
     """True when this CPU has AMX bf16 tiles, the only CPU feature that makes bf16 autocast faster than
     fp32 in torch's oneDNN kernels (AVX-512-BF16 alone does not: see the module docstring)."""
-    try:
-        caps = torch.cpu.get_capabilities()
-        return bool(caps.get("amx_bf16") or caps.get("amx_tile"))
-    except AttributeError:  # torch < 2.6
+    caps = _cpu_capabilities()
+    if caps is None:  # torch < 2.6
         is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
         return bool(is_amx()) if is_amx is not None else False
+    return bool(caps.get("amx_bf16") or caps.get("amx_tile"))
 
 
 def cpu_description() -> str:
     """The CPU's model name and the features that decide low-precision speed (``AVX-512-BF16``, ``AMX``),
     e.g. ``Intel(R) Xeon(R) Processor (AVX-512-BF16, AMX)``: two machines of one model name may differ in
     them, and a run's wall time means little without them."""
-    import platform
-
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    try:
-        caps = torch.cpu.get_capabilities()
-    except AttributeError:  # torch < 2.6
-        caps = {}
-    features = [label for key, label in (("avx512_bf16", "AVX-512-BF16"),) if caps.get(key)]
+    features = ["AVX-512-BF16"] if (_cpu_capabilities() or {}).get("avx512_bf16") else []
     features += ["AMX"] if cpu_has_amx() else []
     return f"{name} ({', '.join(features)})" if features else name
 
