@@ -323,20 +323,27 @@ def engine_rows(sizes: Sizes, work: Path, tasks: Sequence[str] = ENGINE_TASKS) -
               "train.eval_every=0", "train.seed=0"]
     seg_root = write_fashion_scenes(work / "data" / "fashion_scenes", sizes.engine_scenes, 2)
     devkit = write_fashion_voc(work / "data" / "fashion_voc", sizes.engine_scenes, 2)
-    seg = [f"data.root={seg_root}", "eval.overlays=0", *common]
-    det = [f"data.root={devkit}", f"data.classes={devkit / 'classes.txt'}",
+    # Both sides of a row at one precision, pinned: `auto` resolves per engine (detectron2's AMPTrainer has no
+    # bf16, so its `auto` is fp32 on every CPU, where the suite's engines take bf16 on CPUs that run it fast).
+    from runtime.precision import resolve_precision
+
+    cuda = torch.cuda.is_available()
+    seg_precision = resolve_precision("auto", torch.device("cuda" if cuda else "cpu"))
+    det_precision = "fp16" if cuda else "fp32"
+    seg = [f"data.root={seg_root}", "eval.overlays=0", f"train.precision={seg_precision}", *common]
+    det = [f"data.root={devkit}", f"data.classes={devkit / 'classes.txt'}", f"train.precision={det_precision}",
            "optim.warmup_iters=0", f"optim.milestones=[{iters + 1}]", "train.visualize=0", *common]
     rows = []
-    for task, config, reference, overrides, target in (
-            ("segmentation", SEG_CONFIG, "mmseg", seg, "<= 0.80"),
-            ("detection", DET_CONFIG, "detectron2", det, "<= 0.90")):
+    for task, config, reference, overrides, target, precision in (
+            ("segmentation", SEG_CONFIG, "mmseg", seg, "<= 0.80", seg_precision),
+            ("detection", DET_CONFIG, "detectron2", det, "<= 0.90", det_precision)):
         if task not in tasks:
             continue
         sides = [engine_side(config, engine, overrides, work / task, sizes.engine_warmup)
                  for engine in ("torch", reference)]
         times = run_rounds(sides, sizes.rounds, warmup_calls=0)
         rows.append(Row("engines", f"{task}: `{Path(config).name}`, {sizes.engine_timed} iterations after "
-                        f"{sizes.engine_warmup}", "engine=torch", f"engine={reference}", "iteration", times,
+                        f"{sizes.engine_warmup}, {precision}", "engine=torch", f"engine={reference}", "iteration", times,
                         target=target))
     return rows
 

@@ -54,7 +54,7 @@ TARGET = 95.0
 
 
 def resolved_precision(cfg: Config) -> str:
-    """The precision a run of ``cfg`` resolves to on this machine (``auto``: fp32 on a CPU without AMX)."""
+    """The precision a run of ``cfg`` resolves to on this machine (``auto``: bf16 or fp32 by the CPU)."""
     import torch
 
     return resolve_precision(cfg.train.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))

@@ -2,12 +2,13 @@
 losses + backward + SGD) in each precision, memory format and ``torch.compile`` setting: which setting is
 fastest on this machine, and what compiling costs. ``--task detection``: the detection demo's Faster R-CNN
 train step (torchvision engine, batch 8 of 128x128 scenes at the config's sizes; precision and memory format,
-no compile: multi-scale inputs recompile per size). ``tricks bench`` compares the suite with the reference
+no compile: multi-scale inputs recompile per size). ``--task classification`` / ``speedrun``: the Fashion-MNIST
+paper recipe's / speedrun recipe's train step (the config's network, batch and input size). ``tricks bench`` compares the suite with the reference
 libraries at one setting; this compares the settings, by the same method (alternated rounds, medians of
 per-round ratios to the first setting).
 
-Run: ``python benchmarks/step_settings.py [--task segmentation|detection] [--rounds 3] [--threads 1] [--no-compile]
-[--warm-cache]``
+Run: ``python benchmarks/step_settings.py [--task segmentation|detection|classification|speedrun] [--rounds 3]
+[--threads 1] [--no-compile] [--warm-cache] [--out DIR]``
 
 The compilation is timed cold (inductor's on-disk caches off) unless ``--warm-cache``: a first run's cost.
 """
@@ -94,11 +95,49 @@ def det_step(dtype, channels_last: bool, compiled: bool, batch: int = 8, size: i
     return step
 
 
+def cls_step(dtype, channels_last: bool, compiled: bool, config: str = "resnet18d_1xb128_efficient-cosine-ls_fashion-mnist"):
+    """A closure of one train step of a Fashion-MNIST recipe (the config's network, batch and input size; forward,
+    label-smoothed cross-entropy, backward, SGD), as ``classification.train`` runs it."""
+    from classification.config import Config
+    from classification.train import build_model
+    from runtime.config import load_config
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs/classification/fashion_mnist" / f"{config}.yaml"),
+                      Config, [])
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model(cfg, 10).to(memory_format=fmt).train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
+                                nesterov=True, weight_decay=5e-4)
+    forward = torch.compile(model) if compiled else model
+    x = torch.randn(cfg.train.batch_size, cfg.model.in_chans, cfg.data.img_size, cfg.data.img_size).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (cfg.train.batch_size,))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = forward(x)
+        F.cross_entropy(out.float(), y, label_smoothing=cfg.train.label_smoothing).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def speedrun_step(dtype, channels_last: bool, compiled: bool):
+    return cls_step(dtype, channels_last, compiled, "airbench_1xb512_speedrun-cosine_fashion-mnist")
+
+
 TASKS = {"segmentation": (seg_step, "step_settings", "Segmentation train step",
                           "The demo's FCN (half-width ResNet-18-D, output stride 8, batch 8, 96x96, 11 classes)."),
          "detection": (det_step, "step_settings_detection", "Detection train step",
                        "The detection demo's Faster R-CNN + FPN (torchvision engine; half-width ResNet-18-D, FPN 64 "
-                       "channels, batch 8 scenes of 128x128 resized to a shorter side of 112-160, 10 classes).")}
+                       "channels, batch 8 scenes of 128x128 resized to a shorter side of 112-160, 10 classes)."),
+         "classification": (cls_step, "step_settings_classification", "Classification train step (Fashion-MNIST paper recipe)",
+                            "The paper recipe's network on Fashion-MNIST (`resnet18d_1xb128_efficient-cosine-ls_fashion-mnist.yaml`: "
+                            "half-width ResNet-18-D, batch 128, 1x42x42, label smoothing 0.1)."),
+         "speedrun": (speedrun_step, "step_settings_speedrun", "Classification train step (Fashion-MNIST speedrun recipe)",
+                      "The speedrun recipe's network (`airbench_1xb512_speedrun-cosine_fashion-mnist.yaml`: airbench "
+                      "widths 32/128/128, batch 512, 1x28x28, label smoothing 0.2).")}
 
 
 def main() -> None:
@@ -109,7 +148,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile settings")
     p.add_argument("--warm-cache", action="store_true", help="let torch.compile use its on-disk caches")
+    p.add_argument("--out", type=Path, default=RESULTS, help="directory of the Markdown + PNG (default: %(default)s)")
     args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     if not args.warm_cache:
         torch.compiler.config.force_disable_caches = True
     if args.threads:
@@ -154,12 +195,13 @@ def main() -> None:
              f"({'inductor caches on' if args.warm_cache else 'cold: inductor caches off'}).\n\n")
     text += table(rows, ["setting", "s per step", "ratio", "min-max", "per round", "first call s"])
     text += f"\n![settings]({stem}.png)\n"
-    (RESULTS / f"{stem}.md").write_text(text)
-    _plot([r[0] for r in rows], [Spread.of(ratios(times, ours=j, reference=0)) for j in range(len(settings))], stem)
+    (args.out / f"{stem}.md").write_text(text)
+    _plot([r[0] for r in rows], [Spread.of(ratios(times, ours=j, reference=0)) for j in range(len(settings))],
+          args.out / stem)
     print(text)
 
 
-def _plot(labels, spreads, stem: str) -> None:
+def _plot(labels, spreads, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,7 +215,7 @@ def _plot(labels, spreads, stem: str) -> None:
     ax.set_yticks(y, labels, fontsize=7)
     ax.set_xlabel("time per step / bf16 channels_last (median of per-round ratios, whiskers min-max)")
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{stem}.png", dpi=110)
+    fig.savefig(path.with_suffix(".png"), dpi=110)
     plt.close(fig)
 
 

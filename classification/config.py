@@ -77,7 +77,7 @@ class TrainConfig:
     epochs: int = 120
     batch_size: int = 256                   # per device (images)
     accum_steps: int = 1                    # gradient accumulation; global batch = batch_size * world * accum
-    precision: Literal["fp32", "fp16", "bf16", "auto"] = "fp32"  # auto: fp16 on CUDA, bf16 on AMX CPUs, else fp32
+    precision: Literal["fp32", "fp16", "bf16", "auto"] = "fp32"  # auto: fp16 on CUDA, bf16 on AMX / AMD AVX-512-BF16 CPUs, else fp32
     label_smoothing: float = 0.0            # epsilon of the paper (q_y = 1 - eps, others eps / (K - 1))
     mixup_alpha: float = 0.0                # lambda ~ Beta(alpha, alpha); 0 = off
     mixup_off_epochs: int = 0               # no mixup for the last N epochs

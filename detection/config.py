@@ -79,7 +79,7 @@ class DetTrainConfig:
     scale_schedule: bool = False             # true: a global batch other than REFERENCE_BATCH (16) rescales max_iter,
                                              # milestones, warm-up, eval and checkpoint periods to the recipe's epochs
     batch_size: int = 2                      # images per device and step
-    precision: Literal["fp32", "fp16", "bf16", "auto"] = "fp32"  # auto: fp16 on CUDA, bf16 on AMX CPUs, else fp32
+    precision: Literal["fp32", "fp16", "bf16", "auto"] = "fp32"  # auto: fp16 on CUDA, bf16 on AMX / AMD AVX-512-BF16 CPUs, else fp32
     seed: int = 0
     log_every: int = 20                      # iterations
     eval_every: int = 0                      # iterations; 0 = only at the end

@@ -5,10 +5,16 @@ context, the GradScaler and the tensor layout.
 ``bf16``: autocast to bfloat16, no scaler (bf16 has fp32's exponent range).
 ``fp32``: neither.
 ``auto``: the low precision this device computes fast (``resolve_precision``): fp16 on CUDA (the paper's
-FP16, with loss scaling, as detectron2's and mmengine's AMP); bf16 on a CPU with AMX (bf16 matrix tiles:
-Intel Sapphire Rapids and later); fp32 on any other CPU, where bf16 autocast converts every operand and
-runs slower than fp32 (measured 1.5x per step on an AVX-512-BF16 CPU without AMX:
-benchmarks/results/step_settings.md).
+FP16, with loss scaling, as detectron2's and mmengine's AMP); on a CPU, bf16 where oneDNN's bf16 kernels were
+measured faster than fp32 and fp32 elsewhere (``cpu_bf16_is_fast``):
+
+* a CPU with AMX (bf16 matrix tiles: Intel Sapphire Rapids and later): bf16, 0.5-0.8x fp32's time per step
+  (benchmarks/results/bench/train_amx, benchmarks/results/reproduce_amx);
+* an AMD CPU with AVX-512-BF16 (Zen 4 and later): bf16, 0.52-0.72x fp32's time per step for every network of the
+  demos and recipes (benchmarks/results/step_settings_amd/);
+* an Intel CPU with AVX-512-BF16 but no AMX: fp32, since bf16 autocast converts every operand and ran 1.5x
+  slower per step there (benchmarks/results/step_settings.md);
+* any other CPU: fp32.
 
 ``channels_last`` (``model.channels_last`` of every task): model and inputs in NHWC, what cuDNN's tensor-core
 convolutions and oneDNN's CPU convolutions read natively (measured 0.93x the time per step of contiguous
@@ -51,13 +57,29 @@ def _cpu_capabilities() -> Optional[dict]:
 
 
 def cpu_has_amx() -> bool:
-    """True when this CPU has AMX bf16 tiles, the only CPU feature that makes bf16 autocast faster than
-    fp32 in torch's oneDNN kernels (AVX-512-BF16 alone does not: see the module docstring)."""
+    """True when this CPU has AMX bf16 tiles (Intel Sapphire Rapids and later)."""
     caps = _cpu_capabilities()
     if caps is None:  # torch < 2.6
         is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
         return bool(is_amx()) if is_amx is not None else False
     return bool(caps.get("amx_bf16") or caps.get("amx_tile"))
+
+
+def _cpu_vendor() -> str:
+    """``/proc/cpuinfo``'s ``vendor_id`` (``GenuineIntel``, ``AuthenticAMD``), or ``""`` where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+def cpu_bf16_is_fast() -> bool:
+    """True where bf16 autocast was measured faster than fp32 on this kind of CPU: AMX, or AVX-512-BF16 on an
+    AMD CPU (Zen 4+); False on other CPUs (see the module docstring for the measurements)."""
+    if cpu_has_amx():
+        return True
+    return bool((_cpu_capabilities() or {}).get("avx512_bf16")) and _cpu_vendor() == "AuthenticAMD"
 
 
 def cpu_description() -> str:
@@ -77,14 +99,15 @@ def cpu_description() -> str:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``precision`` itself, or for ``auto`` the low precision ``device`` computes fast: fp16 on CUDA, bf16 on
-    a CPU with AMX, fp32 otherwise (any other device: fp32)."""
+    a CPU where it was measured faster (``cpu_bf16_is_fast``: AMX, or AMD with AVX-512-BF16), fp32 otherwise
+    (any other device: fp32)."""
     if precision not in PRECISIONS:
         raise ValueError(f"train.precision={precision!r}: one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "fp16"
-    return "bf16" if device.type == "cpu" and cpu_has_amx() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_bf16_is_fast() else "fp32"
 
 
 def memory_format_for(channels_last: bool) -> torch.memory_format:
@@ -112,8 +135,10 @@ def setup_precision(precision: str, device: torch.device, *, channels_last: bool
         torch.backends.cudnn.benchmark = cudnn_benchmark
     name = resolve_precision(precision, device)
     if precision == "auto":
-        why = ("CUDA" if device.type == "cuda" else "a CPU with AMX" if name == "bf16" else
-               "a CPU without AMX, where bf16 autocast is slower than fp32" if device.type == "cpu" else
+        why = ("CUDA" if device.type == "cuda" else
+               ("a CPU with AMX" if cpu_has_amx() else "an AMD CPU with AVX-512-BF16") if name == "bf16" else
+               "a CPU without AMX or AMD's AVX-512-BF16, where bf16 autocast is slower than fp32"
+               if device.type == "cpu" else
                f"{device.type}: no low-precision rule")
         log.info("train.precision=auto: %s (%s)", name, why)
     return Precision(name, autocast_for(name, device), torch.amp.GradScaler(device.type, enabled=name == "fp16"),

@@ -69,7 +69,7 @@ class SegTrainConfig:
                                              # warm-up, eval and checkpoint periods to the recipe's epochs
     batch_size: int = 4                      # images per device and step
     accum_steps: int = 1                     # gradient accumulation; global batch = batch_size x world x accum
-    precision: Literal["fp32", "fp16", "bf16", "auto"] = "fp32"  # auto: fp16 on CUDA, bf16 on AMX CPUs, else fp32
+    precision: Literal["fp32", "fp16", "bf16", "auto"] = "fp32"  # auto: fp16 on CUDA, bf16 on AMX / AMD AVX-512-BF16 CPUs, else fp32
     seed: int = 0
     log_every: int = 50                      # iterations
     eval_every: int = 8000                   # iterations; 0 = only at the end

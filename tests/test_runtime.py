@@ -205,29 +205,52 @@ def test_cpu_description_names_the_features_that_decide_low_precision_speed(monk
     assert ("AMX" in desc) == bool(caps.get("amx_tile"))
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_auto_precision_is_the_low_precision_the_device_computes_fast(monkeypatch, amx):
-    """auto: fp16 on CUDA (the paper's FP16), bf16 on a CPU with AMX tiles, fp32 on other CPUs (where bf16
-    autocast runs slower than fp32); explicit choices pass through; the run's Precision carries the
-    resolved name, a scaler only for fp16, and the memory format."""
+@pytest.mark.parametrize("amx, avx512_bf16, vendor, fast", [
+    (True, True, "GenuineIntel", True),      # Sapphire Rapids and later: AMX tiles
+    (False, True, "GenuineIntel", False),    # AVX-512-BF16 without AMX: bf16 measured 1.5x slower per step
+    (False, True, "AuthenticAMD", True),     # Zen 4+: bf16 measured 0.5-0.6x fp32's time per step
+    (False, False, "AuthenticAMD", False),   # Zen 3 and older: no bf16 instructions
+    (False, False, "", False)])              # no /proc/cpuinfo (macOS, ARM without the flags)
+def test_auto_precision_is_the_low_precision_the_device_computes_fast(monkeypatch, amx, avx512_bf16, vendor, fast):
+    """auto: fp16 on CUDA (the paper's FP16), bf16 on a CPU where it was measured faster than fp32 (AMX, or AMD's
+    AVX-512-BF16), fp32 on other CPUs; explicit choices pass through; the run's Precision carries the resolved
+    name, a scaler only for fp16, and the memory format."""
     from runtime import precision as p
 
-    caps = {"amx_bf16": amx, "amx_tile": amx, "avx512_bf16": True}
+    caps = {"amx_bf16": amx, "amx_tile": amx, "avx512_bf16": avx512_bf16}
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    monkeypatch.setattr(p, "_cpu_vendor", lambda: vendor)
     cpu = torch.device("cpu")
     assert p.resolve_precision("auto", torch.device("cuda")) == "fp16"
-    assert p.resolve_precision("auto", cpu) == ("bf16" if amx else "fp32")
+    assert p.resolve_precision("auto", cpu) == ("bf16" if fast else "fp32")
     assert p.resolve_precision("auto", torch.device("mps")) == "fp32"
     assert [p.resolve_precision(x, cpu) for x in ("fp32", "fp16", "bf16")] == ["fp32", "fp16", "bf16"]
     with pytest.raises(ValueError, match="train.precision='half'"):
         p.resolve_precision("half", cpu)
     run = p.setup_precision("auto", cpu, channels_last=True)
-    assert run.name == ("bf16" if amx else "fp32") and not run.scaler.is_enabled()
+    assert run.name == ("bf16" if fast else "fp32") and not run.scaler.is_enabled()
     assert run.memory_format == torch.channels_last
     with run.autocast():
         y = torch.ones(2, 2) @ torch.ones(2, 2)
-    assert y.dtype == (torch.bfloat16 if amx else torch.float32)
+    assert y.dtype == (torch.bfloat16 if fast else torch.float32)
     assert p.setup_precision("fp32", cpu).memory_format == torch.contiguous_format
+
+
+def test_cpu_vendor_reads_proc_cpuinfo(monkeypatch):
+    """The vendor the bf16 rule keys on: /proc/cpuinfo's vendor_id on x86 Linux, '' where there is no such file."""
+    import builtins
+    import platform
+
+    from runtime import precision as p
+
+    if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
+        assert p._cpu_vendor() in ("GenuineIntel", "AuthenticAMD")
+
+    def no_file(*args, **kwargs):
+        raise FileNotFoundError("/proc/cpuinfo")
+
+    monkeypatch.setattr(builtins, "open", no_file)
+    assert p._cpu_vendor() == ""
 
 
 def test_loss_meter_means_the_stepped_steps_only_and_starts_a_new_window():

@@ -207,8 +207,8 @@ TABLES: dict[str, Table] = {t.name: t for t in (
            ("Inception-V3", ("inception-baseline", "inception-efficient"))),
           (TOP1, Metric("s_per_epoch", "s/epoch", "min/epoch (8 V100)", "min_per_epoch")),
           "Time per epoch: our last epoch's training time on one CPU thread, beside the paper's minutes on 8 V100s; "
-          "low precision is bf16 autocast, which a CPU without AMX runs slower than FP32 and one with AMX faster "
-          "for dense convolutions (slower for MobileNet's depthwise ones): the machine is under Runs.",
+          "low precision is bf16 autocast, which an Intel CPU without AMX runs slower than FP32 and one with AMX "
+          "(or an AMD CPU with AVX-512-BF16) faster for dense convolutions (slower for MobileNet's depthwise ones): the machine is under Runs.",
           labels={"r50-baseline": "baseline (BS256, FP32)", "r50-efficient": "efficient (BS1024, FP16)"}),
     Table("table6", "Table 6: the training refinements on top of efficient training",
           (("ResNet-50-D", TABLE6["resnet"]), ("MobileNet", TABLE6["mobilenet"]), ("Inception-V3", TABLE6["inception"])),
