@@ -9,7 +9,8 @@ https://github.com/tysam-code/hlb-CIFAR10. The network, as there:
   ``1 / sqrt(eigenvalue + eps)``, and their negatives (``2 * in_chans * 4`` output channels), so its
   output is a whitened view of every patch. The weights come from data (``init_from_data``, called by
   the trainer with the first ``data_init_images`` training images before the first step);
-* three blocks ``conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU`` (widths 64, 256, 256);
+* three blocks ``conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU`` (widths 64, 256, 256;
+  ``pools`` can leave a block's max-pool out, keeping its input's resolution);
   ``whiten_from_data=False`` (an ablation) makes it an ordinary trained conv instead;
 * a global max-pool and a linear classifier whose logits are scaled by ``logit_scale`` (1/9 there).
 
@@ -53,10 +54,10 @@ def patch_whitening_weights(images: Tensor, kernel_size: int, eps: float = 5e-4)
 class ConvBlock(nn.Module):
     """``conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU`` (airbench's ``ConvGroup``)."""
 
-    def __init__(self, in_chs: int, out_chs: int, norm_layer: NormLayer):
+    def __init__(self, in_chs: int, out_chs: int, norm_layer: NormLayer, pool: bool = True):
         super().__init__()
         self.conv1 = nn.Conv2d(in_chs, out_chs, 3, padding=1, bias=False)
-        self.pool = nn.MaxPool2d(2)
+        self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
         self.bn1 = norm_layer(out_chs)
         self.act1 = nn.GELU()
         self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False)
@@ -80,6 +81,7 @@ class AirbenchNet(Backbone):
         num_classes: int = 10,
         in_chans: int = 3,
         widths: Sequence[int] = (64, 256, 256),
+        pools: Sequence[bool] = (True, True, True),
         whiten_kernel: int = 2,
         whiten_eps: float = 5e-4,
         whiten_from_data: bool = True,
@@ -95,17 +97,19 @@ class AirbenchNet(Backbone):
             raise ValueError("airbench has no dilated variant (output_stride must be 32); it is a classifier")
         if zero_init_last:
             raise ValueError("airbench has no residual blocks: zero_init_last (model.zero_init_last) does not apply")
-        if len(widths) != 3:
-            raise ValueError(f"airbench has three blocks: widths needs 3 values, got {list(widths)}")
+        if len(widths) != 3 or len(pools) != 3:
+            raise ValueError(f"airbench has three blocks: widths and pools need 3 values each, got {list(widths)} "
+                             f"and {list(pools)}")
         norm_layer = resolve_norm(norm_layer)
         self.num_classes, self.whiten_eps, self.logit_scale = num_classes, whiten_eps, logit_scale
         whiten_width = 2 * in_chans * whiten_kernel**2
         self.whiten = nn.Conv2d(in_chans, whiten_width, whiten_kernel, bias=True)
         self.act0 = nn.GELU()
-        inplanes, self.feature_info = whiten_width, []
-        for i, width in enumerate(widths):
-            self.add_module(f"layer{i + 1}", ConvBlock(inplanes, width, norm_layer))
-            self.feature_info.append(FeatureInfo(f"block{i + 1}", width, 2 ** (i + 1)))
+        inplanes, self.feature_info, stride = whiten_width, [], 1
+        for i, (width, pool) in enumerate(zip(widths, pools)):
+            self.add_module(f"layer{i + 1}", ConvBlock(inplanes, width, norm_layer, pool=bool(pool)))
+            stride *= 2 if pool else 1
+            self.feature_info.append(FeatureInfo(f"block{i + 1}", width, stride))
             inplanes = width
         self.num_features = inplanes
         self.global_pool = nn.AdaptiveMaxPool2d(1)

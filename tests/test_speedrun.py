@@ -79,9 +79,15 @@ def test_airbench_features_and_frozen_whitening():
     assert profile_backbone("airbench")["input_size"] == (3, 32, 32)
     plain = create_backbone("airbench", whiten_from_data=False)  # the ablation: an ordinary trained conv
     assert plain.whiten.weight.requires_grad and plain.data_init_images == 0
-    for bad in (dict(zero_init_last=True), dict(output_stride=16), dict(widths=(8, 8))):
+    for bad in (dict(zero_init_last=True), dict(output_stride=16), dict(widths=(8, 8)), dict(pools=(True, True))):
         with pytest.raises(ValueError):
             create_backbone("airbench", **bad)
+    # pools: a block without its max-pool keeps its input's resolution (and the nominal stride says so)
+    unpooled = create_backbone("airbench", num_classes=10, in_chans=1, widths=(8, 16, 16), pools=(True, True, False))
+    with torch.no_grad():
+        feats = unpooled.forward_features(x)
+    assert [(f.stride, tuple(feats[f.name].shape[1:])) for f in unpooled.feature_info] == [
+        (2, (8, 13, 13)), (4, (16, 6, 6)), (4, (16, 6, 6))]
 
 
 def test_trainer_sets_whitening_from_the_unaugmented_training_images(tmp_path, monkeypatch):
