@@ -138,3 +138,29 @@ def test_one_train_step_row_on_a_tiny_model():
     assert row.target.startswith("<= 0.95")  # same precision and format as timm: the issue's target applies
     ours_mfu, ref_mfu = (float(v.rstrip("%")) for v in row.notes["MFU ours / ref"].split(" / "))
     assert 0 < ours_mfu < 100 and 0 < ref_mfu < 100
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_engine_rows_train_both_sides_at_one_pinned_precision(monkeypatch, tmp_path, fast_bf16):
+    """`auto` resolves per engine (detectron2 has no bf16: fp32 on every CPU, where the suite's engines take bf16
+    on CPUs that run it fast), so each row pins one precision for both sides: segmentation at what `auto` is on
+    this device, detection at fp32 on a CPU."""
+    from runtime import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_is_fast", lambda: fast_bf16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("segmentation.scenes.write_fashion_scenes", lambda root, *a: root)
+    monkeypatch.setattr("detection.scenes.write_fashion_voc", lambda root, *a: root)
+    seen: dict[str, str] = {}
+
+    def runner(cfg):
+        seen[cfg.engine] = cfg.train.precision
+        return {i: 0.1 for i in range(1, 20)}
+
+    monkeypatch.setattr(bench, "ENGINE_RUNNERS", {e: runner for e in ("torch", "mmseg", "detectron2")})
+    rows = bench.engine_rows(bench.QUICK, tmp_path, tasks=("segmentation",))
+    assert seen == {"torch": "bf16" if fast_bf16 else "fp32", "mmseg": "bf16" if fast_bf16 else "fp32"}
+    assert rows[0].what.endswith("bf16" if fast_bf16 else "fp32")
+    seen.clear()
+    bench.engine_rows(bench.QUICK, tmp_path, tasks=("detection",))
+    assert seen == {"torch": "fp32", "detectron2": "fp32"}
