@@ -232,7 +232,6 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         raise ConfigError("distill.teacher is set but distill.teacher_weights is not: a randomly initialised "
                          "teacher teaches nothing. Point distill.teacher_weights at a trained checkpoint")
     torch.manual_seed(t.seed + dist_info.rank)
-    precision = setup_precision(t.precision, device, channels_last=cfg.model.channels_last)
 
     # ---- data -------------------------------------------------------------------------------------
     mean, std = normalization(cfg)
@@ -244,8 +243,9 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
     total_steps = t.epochs * steps_per_epoch
 
     # ---- model, teacher, optimizer, schedule --------------------------------------------------------
-    memory_format = precision.memory_format
+    memory_format = memory_format_for(cfg.model.channels_last)
     model = build_model(cfg, num_classes).to(device, memory_format=memory_format)
+    precision = setup_precision(t.precision, device, channels_last=cfg.model.channels_last, model=model)
     if cfg.model.sync_bn and dist_info.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.model.weights is None and model.data_init_images > 0:  # (a resumed run loads its weights over it)
@@ -431,7 +431,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict[str, float]:
         model = create_backbone(cfg.model.name, weights=checkpoint, num_classes=num_classes,
                                 in_chans=cfg.model.in_chans, norm_eval=True, **model_kwargs(cfg))
         model = model.to(device, memory_format=memory_format_for(cfg.model.channels_last))
-        return evaluate(model, loader, device, autocast_for(cfg.train.precision, device), cfg.model.channels_last,
+        return evaluate(model, loader, device, autocast_for(cfg.train.precision, device, model), cfg.model.channels_last,
                         prepare, cfg.data.val_hflip_tta, cfg.data.val_translate_tta)
     finally:
         cleanup_distributed()

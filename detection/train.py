@@ -116,7 +116,7 @@ def evaluate_detector(model, cfg: DetectionConfig, dist_info: DistInfo, dataset=
     train_sizes, core.transform.min_size = core.transform.min_size, (cfg.model.min_size_test,)
     was_training = core.training
     core.eval()
-    autocast = autocast_for(cfg.train.precision, dist_info.device)
+    autocast = autocast_for(cfg.train.precision, dist_info.device, core)
     predictions: dict[int, VOCBoxes] = {}
     position = 0
     try:
@@ -178,8 +178,6 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
                          "of a classification run) or use model.norm=batchnorm")
     check_sync_bn(cfg.model, device.type == "cuda")
     torch.manual_seed(t.seed + dist_info.rank)
-    precision = setup_precision(t.precision, device, channels_last=cfg.model.channels_last,
-                                cudnn_benchmark=False)  # image sizes vary (multi-scale)
 
     # Workers decode, mirror (v2, per-sample seed) and keep uint8; batches share an aspect-ratio group.
     dataset = build_detection_set(cfg.data, train=True, transforms=TrainTransform(cfg.data.hflip), check_images=True)
@@ -200,6 +198,8 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
                          f"({t.batch_size} x {dist_info.world_size})")
 
     model = sync_batchnorm(build_model(cfg, len(classes)).to(device), cfg, dist_info)
+    precision = setup_precision(t.precision, device, channels_last=cfg.model.channels_last, model=model,
+                                cudnn_benchmark=False)  # image sizes vary (multi-scale)
     train_model = model
     if dist_info.distributed:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -16,6 +16,10 @@ measured faster than fp32 and fp32 elsewhere (``cpu_bf16_is_fast``):
   slower per step there (benchmarks/results/step_settings.md);
 * any other CPU: fp32.
 
+On a CPU the rule also looks at the model when the caller passes it (``model=``): a network with depthwise
+convolutions (MobileNet) stays fp32, since oneDNN's bf16 depthwise kernels are slow: its train step took 2.3x
+fp32's time in bf16 on both the AMX and the AMD CPU (benchmarks/results/reproduce_amx, step_settings_amd/).
+
 ``channels_last`` (``model.channels_last`` of every task): model and inputs in NHWC, what cuDNN's tensor-core
 convolutions and oneDNN's CPU convolutions read natively (measured 0.93x the time per step of contiguous
 on the CPU above, fp32).
@@ -97,26 +101,35 @@ def cpu_description() -> str:
     return f"{name} ({', '.join(features)})" if features else name
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def has_depthwise_conv(model: torch.nn.Module) -> bool:
+    """True when ``model`` has a depthwise convolution (``groups == in_channels > 1``), e.g. MobileNet's."""
+    return any(isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules())
+
+
+def resolve_precision(precision: str, device: torch.device, model: Optional[torch.nn.Module] = None) -> str:
     """``precision`` itself, or for ``auto`` the low precision ``device`` computes fast: fp16 on CUDA, bf16 on
-    a CPU where it was measured faster (``cpu_bf16_is_fast``: AMX, or AMD with AVX-512-BF16), fp32 otherwise
-    (any other device: fp32)."""
+    a CPU where it was measured faster (``cpu_bf16_is_fast``: AMX, or AMD with AVX-512-BF16) unless ``model``
+    has depthwise convolutions, fp32 otherwise (any other device: fp32)."""
     if precision not in PRECISIONS:
         raise ValueError(f"train.precision={precision!r}: one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "fp16"
-    return "bf16" if device.type == "cpu" and cpu_bf16_is_fast() else "fp32"
+    if device.type != "cpu" or not cpu_bf16_is_fast():
+        return "fp32"
+    return "fp32" if model is not None and has_depthwise_conv(model) else "bf16"
 
 
 def memory_format_for(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def autocast_for(precision: str, device: torch.device) -> Callable[[], ContextManager]:
-    """A zero-argument factory of the autocast context for ``precision`` (``auto`` resolved) on ``device``."""
-    precision = resolve_precision(precision, device)
+def autocast_for(precision: str, device: torch.device,
+                 model: Optional[torch.nn.Module] = None) -> Callable[[], ContextManager]:
+    """A zero-argument factory of the autocast context for ``precision`` (``auto`` resolved, for ``model`` if
+    given) on ``device``."""
+    precision = resolve_precision(precision, device, model)
     if precision == "fp32":
         return nullcontext
     if precision == "fp16" and device.type == "cpu":
@@ -128,14 +141,17 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], ContextMa
 
 
 def setup_precision(precision: str, device: torch.device, *, channels_last: bool = False,
-                    cudnn_benchmark: bool = True) -> Precision:
-    """The autocast factory, GradScaler and memory format of a run (``auto`` resolved and logged once); on
-    CUDA also sets cuDNN's autotuner to ``cudnn_benchmark``: True for fixed input sizes, False where they vary."""
+                    cudnn_benchmark: bool = True, model: Optional[torch.nn.Module] = None) -> Precision:
+    """The autocast factory, GradScaler and memory format of a run (``auto`` resolved for ``model`` and logged
+    once); on CUDA also sets cuDNN's autotuner to ``cudnn_benchmark``: True for fixed input sizes, False where
+    they vary."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cudnn_benchmark
-    name = resolve_precision(precision, device)
+    name = resolve_precision(precision, device, model)
     if precision == "auto":
         why = ("CUDA" if device.type == "cuda" else
+               "the model's depthwise convolutions, which oneDNN runs slower in bf16" if
+               name == "fp32" and resolve_precision(precision, device) == "bf16" else
                ("a CPU with AMX" if cpu_has_amx() else "an AMD CPU with AVX-512-BF16") if name == "bf16" else
                "a CPU without AMX or AMD's AVX-512-BF16, where bf16 autocast is slower than fp32"
                if device.type == "cpu" else

@@ -309,7 +309,13 @@ def _optim_wrapper(cfg: SegmentationConfig, lr: float, on_cuda: bool) -> dict:
                                   weight_decay=cfg.optim.weight_decay))
     if cfg.optim.no_bias_decay:  # the paper's rule: biases and norm-layer parameters get no weight decay
         wrapper["paramwise_cfg"] = dict(bias_decay_mult=0.0, norm_decay_mult=0.0)
-    precision = resolve_precision(cfg.train.precision, torch.device("cuda" if on_cuda else "cpu"))
+    device = torch.device("cuda" if on_cuda else "cpu")
+    precision = resolve_precision(cfg.train.precision, device)
+    if precision == "bf16" and cfg.train.precision == "auto":  # auto looks at the network (depthwise convs: fp32)
+        with torch.device("meta"):  # its structure only: no memory, no weights
+            backbone = create_backbone(cfg.model.backbone, num_classes=0, in_chans=cfg.model.in_chans,
+                                       output_stride=cfg.model.output_stride, **cfg.model.kwargs)
+        precision = resolve_precision(cfg.train.precision, device, backbone)
     if precision == "fp16":
         if not on_cuda:
             raise ValueError("train.precision=fp16 needs a GPU (mmengine's AmpOptimWrapper); on a CPU use bf16 or fp32")

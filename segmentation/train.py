@@ -213,7 +213,7 @@ def evaluate(model: nn.Module, cfg: SegmentationConfig, dist_info: DistInfo, aut
     from PIL import Image
 
     device, e = dist_info.device, cfg.eval
-    autocast = autocast or autocast_for(cfg.train.precision, device)
+    autocast = autocast or autocast_for(cfg.train.precision, device, model)
     dataset = _EvalImages(_dataset(cfg, cfg.data.val_split), build_eval_transform(cfg.data))
     indices = list(ShardSampler(len(dataset), dist_info.rank, dist_info.world_size))
     loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1, collate_fn=_first,
@@ -291,8 +291,6 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
         raise ConfigError("train.max_iter, train.batch_size and train.accum_steps must be >= 1")
     check_data(cfg)
     torch.manual_seed(t.seed + dist_info.rank)
-    precision = setup_precision(t.precision, device, channels_last=cfg.model.channels_last,
-                                cudnn_benchmark=True)  # fixed crops (padded to crop_size)
 
     # ---- data -------------------------------------------------------------------------------------------
     loader, sampler = build_train_loader(cfg, dist_info)
@@ -304,10 +302,12 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
         raise ConfigError(f"the training split ({len(sampler)} images per process) is smaller than one batch "
                          f"({t.batch_size} images): lower train.batch_size or add data")
     normalize = Normalize(*normalization(cfg)).to(device)
-    memory_format = precision.memory_format
+    memory_format = memory_format_for(cfg.model.channels_last)
 
     # ---- model, optimizer, schedule ------------------------------------------------------------------
     model = build_model(cfg, dist_info).to(device, memory_format=memory_format)
+    precision = setup_precision(t.precision, device, channels_last=cfg.model.channels_last, model=model,
+                                cudnn_benchmark=True)  # fixed crops (padded to crop_size)
     global_batch = t.batch_size * dist_info.world_size * t.accum_steps
     base_lr = scale_lr(o.lr, global_batch, REFERENCE_BATCH)  # linear scaling, mmseg's 16-image reference
     min_lr = scale_lr(o.min_lr, global_batch, REFERENCE_BATCH)

@@ -20,6 +20,7 @@ torch before a call fixes the whole sample. Normalisation is left to the trainer
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Sequence
 
 import torch
@@ -180,25 +181,38 @@ def rgb_to_hsv_u8(image: Tensor) -> Tensor:
 _SECTOR_ORDER = torch.tensor([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])
 
 
-def hsv_to_rgb_u8(hsv: Tensor) -> Tensor:
-    """OpenCV ``COLOR_HSV2RGB`` on uint8 [..., 3, H, W] as its scalar code computes it: float32 arithmetic
-    with ``1 - s*h`` fused, rounded half to even. OpenCV's SIMD path, which it takes for full vector blocks
-    of a row, truncates instead, so mmseg's own output differs from this by one level at some pixels
-    depending on their position in the row; this follows the position-independent scalar code."""
-    h, s, v = hsv.to(torch.float32).unbind(-3)
-    s, v = s * torch.tensor(1 / 255, dtype=torch.float32), v * torch.tensor(1 / 255, dtype=torch.float32)
+@functools.lru_cache(maxsize=1)
+def _hsv_to_rgb_coefficients() -> Tensor:
+    """float32 [256 * 256, 3]: for each (h, s) of uint8 HSV (row ``h * 256 + s``), the factors of V that give
+    R, G and B in ``hsv_to_rgb_u8``: 1, ``1 - s``, ``1 - s*f`` or ``1 - s*(1 - f)`` (OpenCV's v, p, q, t over v)
+    by the hue's sector. Computed once, by OpenCV's scalar code in float32, with ``1 - s*h`` fused."""
+    h, s = torch.meshgrid(torch.arange(256, dtype=torch.float32), torch.arange(256, dtype=torch.float32), indexing="ij")
+    h, s = h.flatten(), s.flatten() * torch.tensor(1 / 255, dtype=torch.float32)
     h = torch.fmod(h * (torch.tensor(6.0) / 180), 6.0)
     sector = torch.floor(h)
     frac = h - sector
-    sector = sector.to(torch.int64)
 
     def one_minus(a: Tensor, b: Tensor) -> Tensor:  # 1 - a*b fused (as OpenCV's build): a*b exact in float64
         return (1 - a.double() * b.double()).float()
 
-    tab = torch.stack([v, v * (1 - s), v * one_minus(s, frac), v * one_minus(s, 1 - frac)], -3)  # v, p, q, t
-    rgb = torch.gather(tab, -3, _SECTOR_ORDER[sector].movedim(-1, -3))
-    rgb = torch.where((s == 0).unsqueeze(-3), v.unsqueeze(-3), rgb)
-    return torch.round(rgb * 255).clamp(0, 255).to(torch.uint8)
+    factors = torch.stack([torch.ones_like(s), 1 - s, one_minus(s, frac), one_minus(s, 1 - frac)], -1)  # v, p, q, t
+    return torch.gather(factors, -1, _SECTOR_ORDER[sector.to(torch.int64)])
+
+
+def hsv_to_rgb_u8(hsv: Tensor) -> Tensor:
+    """OpenCV ``COLOR_HSV2RGB`` on uint8 [..., 3, H, W] as its scalar code computes it: float32 arithmetic
+    with ``1 - s*h`` fused, rounded half to even. OpenCV's SIMD path, which it takes for full vector blocks
+    of a row, truncates instead, so mmseg's own output differs from this by one level at some pixels
+    depending on their position in the row; this follows the position-independent scalar code.
+
+    Each channel is ``round(255 * (v * factor(h, s)))`` with ``v`` scaled to 0..1: the factors of every
+    (h, s) pair come from a table computed once (``_hsv_to_rgb_coefficients``), so a pixel costs a lookup
+    and one float32 product, the same product the formula computes."""
+    h, s, v = hsv.unbind(-3)
+    factors = _hsv_to_rgb_coefficients()[(h.to(torch.int64) << 8 | s.to(torch.int64)).flatten()]  # [P, 3]
+    v = v.to(torch.float32).flatten() * torch.tensor(1 / 255, dtype=torch.float32)
+    rgb = torch.round((v[:, None] * factors) * 255).clamp_(0, 255).to(torch.uint8)
+    return rgb.view(*h.shape, 3).movedim(-1, -3).contiguous()
 
 
 def _convert(x: Tensor, alpha: float = 1.0, beta: float = 0.0) -> Tensor:

@@ -350,3 +350,14 @@ def test_auto_precision_picks_the_optimizer_wrapper_the_device_computes_fast(mon
     assert cpu["type"] == ("CPUAutocastOptimWrapper" if amx else "TricksOptimWrapper")
     cuda = mmseg_engine._optim_wrapper(cfg, 0.01, on_cuda=True)
     assert cuda["type"] == "TricksAmpOptimWrapper" and cuda["loss_scale"] == "dynamic"
+
+
+def test_auto_precision_keeps_fp32_for_a_depthwise_backbone(monkeypatch):
+    """auto in the mmseg engine looks at the backbone as the torch engine does (built on the meta device: no
+    memory): MobileNet's depthwise convolutions stay fp32 on a CPU where ResNet takes the bf16 wrapper."""
+    from runtime import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_is_fast", lambda: True)
+    for backbone, wrapper in (("mobilenet", "TricksOptimWrapper"), ("resnet18d", "CPUAutocastOptimWrapper")):
+        cfg = load_config(None, SegmentationConfig, ["engine=mmseg", "train.precision=auto", f"model.backbone={backbone}"])
+        assert mmseg_engine._optim_wrapper(cfg, 0.01, on_cuda=False)["type"] == wrapper

@@ -265,3 +265,25 @@ def test_loss_meter_means_the_stepped_steps_only_and_starts_a_new_window():
     assert meter.mean() == {"loss": 10.0}
     meter.add(torch.tensor(False), loss=torch.tensor(1.0))
     assert math.isnan(meter.mean()["loss"])  # no step taken in the window
+
+
+def test_auto_keeps_fp32_for_depthwise_networks_on_a_cpu(monkeypatch):
+    """oneDNN's bf16 depthwise convolutions are slow (MobileNet's step 2.3x fp32's time in bf16 on both the AMX and
+    the AMD CPU): auto stays fp32 for such a network on a CPU where it would otherwise take bf16; CUDA keeps fp16,
+    explicit choices pass through, and a network without depthwise convolutions takes bf16."""
+    from backbones import create_backbone
+    from runtime import precision as p
+
+    monkeypatch.setattr(p, "cpu_bf16_is_fast", lambda: True)
+    mobilenet, resnet = create_backbone("mobilenet", width_mult=0.25), create_backbone("resnet18d", width_mult=0.25)
+    assert p.has_depthwise_conv(mobilenet) and not p.has_depthwise_conv(resnet)
+    grouped = torch.nn.Conv2d(8, 16, 3, groups=2)  # grouped but not depthwise (ResNeXt-style)
+    assert not p.has_depthwise_conv(torch.nn.Sequential(grouped))
+    cpu = torch.device("cpu")
+    assert p.resolve_precision("auto", cpu, mobilenet) == "fp32"
+    assert p.resolve_precision("auto", cpu, resnet) == p.resolve_precision("auto", cpu) == "bf16"
+    assert p.resolve_precision("auto", torch.device("cuda"), mobilenet) == "fp16"
+    assert p.resolve_precision("bf16", cpu, mobilenet) == "bf16"
+    assert p.setup_precision("auto", cpu, model=mobilenet).name == "fp32"
+    with p.autocast_for("auto", cpu, mobilenet)():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32

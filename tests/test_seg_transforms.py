@@ -68,6 +68,17 @@ def test_uint8_hsv_equals_opencv():
     assert np.abs(ours.astype(int) - cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)).max() <= 1
 
 
+def test_hsv_to_rgb_equals_opencv_for_every_hue_and_saturation():
+    """Every (h, s) pair of uint8 HSV (the factor table's rows) at the extreme and middle values of v, against
+    OpenCV's scalar path: the table gives the formula's pixels exactly."""
+    cv2 = pytest.importorskip("cv2")
+    h, s = np.meshgrid(np.arange(180), np.arange(256), indexing="ij")
+    hsv = np.concatenate([np.stack([h, s, np.full_like(h, v)], -1) for v in (0, 1, 77, 127, 128, 200, 254, 255)])
+    hsv = hsv.astype(np.uint8)
+    ours = hsv_to_rgb_u8(torch.from_numpy(hsv).permute(2, 0, 1)).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(ours, _opencv_scalar(cv2, hsv, cv2.COLOR_HSV2RGB))
+
+
 def test_photometric_distortion_equals_mmseg_on_equal_draws(monkeypatch):
     import cv2
     mmseg_transforms = import_mmseg_transforms()

@@ -478,3 +478,20 @@ def test_sigkill_inside_an_epoch_resumes_exactly_from_the_last_whole_checkpoint(
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_auto_precision_trains_a_depthwise_network_in_fp32_on_a_cpu(tmp_path, monkeypatch, caplog):
+    """The trainer resolves `auto` for its model: MobileNet stays fp32 on a CPU where ResNet takes bf16."""
+    import logging
+
+    from runtime import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_is_fast", lambda: True)
+    with caplog.at_level(logging.INFO, logger="runtime.precision"):
+        train(tiny(tmp_path, "model.name=mobilenet", "model.width_mult=0.25", "model.zero_init_last=false",
+                   "train.precision=auto", "train.epochs=1", name="mobilenet"))
+        train(tiny(tmp_path, "model.width_mult=0.25", "train.precision=auto", "train.epochs=1", name="resnet"))
+    chosen = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train.precision=auto")]
+    assert len(chosen) == 2
+    assert chosen[0].startswith("train.precision=auto: fp32 (the model's depthwise convolutions")
+    assert chosen[1].startswith("train.precision=auto: bf16")
