@@ -3,9 +3,9 @@ losses + backward + SGD) in each precision, memory format and ``torch.compile`` 
 fastest on this machine, and what compiling costs. ``--task detection``: the detection demo's Faster R-CNN
 train step (torchvision engine, batch 8 of 128x128 scenes at the config's sizes; precision and memory format,
 no compile: multi-scale inputs recompile per size). ``--task classification`` / ``speedrun``: the Fashion-MNIST
-paper recipe's / speedrun recipe's train step (the config's network, batch and input size). ``tricks bench`` compares the suite with the reference
-libraries at one setting; this compares the settings, by the same method (alternated rounds, medians of
-per-round ratios to the first setting).
+paper recipe's / speedrun recipe's train step (the config's network, batch and input size). ``tricks bench``
+compares the suite with the reference libraries at one setting; this compares the settings, by the same method
+(alternated rounds, medians of per-round ratios to the first setting).
 
 Run: ``python benchmarks/step_settings.py [--task segmentation|detection|classification|speedrun] [--rounds 3]
 [--threads 1] [--no-compile] [--warm-cache] [--out DIR]``
@@ -95,22 +95,26 @@ def det_step(dtype, channels_last: bool, compiled: bool, batch: int = 8, size: i
     return step
 
 
-def cls_step(dtype, channels_last: bool, compiled: bool, config: str = "resnet18d_1xb128_efficient-cosine-ls_fashion-mnist"):
+FASHION_CONFIGS = Path(__file__).resolve().parents[1] / "configs/classification/fashion_mnist"
+
+
+def cls_step(dtype, channels_last: bool, compiled: bool,
+             config: str = "resnet18d_1xb128_efficient-cosine-ls_fashion-mnist"):
     """A closure of one train step of a Fashion-MNIST recipe (the config's network, batch and input size; forward,
     label-smoothed cross-entropy, backward, SGD), as ``classification.train`` runs it."""
     from classification.config import Config
     from classification.train import build_model
     from runtime.config import load_config
 
-    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs/classification/fashion_mnist" / f"{config}.yaml"),
-                      Config, [])
+    cfg = load_config(str(FASHION_CONFIGS / f"{config}.yaml"), Config, [])
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(cfg, 10).to(memory_format=fmt).train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
                                 nesterov=True, weight_decay=5e-4)
     forward = torch.compile(model) if compiled else model
-    x = torch.randn(cfg.train.batch_size, cfg.model.in_chans, cfg.data.img_size, cfg.data.img_size).contiguous(memory_format=fmt)
+    size = cfg.data.img_size
+    x = torch.randn(cfg.train.batch_size, cfg.model.in_chans, size, size).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (cfg.train.batch_size,))
 
     def step() -> None:
@@ -132,10 +136,13 @@ TASKS = {"segmentation": (seg_step, "step_settings", "Segmentation train step",
          "detection": (det_step, "step_settings_detection", "Detection train step",
                        "The detection demo's Faster R-CNN + FPN (torchvision engine; half-width ResNet-18-D, FPN 64 "
                        "channels, batch 8 scenes of 128x128 resized to a shorter side of 112-160, 10 classes)."),
-         "classification": (cls_step, "step_settings_classification", "Classification train step (Fashion-MNIST paper recipe)",
-                            "The paper recipe's network on Fashion-MNIST (`resnet18d_1xb128_efficient-cosine-ls_fashion-mnist.yaml`: "
+         "classification": (cls_step, "step_settings_classification",
+                            "Classification train step (Fashion-MNIST paper recipe)",
+                            "The paper recipe's network on Fashion-MNIST "
+                            "(`resnet18d_1xb128_efficient-cosine-ls_fashion-mnist.yaml`: "
                             "half-width ResNet-18-D, batch 128, 1x42x42, label smoothing 0.1)."),
-         "speedrun": (speedrun_step, "step_settings_speedrun", "Classification train step (Fashion-MNIST speedrun recipe)",
+         "speedrun": (speedrun_step, "step_settings_speedrun",
+                      "Classification train step (Fashion-MNIST speedrun recipe)",
                       "The speedrun recipe's network (`airbench_1xb512_speedrun-cosine_fashion-mnist.yaml`: airbench "
                       "widths 32/128/128, batch 512, 1x28x28, label smoothing 0.2).")}
 

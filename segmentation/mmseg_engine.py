@@ -208,8 +208,9 @@ def _optim_wrapper_classes() -> dict[str, type]:
     class CPUAutocastOptimWrapper(TricksOptimWrapper):
         """Forward and loss under CPU bf16 autocast. mmengine's AmpOptimWrapper refuses to run without a
         GPU, yet bf16 autocast is the fast way to train on a CPU with AMX or an AMD CPU with AVX-512-BF16
-        (0.52-0.72x fp32's time per step: benchmarks/results/step_settings_amd/); on other CPUs it can be slower than
-        fp32 (benchmarks/results/step_settings.md: 1.5x slower on an AVX-512-BF16 Xeon without AMX). bf16 keeps fp32's exponent range, so no loss scaling is needed."""
+        (0.52-0.72x fp32's time per step: benchmarks/results/step_settings_amd/); on other CPUs it can be
+        slower than fp32 (benchmarks/results/step_settings.md: 1.5x slower on an AVX-512-BF16 Xeon without
+        AMX). bf16 keeps fp32's exponent range, so no loss scaling is needed."""
 
         @contextlib.contextmanager
         def optim_context(self, model: nn.Module):
