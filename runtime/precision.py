@@ -69,34 +69,37 @@ def cpu_has_amx() -> bool:
     return bool(caps.get("amx_bf16") or caps.get("amx_tile"))
 
 
-def _cpu_vendor() -> str:
-    """``/proc/cpuinfo``'s ``vendor_id`` (``GenuineIntel``, ``AuthenticAMD``), or ``""`` where there is none."""
+def _cpu_has_avx512_bf16() -> bool:
+    return bool((_cpu_capabilities() or {}).get("avx512_bf16"))
+
+
+def _cpuinfo(field: str) -> str:
+    """The first value of ``field`` in ``/proc/cpuinfo`` (``vendor_id``, ``model name``), or ``""`` where there
+    is no such file or field (macOS, Windows, some ARM kernels)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field)), "")
     except OSError:
         return ""
+
+
+def _cpu_vendor() -> str:
+    """``GenuineIntel``, ``AuthenticAMD``, ... (``/proc/cpuinfo``'s ``vendor_id``), or ``""``."""
+    return _cpuinfo("vendor_id")
 
 
 def cpu_bf16_is_fast() -> bool:
     """True where bf16 autocast was measured faster than fp32 on this kind of CPU: AMX, or AVX-512-BF16 on an
     AMD CPU (Zen 4+); False on other CPUs (see the module docstring for the measurements)."""
-    if cpu_has_amx():
-        return True
-    return bool((_cpu_capabilities() or {}).get("avx512_bf16")) and _cpu_vendor() == "AuthenticAMD"
+    return cpu_has_amx() or (_cpu_has_avx512_bf16() and _cpu_vendor() == "AuthenticAMD")
 
 
 def cpu_description() -> str:
     """The CPU's model name and the features that decide low-precision speed (``AVX-512-BF16``, ``AMX``),
     e.g. ``Intel(R) Xeon(R) Processor (AVX-512-BF16, AMX)``: two machines of one model name may differ in
     them, and a run's wall time means little without them."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    features = ["AVX-512-BF16"] if (_cpu_capabilities() or {}).get("avx512_bf16") else []
+    name = _cpuinfo("model name") or platform.processor() or platform.machine()
+    features = ["AVX-512-BF16"] if _cpu_has_avx512_bf16() else []
     features += ["AMX"] if cpu_has_amx() else []
     return f"{name} ({', '.join(features)})" if features else name
 
@@ -149,13 +152,16 @@ def setup_precision(precision: str, device: torch.device, *, channels_last: bool
         torch.backends.cudnn.benchmark = cudnn_benchmark
     name = resolve_precision(precision, device, model)
     if precision == "auto":
-        why = ("CUDA" if device.type == "cuda" else
-               "the model's depthwise convolutions, which oneDNN runs slower in bf16" if
-               name == "fp32" and resolve_precision(precision, device) == "bf16" else
-               ("a CPU with AMX" if cpu_has_amx() else "an AMD CPU with AVX-512-BF16") if name == "bf16" else
-               "a CPU without AMX or AMD's AVX-512-BF16, where bf16 autocast is slower than fp32"
-               if device.type == "cpu" else
-               f"{device.type}: no low-precision rule")
+        if device.type == "cuda":
+            why = "CUDA"
+        elif device.type != "cpu":
+            why = f"{device.type}: no low-precision rule"
+        elif not cpu_bf16_is_fast():
+            why = "a CPU without AMX or AMD's AVX-512-BF16, where bf16 autocast is slower than fp32"
+        elif name == "fp32":  # a CPU that runs bf16 fast, but not for this model
+            why = "the model's depthwise convolutions, which oneDNN runs slower in bf16"
+        else:
+            why = "a CPU with AMX" if cpu_has_amx() else "an AMD CPU with AVX-512-BF16"
         log.info("train.precision=auto: %s (%s)", name, why)
     return Precision(name, autocast_for(name, device), torch.amp.GradScaler(device.type, enabled=name == "fp16"),
                      memory_format_for(channels_last))
