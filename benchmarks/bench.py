@@ -308,7 +308,10 @@ def engine_side(config: str, engine: str, overrides: list[str], work: Path, warm
     return measure
 
 
-ENGINE_TASKS = ("segmentation", "detection")  # the tasks with an engine row (suite engine vs reference engine)
+# The tasks with an engine row (suite engine vs reference engine). "segmentation-compiled": both segmentation
+# engines with train.compile=true (the suite: torch.compile of the model; mmseg: mmengine's cfg.compile).
+ENGINE_TASKS = ("segmentation", "segmentation-compiled", "detection")
+COMPILE_WARMUP = 20  # iterations left out of a compiled run: mmengine's compiled train_step recompiles in its first ~15
 
 
 def engine_rows(sizes: Sizes, work: Path, tasks: Sequence[str] = ENGINE_TASKS) -> list[Row]:
@@ -333,17 +336,22 @@ def engine_rows(sizes: Sizes, work: Path, tasks: Sequence[str] = ENGINE_TASKS) -
     seg = [f"data.root={seg_root}", "eval.overlays=0", f"train.precision={seg_precision}", *common]
     det = [f"data.root={devkit}", f"data.classes={devkit / 'classes.txt'}", f"train.precision={det_precision}",
            "optim.warmup_iters=0", f"optim.milestones=[{iters + 1}]", "train.visualize=0", *common]
+    # compiled: more iterations left out (the compilation), the same number timed
+    warm_c = max(sizes.engine_warmup, COMPILE_WARMUP)
+    seg_c = [*seg, "train.compile=true", f"train.max_iter={warm_c + sizes.engine_timed}",
+             f"train.checkpoint_every={warm_c + sizes.engine_timed}"]
     rows = []
-    for task, config, reference, overrides, target, precision in (
-            ("segmentation", SEG_CONFIG, "mmseg", seg, "<= 0.80", seg_precision),
-            ("detection", DET_CONFIG, "detectron2", det, "<= 0.90", det_precision)):
+    for task, config, reference, overrides, target, setting, warmup in (
+            ("segmentation", SEG_CONFIG, "mmseg", seg, "<= 0.80", seg_precision, sizes.engine_warmup),
+            ("segmentation-compiled", SEG_CONFIG, "mmseg", seg_c, "<= 0.80", f"{seg_precision}, train.compile=true",
+             warm_c),
+            ("detection", DET_CONFIG, "detectron2", det, "<= 0.90", det_precision, sizes.engine_warmup)):
         if task not in tasks:
             continue
-        sides = [engine_side(config, engine, overrides, work / task, sizes.engine_warmup)
-                 for engine in ("torch", reference)]
+        sides = [engine_side(config, engine, overrides, work / task, warmup) for engine in ("torch", reference)]
         times = run_rounds(sides, sizes.rounds, warmup_calls=0)
-        rows.append(Row("engines", f"{task}: `{Path(config).name}`, {sizes.engine_timed} iterations after "
-                        f"{sizes.engine_warmup}, {precision}", "engine=torch", f"engine={reference}", "iteration", times,
+        rows.append(Row("engines", f"{task.split('-')[0]}: `{Path(config).name}`, {sizes.engine_timed} iterations "
+                        f"after {warmup}, {setting}", "engine=torch", f"engine={reference}", "iteration", times,
                         target=target))
     return rows
 

@@ -70,6 +70,8 @@ class SegTrainConfig:
     batch_size: int = 4                      # images per device and step
     accum_steps: int = 1                     # gradient accumulation; global batch = batch_size x world x accum
     precision: Literal["fp32", "fp16", "bf16", "auto"] = "fp32"  # auto: fp16 on CUDA, bf16 on AMX / AMD AVX-512-BF16 CPUs, else fp32
+    compile: bool = False                    # torch.compile the training forward (torch engine: the model; mmseg
+                                             # engine: mmengine's cfg.compile, its train_step); evaluation stays eager
     seed: int = 0
     log_every: int = 50                      # iterations
     eval_every: int = 8000                   # iterations; 0 = only at the end

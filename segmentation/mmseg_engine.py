@@ -429,6 +429,8 @@ def build_mmseg_config(cfg: SegmentationConfig):
     mc.default_hooks.checkpoint.update(by_epoch=False, interval=t.checkpoint_every * k, save_last=True)
     mc.default_hooks.logger.interval = t.log_every * k
     mc.randomness = dict(seed=t.seed)
+    if t.compile:
+        mc.compile = True  # mmengine's Runner: torch.compile of the model's train_step (evaluation stays eager)
     mc.env_cfg.dist_cfg = dict(backend="nccl" if on_cuda else "gloo")
     mc.launcher = "pytorch" if world > 1 else "none"
     if world > 1 and not on_cuda:

@@ -340,8 +340,10 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
             log.info("resumed from %s at iteration %d", resume_path, step)
 
     train_model: nn.Module = model
+    if t.compile:  # the training forward only: evaluation sees every image's own size and stays eager
+        train_model = torch.compile(model)
     if dist_info.distributed:
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     logger = RunLogger(out, enabled=is_main)
     if is_main:
         log.info("FCN-%s on %s: %d train images, %d classes, %d process(es) x %d images x %d accumulation = %d "

@@ -96,7 +96,7 @@ def test_engine_tasks_are_passed_and_checked(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "engine_rows", lambda sizes, work, tasks=(): asked.append(tuple(tasks)) or [])
     main(["bench", "--quick", "--only", "engines", "--tasks", "detection", "--out", str(tmp_path)])
     assert asked == [("detection",)] and "--tasks detection" in (tmp_path / "bench.md").read_text()
-    with pytest.raises(SystemExit, match="the engine rows' tasks are segmentation, detection"):
+    with pytest.raises(SystemExit, match="the engine rows' tasks are segmentation, segmentation-compiled, detection"):
         main(["bench", "--quick", "--only", "engines", "--tasks", "classification"])
 
 
@@ -164,3 +164,23 @@ def test_engine_rows_train_both_sides_at_one_pinned_precision(monkeypatch, tmp_p
     seen.clear()
     bench.engine_rows(bench.QUICK, tmp_path, tasks=("detection",))
     assert seen == {"torch": "fp32", "detectron2": "fp32"}
+
+
+def test_compiled_segmentation_row_compiles_both_engines_and_leaves_out_the_compilation(monkeypatch, tmp_path):
+    """segmentation-compiled: train.compile=true for the suite's engine and mmseg's, enough iterations to leave
+    out COMPILE_WARMUP of them (mmengine recompiles in its first ~15) and time the mode's number after them."""
+    monkeypatch.setattr("segmentation.scenes.write_fashion_scenes", lambda root, *a: root)
+    monkeypatch.setattr("detection.scenes.write_fashion_voc", lambda root, *a: root)
+    seen: dict[str, tuple] = {}
+
+    def runner(cfg):
+        seen[cfg.engine] = (cfg.train.compile, cfg.train.max_iter)
+        return {i: 100.0 if i <= bench.COMPILE_WARMUP else (0.1 if cfg.engine == "torch" else 0.2)
+                for i in range(1, cfg.train.max_iter + 1)}
+
+    monkeypatch.setattr(bench, "ENGINE_RUNNERS", {e: runner for e in ("torch", "mmseg")})
+    (row,) = bench.engine_rows(bench.QUICK, tmp_path, tasks=("segmentation-compiled",))
+    iters = bench.COMPILE_WARMUP + bench.QUICK.engine_timed
+    assert seen == {"torch": (True, iters), "mmseg": (True, iters)}
+    assert "train.compile=true" in row.what and row.what.startswith("segmentation:")
+    assert row.ratio.median == pytest.approx(0.5)  # the compilation's iterations are not in the ratio

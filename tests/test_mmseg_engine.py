@@ -309,6 +309,9 @@ def test_config_follows_the_recipe_with_ours_written_in():
     assert mc.param_scheduler[1].eta_min == pytest.approx(1e-4)
     assert mc.train_dataloader.dataset.type == "BaseSegDataset"
     assert mc.train_dataloader.dataset.metainfo.classes == ("road", "car")
+    assert mc.get("compile") is None  # eager by default
+    compiled = mmseg_engine.build_mmseg_config(load_config(None, SegmentationConfig, ["train.compile=true"]))
+    assert compiled.compile is True  # mmengine's Runner compiles the model's train_step
 
 
 def test_shipped_config_is_the_80k_ade20k_recipe():

@@ -495,3 +495,24 @@ def test_auto_precision_trains_a_depthwise_network_in_fp32_on_a_cpu(tmp_path, mo
     assert len(chosen) == 2
     assert chosen[0].startswith("train.precision=auto: fp32 (the model's depthwise convolutions")
     assert chosen[1].startswith("train.precision=auto: bf16")
+
+
+def test_compiled_run_trains_through_the_compiled_model_as_eager(tmp_path, monkeypatch):
+    """train.compile=true: the model runs through torch.compile (here its aot_eager backend: graph capture and AOT
+    autograd without inductor's C++ build), trains as the eager run does, and exports the plain model's weights."""
+    compiled, real_compile = [], torch.compile
+
+    def compile_(model, **kwargs):
+        compiled.append(model)
+        return real_compile(model, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    eager = train(tiny(tmp_path, "train.epochs=1", name="eager"))
+    assert not compiled
+    again = train(tiny(tmp_path, "train.epochs=1", "train.compile=true", name="compiled"))
+    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
+    assert again["top1"] == pytest.approx(eager["top1"])
+    losses = lambda name: [r["loss"] for r in read_records(tmp_path / name / "metrics.jsonl", "train")]
+    assert losses("compiled") == pytest.approx(losses("eager"), rel=1e-4)
+    a, b = (load_state_dict(tmp_path / name / "model.safetensors") for name in ("eager", "compiled"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-4) for k in a)

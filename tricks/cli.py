@@ -448,7 +448,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads of the train and engine rows (default: "
                    "torch's, one per core; on a shared machine 1 keeps both sides off each other's cores)")
     p.add_argument("--tasks", default="", metavar="TASKS", help="comma-separated tasks of the engine rows: "
-                   "segmentation, detection (default: both)")
+                   "segmentation, segmentation-compiled (both engines with train.compile=true: minutes of "
+                   "compilation per run), detection (default: all)")
     p.set_defaults(func=cmd_bench)
 
 
