@@ -311,6 +311,7 @@ def engine_side(config: str, engine: str, overrides: list[str], work: Path, warm
 # The tasks with an engine row (suite engine vs reference engine). "segmentation-compiled": both segmentation
 # engines with train.compile=true (the suite: torch.compile of the model; mmseg: mmengine's cfg.compile).
 ENGINE_TASKS = ("segmentation", "segmentation-compiled", "detection")
+QUICK_TASKS = ("segmentation", "detection")  # --quick's default: without the compiled row's minutes of compilation
 COMPILE_WARMUP = 20  # iterations left out of a compiled run: mmengine's compiled train_step recompiles in its first ~15
 
 

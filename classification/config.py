@@ -83,7 +83,7 @@ class TrainConfig:
     mixup_off_epochs: int = 0               # no mixup for the last N epochs
     seed: int = 0
     resume: Optional[str] = None            # None | "auto" (last checkpoint in output_dir) | path
-    eval_every: int = 1                     # epochs between validations
+    eval_every: int = 1                     # epochs between validations; 0 = only after the last epoch
     log_every: int = 20                     # iterations between log lines / JSONL records
     max_nonfinite: int = 20                 # stop after this many non-finite losses in a row
     max_steps: int = 0                      # >0: stop after this many optimizer steps (smoke tests, benchmarks)

@@ -223,6 +223,8 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         dump_config(cfg, out / "config.yaml")
     if t.epochs < 1 or t.batch_size < 1 or t.accum_steps < 1:
         raise ConfigError("train.epochs, train.batch_size and train.accum_steps must be >= 1")
+    if t.eval_every < 0:
+        raise ConfigError(f"train.eval_every={t.eval_every}: give epochs between evaluations, or 0 for only the last")
     if cfg.model.sync_bn and device.type != "cuda":
         raise ConfigError("model.sync_bn=true needs CUDA: torch's SyncBatchNorm has no CPU kernel")
     if cfg.distill.teacher_img_size is not None and (cfg.distill.teacher_img_size < 1 or not cfg.distill.teacher):
@@ -378,7 +380,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         if last_epoch:  # the trained model is on disk before the final evaluation can fail
             metrics = {}  # without a result: resuming from this checkpoint evaluates (below the loop)
             checkpoint(epoch + 1)
-        if (epoch + 1) % t.eval_every == 0 or last_epoch:
+        if (t.eval_every and (epoch + 1) % t.eval_every == 0) or last_epoch:
             metrics = evaluate(eval_model, val_loader, device, precision.autocast, cfg.model.channels_last,
                                val_prepare, cfg.data.val_hflip_tta, cfg.data.val_translate_tta)
             metrics.update(epoch=epoch + 1, train_time_s=train_time,

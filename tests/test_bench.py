@@ -96,6 +96,9 @@ def test_engine_tasks_are_passed_and_checked(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "engine_rows", lambda sizes, work, tasks=(): asked.append(tuple(tasks)) or [])
     main(["bench", "--quick", "--only", "engines", "--tasks", "detection", "--out", str(tmp_path)])
     assert asked == [("detection",)] and "--tasks detection" in (tmp_path / "bench.md").read_text()
+    main(["bench", "--quick", "--only", "engines", "--out", str(tmp_path)])  # quick: not the compiled row
+    main(["bench", "--only", "engines", "--out", str(tmp_path)])
+    assert asked[1:] == [("segmentation", "detection"), ("segmentation", "segmentation-compiled", "detection")]
     with pytest.raises(SystemExit, match="the engine rows' tasks are segmentation, segmentation-compiled, detection"):
         main(["bench", "--quick", "--only", "engines", "--tasks", "classification"])
 

@@ -141,6 +141,15 @@ def test_config_errors(tmp_path):
         train(tiny(tmp_path, "distill.teacher=resnet18d"))
     with pytest.raises(ValueError, match="teacher_img_size=8: .* with distill.teacher set"):
         train(tiny(tmp_path, "distill.teacher_img_size=8"))  # no teacher to show the resized batch to
+    with pytest.raises(ValueError, match="train.eval_every=-1: .* or 0 for only the last"):
+        train(tiny(tmp_path, "train.eval_every=-1"))
+
+
+def test_eval_every_zero_evaluates_only_after_the_last_epoch(tmp_path):
+    cfg = tiny(tmp_path, "train.eval_every=0")
+    metrics = train(cfg)
+    assert [r["epoch"] for r in read_records(Path(cfg.output_dir) / "metrics.jsonl", "val")] == [2]
+    assert metrics["epoch"] == 2
 
 
 def test_fp16_grad_scaler_learns_and_resumes_exactly(tmp_path):

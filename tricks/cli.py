@@ -412,14 +412,14 @@ def _add_task_tools(sub: argparse._SubParsersAction) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Every speed comparison against the reference libraries, one method: benchmarks/bench.py."""
-    from benchmarks.bench import ENGINE_TASKS, GROUPS, check_groups, run_bench
+    from benchmarks.bench import ENGINE_TASKS, GROUPS, QUICK_TASKS, check_groups, run_bench
 
     groups = args.only.split(",") if args.only else list(GROUPS)
     try:
         check_groups(groups)
     except ValueError as e:
         raise SystemExit(f"tricks bench {e}")
-    tasks = args.tasks.split(",") if args.tasks else list(ENGINE_TASKS)
+    tasks = args.tasks.split(",") if args.tasks else list(QUICK_TASKS if args.quick else ENGINE_TASKS)
     if not set(tasks) <= set(ENGINE_TASKS):
         raise SystemExit(f"tricks bench --tasks {args.tasks}: the engine rows' tasks are {', '.join(ENGINE_TASKS)}")
     _setup_logging()
@@ -449,7 +449,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    "torch's, one per core; on a shared machine 1 keeps both sides off each other's cores)")
     p.add_argument("--tasks", default="", metavar="TASKS", help="comma-separated tasks of the engine rows: "
                    "segmentation, segmentation-compiled (both engines with train.compile=true: minutes of "
-                   "compilation per run), detection (default: all)")
+                   "compilation per run), detection (default: all; --quick: all but segmentation-compiled)")
     p.set_defaults(func=cmd_bench)
 
 
