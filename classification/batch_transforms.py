@@ -120,13 +120,19 @@ def _grayscale(x: Tensor) -> Tensor:
 
 class BatchAugment(nn.Module):
     """uint8 ``[N, C, H, W]`` batch -> normalised float batch, with the §2.1 training augmentation
-    (``train=True``) or resize + centre crop (``train=False``). ``C`` is expanded to ``in_chans``."""
+    (``train=True``) or resize + centre crop (``train=False``). ``C`` is expanded to ``in_chans``.
 
-    def __init__(self, cfg: DataConfig, mean: Sequence[float], std: Sequence[float], in_chans: int, train: bool):
+    ``geometry=False`` (``data.pipeline=hybrid``): the batch was cropped, flipped (and translated) image by image
+    in the DataLoader workers (``transforms.train_transform(colour=False)``, ``val_transform(normalize=False)``);
+    only the colour jitter, PCA lighting and normalisation run here."""
+
+    def __init__(self, cfg: DataConfig, mean: Sequence[float], std: Sequence[float], in_chans: int, train: bool,
+                 geometry: bool = True):
         super().__init__()
         if train and cfg.hue:
-            raise ValueError("data.hue > 0 is not supported by the batched pipeline; use data.pipeline=samples")
-        self.cfg, self.in_chans, self.train_mode = cfg, in_chans, train
+            raise ValueError(f"data.hue > 0 is not supported by the batched colour jitter (data.pipeline="
+                             f"{cfg.pipeline}); use data.pipeline=samples")
+        self.cfg, self.in_chans, self.train_mode, self.geometry = cfg, in_chans, train, geometry
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.lighting = Lighting(cfg.lighting) if train and cfg.lighting > 0 else None
@@ -145,6 +151,8 @@ class BatchAugment(nn.Module):
 
     def _val(self, x: Tensor) -> Tensor:
         c = self.cfg
+        if not self.geometry:
+            return x
         if min(x.shape[-2:]) != c.val_resize:
             h, w = x.shape[-2:]
             scale = c.val_resize / min(h, w)
@@ -155,6 +163,18 @@ class BatchAugment(nn.Module):
         return x[..., top : top + c.val_crop, left : left + c.val_crop]
 
     def _train(self, x: Tensor) -> Tensor:
+        c = self.cfg
+        if self.geometry:
+            x = self._geometry(x)
+        ops = [op for op, strength in ((self._brightness, c.brightness), (self._contrast, c.contrast),
+                                       (self._saturation, c.saturation)) if strength > 0]
+        for i in torch.randperm(len(ops)).tolist():
+            x = ops[i](x)
+        if self.lighting is not None:
+            x = self.lighting(x)
+        return x
+
+    def _geometry(self, x: Tensor) -> Tensor:
         c = self.cfg
         n = x.shape[0]
         if not (c.min_area >= 1 and c.max_area >= 1 and x.shape[-2] == x.shape[-1] == c.img_size):
@@ -167,12 +187,6 @@ class BatchAugment(nn.Module):
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         if c.translate > 0:
             x = translate(x, torch.randint(-c.translate, c.translate + 1, (n, 2), device=x.device), c.translate)
-        ops = [op for op, strength in ((self._brightness, c.brightness), (self._contrast, c.contrast),
-                                       (self._saturation, c.saturation)) if strength > 0]
-        for i in torch.randperm(len(ops)).tolist():
-            x = ops[i](x)
-        if self.lighting is not None:
-            x = self.lighting(x)
         return x
 
     @staticmethod

@@ -41,7 +41,7 @@ class DataConfig:
     min_area: float = 0.08                  # RandomResizedCrop smallest area fraction
     max_area: float = 1.0
     hflip: float = 0.5                      # horizontal flip probability
-    translate: int = 0                      # tensor pipeline: random shift by up to this many px per axis, reflect-padded (not in the paper; airbench)
+    translate: int = 0                      # random shift by up to this many px per axis, reflect-padded (not in the paper; airbench)
     brightness: float = 0.4                 # factor ~ U[1-b, 1+b]
     contrast: float = 0.4                   # factor ~ U[1-c, 1+c]
     saturation: float = 0.4                 # factor ~ U[1-s, 1+s]
@@ -50,8 +50,10 @@ class DataConfig:
     mean: Optional[list[float]] = None      # None = the backbone's default (0-1 scale)
     std: Optional[list[float]] = None
     # "samples": per-image transforms in DataLoader workers; "tensor": the dataset in memory as uint8,
-    # augmented per batch on the device (batch_transforms.py); "auto": tensor for fashion_mnist.
-    pipeline: Literal["auto", "samples", "tensor"] = "auto"
+    # augmented per batch on the device (batch_transforms.py); "hybrid": per-image decode, crop and flip in
+    # the workers, which ship uint8, then colour jitter, lighting and normalisation per batch on the device
+    # (hue not supported); "auto": tensor for fashion_mnist, else samples.
+    pipeline: Literal["auto", "samples", "tensor", "hybrid"] = "auto"
     workers: int = -1                       # DataLoader workers per process; -1 = from the CPU count (runtime.data.default_workers)
     skip_corrupt: bool = False              # True: skip unreadable images and report the count; False: error naming the file
     download: bool = False                  # fashion_mnist only: download if files are missing (needs internet)

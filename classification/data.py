@@ -279,7 +279,8 @@ TENSOR_DATASETS = {"fashion_mnist": _fashion_mnist_tensors, "synthetic": _synthe
 
 
 def resolve_pipeline(cfg: DataConfig) -> str:
-    """``data.pipeline``: "auto" is "tensor" for datasets held in memory (Fashion-MNIST), else "samples"."""
+    """``data.pipeline``: "auto" is "tensor" for datasets held in memory (Fashion-MNIST), else "samples";
+    "samples" and "hybrid" work for every dataset."""
     if cfg.pipeline == "auto":
         return "tensor" if cfg.name == "fashion_mnist" else "samples"
     if cfg.pipeline == "tensor" and cfg.name not in TENSOR_DATASETS:
@@ -304,17 +305,20 @@ DATASETS: dict[str, Callable[[DataConfig, Transform, Transform], tuple[Dataset, 
 
 
 def build_datasets(cfg: DataConfig, mean: Sequence[float], std: Sequence[float], in_chans: int = 3,
-                   with_train: bool = True) -> tuple[Optional[Dataset], Dataset, int, list[str]]:
+                   with_train: bool = True, uint8: bool = False) -> tuple[Optional[Dataset], Dataset, int, list[str]]:
     """Build ``(train_ds, val_ds, num_classes, class_names)`` for ``cfg.name`` with the §2.1 transforms.
 
     ``mean``/``std`` are per-channel on the 0-1 scale. Samples are ``(float image (in_chans, H, W), label)``,
     or ``None`` for an unreadable ImageNet file when ``cfg.skip_corrupt`` (see ``collate_skip_none``).
+    ``uint8=True`` (``data.pipeline=hybrid``): the images are uint8, augmented geometrically only (crop, flip,
+    translate; validation: resize and centre crop), for ``BatchAugment(geometry=False)`` on the device.
     ``with_train=False`` (evaluation) does not index the ImageNet training folder (train_ds is then None).
     """
     if cfg.name not in DATASETS:
         raise ConfigError(f"unknown data.name {cfg.name!r}; choose one of {sorted(DATASETS)}")
-    train, val, class_names = DATASETS[cfg.name](cfg, train_transform(cfg, mean, std, in_chans) if with_train else None,
-                                                  val_transform(cfg, mean, std, in_chans))
+    train_tf = train_transform(cfg, mean, std, in_chans, colour=not uint8) if with_train else None
+    train, val, class_names = DATASETS[cfg.name](cfg, train_tf, val_transform(cfg, mean, std, in_chans,
+                                                                              normalize=not uint8))
     if cfg.num_classes and cfg.num_classes != len(class_names):
         raise ConfigError(f"data.num_classes={cfg.num_classes} but the {cfg.name} data at {cfg.root} has "
                          f"{len(class_names)} classes; set data.num_classes=0 to take it from the data")

@@ -159,14 +159,20 @@ def build_data(cfg: Config, mean: list[float], std: list[float], dist_info: Dist
         train_prepare = BatchAugment(d, mean, std, cfg.model.in_chans, train=True).to(dist_info.device)
         val_prepare = BatchAugment(d, mean, std, cfg.model.in_chans, train=False).to(dist_info.device)
         return train_loader, val_loader, train_prepare, val_prepare, sampler, num_classes
-    train_ds, val_ds, num_classes, _ = build_datasets(d, mean, std, cfg.model.in_chans, with_train=with_train)
+    hybrid = resolve_pipeline(d) == "hybrid"  # uint8 from the workers; colour and normalisation per batch here
+    train_ds, val_ds, num_classes, _ = build_datasets(d, mean, std, cfg.model.in_chans, with_train=with_train,
+                                                      uint8=hybrid)
+    train_prepare, val_prepare = nn.Identity(), nn.Identity()
+    if hybrid:
+        train_prepare, val_prepare = (BatchAugment(d, mean, std, cfg.model.in_chans, train=mode, geometry=False)
+                                      .to(dist_info.device) for mode in (True, False))
     workers = default_workers(d.workers)
     # Its own generator: validation never draws from the training RNG stream (exact resume).
     val_loader = build_loader(val_ds, batch_size=t.batch_size, workers=workers,
                               sampler=ShardSampler(len(val_ds), dist_info.rank, dist_info.world_size),
                               generator=torch.Generator().manual_seed(t.seed))
     if not with_train:
-        return None, val_loader, nn.Identity(), nn.Identity(), None, num_classes
+        return None, val_loader, train_prepare, val_prepare, None, num_classes
     sampler = SeededSampler(DistributedSampler(train_ds, num_replicas=dist_info.world_size, rank=dist_info.rank,
                                                shuffle=True, seed=t.seed, drop_last=True), t.seed, dist_info.rank)
     batches = SkipBatches(torch.utils.data.BatchSampler(sampler, t.batch_size, drop_last=True))
@@ -176,7 +182,7 @@ def build_data(cfg: Config, mean: list[float], std: list[float], dist_info: Dist
         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
         # its own generator: starting the loader never draws from the (checkpointed) training RNG
         generator=torch.Generator().manual_seed(t.seed))
-    return train_loader, val_loader, nn.Identity(), nn.Identity(), sampler, num_classes
+    return train_loader, val_loader, train_prepare, val_prepare, sampler, num_classes
 
 
 def weight_ema(model: nn.Module, decay: float) -> WeightEMA:
@@ -192,12 +198,13 @@ def data_init_images(loader, val_prepare: Callable[[torch.Tensor], torch.Tensor]
                      device: torch.device) -> torch.Tensor:
     """The first ``count`` training images as the network sees them, for a backbone's ``init_from_data``
     (airbench's patch whitening): unaugmented (``val_prepare``) from the in-memory pipeline, as airbench
-    does; the per-sample pipeline's batches come augmented."""
+    does; the per-sample pipelines' batches come augmented (``data.pipeline=hybrid``: geometrically, the colour
+    jitter left out)."""
     if isinstance(loader, TensorLoader):
         return val_prepare(loader.images[:count].to(device))
     chunks, have = [], 0
     for images, _, _ in loader:
-        chunks.append(images.to(device))
+        chunks.append(val_prepare(images.to(device)))
         have += images.shape[0]
         if have >= count:
             break

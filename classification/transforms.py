@@ -2,7 +2,8 @@
 
 Only the AlexNet PCA lighting noise is written here: torchvision has no such transform.
 All pipelines take PIL images (any mode, e.g. Fashion-MNIST's ``'L'``) or uint8 ``(C, H, W)``
-tensors and return float32 ``(3, H, W)`` tensors normalized with the given mean/std (0-1 scale).
+tensors and return float32 ``(3, H, W)`` tensors normalized with the given mean/std (0-1 scale), or, for
+``data.pipeline=hybrid``, the geometrically augmented uint8 image (colour and normalisation follow per batch).
 """
 from __future__ import annotations
 
@@ -82,10 +83,13 @@ def _to_normalized_float(mean: Sequence[float], std: Sequence[float]) -> list[nn
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
 
 
-def train_transform(cfg: DataConfig, mean: Sequence[float], std: Sequence[float], in_chans: int = 3) -> v2.Compose:
+def train_transform(cfg: DataConfig, mean: Sequence[float], std: Sequence[float], in_chans: int = 3,
+                    colour: bool = True) -> v2.Compose:
     """Training augmentation of §2.1: random resized crop, flip, colour jitter, PCA lighting, normalize.
 
-    ``mean``/``std`` are per-channel on the 0-1 scale. Ops whose strength is 0 are left out.
+    ``mean``/``std`` are per-channel on the 0-1 scale. Ops whose strength is 0 are left out. ``colour=False``
+    (``data.pipeline=hybrid``): the geometric steps only (crop, flip, translate), returning the uint8 image;
+    ``batch_transforms.BatchAugment(geometry=False)`` applies the rest to the batch on the device.
     """
     ops: list[nn.Module] = [
         *_to_image(in_chans),
@@ -96,6 +100,8 @@ def train_transform(cfg: DataConfig, mean: Sequence[float], std: Sequence[float]
         ops.append(v2.RandomHorizontalFlip(cfg.hflip))
     if cfg.translate > 0:  # not in the paper (airbench): a shift of up to `translate` px, reflect-padded
         ops.append(v2.RandomCrop(cfg.img_size, padding=cfg.translate, padding_mode="reflect"))
+    if not colour:
+        return v2.Compose(ops)
     # The paper scales hue, saturation and brightness by U[0.6, 1.4]; GluonCV's reference recipe
     # (the one its ImageNet numbers come from) jitters brightness, contrast and saturation by 0.4 and
     # leaves hue alone, hence the config defaults. torchvision's hue is an additive shift in
@@ -114,11 +120,13 @@ def train_transform(cfg: DataConfig, mean: Sequence[float], std: Sequence[float]
     return v2.Compose(ops)
 
 
-def val_transform(cfg: DataConfig, mean: Sequence[float], std: Sequence[float], in_chans: int = 3) -> v2.Compose:
-    """Validation pipeline: resize the short side to ``val_resize``, center crop ``val_crop``, normalize."""
+def val_transform(cfg: DataConfig, mean: Sequence[float], std: Sequence[float], in_chans: int = 3,
+                  normalize: bool = True) -> v2.Compose:
+    """Validation pipeline: resize the short side to ``val_resize``, center crop ``val_crop``, normalize
+    (``normalize=False``, ``data.pipeline=hybrid``: the uint8 crop, normalised on the device)."""
     return v2.Compose([
         *_to_image(in_chans),
         v2.Resize(cfg.val_resize, antialias=True),
         v2.CenterCrop(cfg.val_crop),
-        *_to_normalized_float(mean, std),
+        *(_to_normalized_float(mean, std) if normalize else []),
     ])

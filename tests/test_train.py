@@ -57,7 +57,7 @@ def _interrupt_after_first_epoch(epoch, metrics):
         raise _Interrupt
 
 
-@pytest.mark.parametrize("pipeline", ["samples", "tensor"])
+@pytest.mark.parametrize("pipeline", ["samples", "tensor", "hybrid"])
 def test_resume_is_exact(tmp_path, pipeline):
     """Interrupted after epoch 1 and resumed == uninterrupted, bit for bit (mixup and aug included)."""
     extra = ("train.mixup_alpha=0.2", "data.workers=2", "train.epochs=3", f"data.pipeline={pipeline}")
@@ -191,9 +191,44 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale(tmp_path, monkeypatch
     assert ckpt["stepper"]["skipped_steps"] == round(math.log2(2.0 ** 16 / ckpt["scaler"]["scale"])) >= 1
 
 
-def test_tensor_pipeline_learns(tmp_path):
-    metrics = train(tiny(tmp_path, "data.pipeline=tensor", "train.epochs=3"))
+@pytest.mark.parametrize("pipeline", ["tensor", "hybrid"])
+def test_batched_pipelines_learn(tmp_path, pipeline):
+    metrics = train(tiny(tmp_path, f"data.pipeline={pipeline}", "train.epochs=3"))
     assert metrics["top1"] > 60
+
+
+def _first_batches(cfg, mean, std):
+    """(train images, labels, val images) of ``build_data``'s first batches, and its (train, val) prepare."""
+    from classification.train import build_data
+    from runtime.distributed import DistInfo
+
+    info = DistInfo(0, 0, 1, torch.device("cpu"))
+    train_loader, val_loader, train_prepare, val_prepare, *_ = build_data(cfg, mean, std, info)
+    (images, labels, _), (val_images, _, _) = next(iter(train_loader)), next(iter(val_loader))
+    return (images, labels, val_images), (train_prepare, val_prepare)
+
+
+def test_hybrid_pipeline_is_the_per_sample_pipeline_with_the_colour_steps_per_batch(tmp_path):
+    """data.pipeline=hybrid: the workers ship the per-sample pipeline's crops and flips as uint8 (the same draws:
+    each sample under its own seed) and ``prepare`` on the device normalises them to the per-sample pipeline's
+    network input, in training and validation; the colour jitter and lighting run there, per batch, and only there."""
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    small = ("data.synthetic_size=32", "data.img_size=12")
+    off = ("data.brightness=0", "data.contrast=0", "data.saturation=0", "data.lighting=0")
+    (ref, ref_labels, ref_val), _ = _first_batches(tiny(tmp_path, "data.pipeline=samples", *small, *off), mean, std)
+    (images, labels, val_images), (train_prep, val_prep) = _first_batches(
+        tiny(tmp_path, "data.pipeline=hybrid", *small, *off), mean, std)
+    assert images.dtype == val_images.dtype == torch.uint8 and ref.dtype == torch.float32
+    assert torch.equal(labels, ref_labels) and images.shape == ref.shape == (16, 3, 12, 12)
+    torch.testing.assert_close(train_prep(images), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(val_prep(val_images), ref_val, rtol=0, atol=1e-5)
+    # colour on: the workers' uint8 crops are the same; the device adds the jitter, a different factor per image
+    (coloured, _, _), (train_prep, _) = _first_batches(
+        tiny(tmp_path, "data.pipeline=hybrid", *small, "data.brightness=0.4", "data.contrast=0", "data.saturation=0",
+             "data.lighting=0"), [0.0] * 3, [1.0] * 3)
+    assert torch.equal(coloured, images)
+    factors = train_prep(coloured).flatten(1).sum(1) / (coloured.float() / 255).flatten(1).sum(1)
+    assert factors.min() >= 0.6 - 1e-4 and factors.max() <= 1.4 + 1e-4 and factors.std() > 0.05
 
 
 def test_demo_command_runs_every_stage_on_fashion_mnist(tmp_path, capsys):
