@@ -164,8 +164,9 @@ def build_data(cfg: Config, mean: list[float], std: list[float], dist_info: Dist
                                                       uint8=hybrid)
     train_prepare, val_prepare = nn.Identity(), nn.Identity()
     if hybrid:
-        train_prepare, val_prepare = (BatchAugment(d, mean, std, cfg.model.in_chans, train=mode, geometry=False)
-                                      .to(dist_info.device) for mode in (True, False))
+        val_prepare = BatchAugment(d, mean, std, cfg.model.in_chans, train=False, geometry=False).to(dist_info.device)
+        if with_train:
+            train_prepare = BatchAugment(d, mean, std, cfg.model.in_chans, train=True, geometry=False).to(dist_info.device)
     workers = default_workers(d.workers)
     # Its own generator: validation never draws from the training RNG stream (exact resume).
     val_loader = build_loader(val_ds, batch_size=t.batch_size, workers=workers,
