@@ -83,7 +83,7 @@ class DetTrainConfig:
     seed: int = 0
     log_every: int = 20                      # iterations
     eval_every: int = 0                      # iterations; 0 = only at the end
-    checkpoint_every: int = 2000             # iterations
+    checkpoint_every: int = 2000             # iterations; 0 = only at the end
     visualize: int = 4                       # PNGs of detections on the first N test images after evaluation
     visualize_thresh: float = 0.5            # detections drawn in those PNGs: score >= this
     resume: Optional[str] = None             # "auto" = <output_dir>/last.pth if present, or a path

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from runtime.config import ConfigError, dump_config
+from runtime.config import ConfigError, check_periods, dump_config
 from runtime.data import default_workers, normalization
 from runtime.distributed import all_reduce_min, world_size
 from runtime.errors import UserPathError
@@ -505,7 +505,7 @@ def build_d2_config(cfg: DetectionConfig):
     d2.SOLVER.GAMMA = o.gamma
     d2.SOLVER.WARMUP_ITERS = o.warmup_iters
     d2.SOLVER.MAX_ITER = t.max_iter
-    d2.SOLVER.CHECKPOINT_PERIOD = t.checkpoint_every
+    d2.SOLVER.CHECKPOINT_PERIOD = t.checkpoint_every or t.max_iter  # 0: at the end only (its final checkpoint)
     d2.SOLVER.AMP.ENABLED = precision == "fp16"
     d2.TEST.EVAL_PERIOD = t.eval_every
     d2.SEED = t.seed
@@ -777,6 +777,7 @@ def build_trainer(cfg: DetectionConfig, resume: Optional[str] = None):
         raise ConfigError(f"model.roi_align={cfg.model.roi_align} chooses the torchvision engine's RoI pooler; the "
                           "detectron2 engine pools with detectron2's ROIAlignV2: leave model.roi_align=auto")
     check_sync_bn(cfg.model, torch.cuda.is_available())
+    check_periods(cfg.train)
     given = cfg
     cfg = schedule_for_batch(cfg, cfg.train.batch_size * world_size(), REFERENCE_BATCH, _train_images(cfg))
     d2 = build_d2_config(cfg)

@@ -132,6 +132,19 @@ def read_top_level(path: str | os.PathLike | None, overrides: Iterable[str], key
     return value
 
 
+def check_periods(train: Any, required: Iterable[str] = ("log_every",),
+                  optional: Iterable[str] = ("eval_every", "checkpoint_every")) -> None:
+    """The ``train.*_every`` periods of a loaded config: ``required`` ones >= 1, ``optional`` ones >= 0 (0: none
+    during the run; it still evaluates and writes its checkpoint at the end). A ``ConfigError`` names the key."""
+    for name in required:
+        if getattr(train, name) < 1:
+            raise ConfigError(f"train.{name}={getattr(train, name)}: must be >= 1")
+    for name in optional:
+        if getattr(train, name) < 0:
+            raise ConfigError(f"train.{name}={getattr(train, name)}: must be >= 1, or 0 for none during the run "
+                              "(the run still evaluates and writes its checkpoint at the end)")
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The config as plain nested dicts and lists (a deep copy)."""
     return dataclasses.asdict(cfg)

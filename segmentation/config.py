@@ -75,7 +75,7 @@ class SegTrainConfig:
     seed: int = 0
     log_every: int = 50                      # iterations
     eval_every: int = 8000                   # iterations; 0 = only at the end
-    checkpoint_every: int = 8000             # iterations
+    checkpoint_every: int = 8000             # iterations; 0 = only at the end
     resume: Optional[str] = None             # "auto" = <output_dir>/last.pth if present, or a path
     max_nonfinite: int = 20                  # stop after this many non-finite losses in a row
 
