@@ -118,6 +118,9 @@ def _grayscale(x: Tensor) -> Tensor:
     return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)  # torchvision's rgb_to_grayscale weights
 
 
+CPU_CHUNK_BYTES = 4 << 20  # BatchAugment on a CPU: float32 bytes per chunk of the batch
+
+
 class BatchAugment(nn.Module):
     """uint8 ``[N, C, H, W]`` batch -> normalised float batch, with the §2.1 training augmentation
     (``train=True``) or resize + centre crop (``train=False``). ``C`` is expanded to ``in_chans``.
@@ -141,6 +144,16 @@ class BatchAugment(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
+        if images.device.type == "cpu" and images.shape[0] > 1:
+            # On a CPU each step is a pass over memory: in chunks that stay in the cache (a batch of 64 224 px
+            # images in float32 is 38 MB a pass; chunks of 4 MB took a fifth of the time). Draws per chunk.
+            per_image = images[0].numel() * 4 * max(self.in_chans, images.shape[1]) // images.shape[1]
+            chunk = max(1, CPU_CHUNK_BYTES // per_image)
+            if images.shape[0] > chunk:
+                return torch.cat([self._forward(part) for part in images.split(chunk)])
+        return self._forward(images)
+
+    def _forward(self, images: Tensor) -> Tensor:
         x = images.float().div_(255)
         if x.shape[1] != self.in_chans:
             if x.shape[1] != 1:

@@ -84,3 +84,23 @@ def test_flip_probability():
 def test_hue_needs_per_sample_pipeline():
     with pytest.raises(ValueError, match="data.pipeline=samples"):
         BatchAugment(DataConfig(hue=0.1), [0.5] * 3, [0.2] * 3, 3, train=True)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_cpu_batches_run_in_cache_sized_chunks_with_the_same_result(monkeypatch, train):
+    """On a CPU the batch goes through in chunks of about CPU_CHUNK_BYTES (float32): without random draws (no
+    colour jitter or lighting; the hybrid pipeline's geometry=False, or validation) the result is the whole
+    batch's, and each chunk is its own call."""
+    import classification.batch_transforms as bt
+
+    cfg = DataConfig(img_size=16, val_resize=16, val_crop=16, min_area=1.0, hflip=0, brightness=0, contrast=0,
+                     saturation=0, lighting=0)
+    augment = BatchAugment(cfg, [0.4, 0.5, 0.6], [0.2, 0.25, 0.3], 3, train=train, geometry=False)
+    images = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
+    whole = augment(images)
+    calls = []
+    forward = augment._forward
+    monkeypatch.setattr(augment, "_forward", lambda x: calls.append(len(x)) or forward(x))
+    monkeypatch.setattr(bt, "CPU_CHUNK_BYTES", 4 * 3 * 16 * 16 * 4)  # 4 images
+    torch.testing.assert_close(augment(images), whole, rtol=0, atol=0)
+    assert calls == [4, 4, 2]
