@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from runtime.config import ConfigError
+
 from .config import DataConfig
 from .transforms import Lighting
 
@@ -133,14 +135,14 @@ class BatchAugment(nn.Module):
                  geometry: bool = True):
         super().__init__()
         if train and cfg.hue:
-            raise ValueError(f"data.hue > 0 is not supported by the batched colour jitter (data.pipeline="
+            raise ConfigError(f"data.hue > 0 is not supported by the batched colour jitter (data.pipeline="
                              f"{cfg.pipeline}); use data.pipeline=samples")
         self.cfg, self.in_chans, self.train_mode, self.geometry = cfg, in_chans, train, geometry
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.lighting = Lighting(cfg.lighting) if train and cfg.lighting > 0 else None
         if self.lighting is not None and in_chans != 3:
-            raise ValueError("data.lighting > 0 needs RGB input (model.in_chans=3); set data.lighting=0")
+            raise ConfigError("data.lighting > 0 needs RGB input (model.in_chans=3); set data.lighting=0")
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
@@ -157,7 +159,7 @@ class BatchAugment(nn.Module):
         x = images.float().div_(255)
         if x.shape[1] != self.in_chans:
             if x.shape[1] != 1:
-                raise ValueError(f"cannot turn {x.shape[1]}-channel images into model.in_chans={self.in_chans}")
+                raise ConfigError(f"cannot turn {x.shape[1]}-channel images into model.in_chans={self.in_chans}")
             x = x.expand(-1, self.in_chans, -1, -1)
         x = self._train(x) if self.train_mode else self._val(x)
         return (x - self.mean) / self.std

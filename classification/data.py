@@ -284,7 +284,7 @@ def resolve_pipeline(cfg: DataConfig) -> str:
     if cfg.pipeline == "auto":
         return "tensor" if cfg.name == "fashion_mnist" else "samples"
     if cfg.pipeline == "tensor" and cfg.name not in TENSOR_DATASETS:
-        raise ValueError(f"data.pipeline=tensor needs a dataset held in memory ({sorted(TENSOR_DATASETS)}); "
+        raise ConfigError(f"data.pipeline=tensor needs a dataset held in memory ({sorted(TENSOR_DATASETS)}); "
                          f"{cfg.name!r} uses data.pipeline=samples")
     return cfg.pipeline
 

@@ -14,6 +14,8 @@ from torch import Tensor, nn
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from runtime.config import ConfigError
+
 from .config import DataConfig
 
 # Eigen-decomposition of the ImageNet RGB pixel covariance (0-1 scale), as used by AlexNet,
@@ -75,7 +77,7 @@ def _to_image(in_chans: int) -> list[nn.Module]:
     # channel count follows the backbone: grayscale becomes 3 identical channels for a 3-channel
     # network, and stays 1 channel (no wasted work) for a 1-channel one.
     if in_chans not in (1, 3):
-        raise ValueError(f"image transforms support 1 or 3 input channels, got model.in_chans={in_chans}")
+        raise ConfigError(f"image transforms support 1 or 3 input channels, got model.in_chans={in_chans}")
     return [v2.ToImage(), v2.RGB() if in_chans == 3 else v2.Grayscale(1)]
 
 
@@ -113,7 +115,7 @@ def train_transform(cfg: DataConfig, mean: Sequence[float], std: Sequence[float]
     ops.append(v2.ToDtype(torch.float32, scale=True))  # Lighting works on the 0-1 float scale
     if cfg.lighting > 0:
         if in_chans != 3:
-            raise ValueError(f"data.lighting={cfg.lighting}: PCA lighting needs RGB input (model.in_chans=3); "
+            raise ConfigError(f"data.lighting={cfg.lighting}: PCA lighting needs RGB input (model.in_chans=3); "
                              "set data.lighting=0 for grayscale")
         ops.append(Lighting(cfg.lighting))
     ops.append(v2.Normalize(mean=list(mean), std=list(std)))

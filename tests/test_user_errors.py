@@ -99,6 +99,12 @@ def test_classification_mistakes(data, tmp_path, capsys):
     one_error_line(capsys, ["train", *imagenet, f"data.root={empty}"], str(empty / "val"), "data.val_split")
     one_error_line(capsys, ["train", *imagenet, f"data.root={data['imagenet']}", "data.num_classes=3"],
                    "data.num_classes=3", "2 classes")
+    # pipelines: the batched colour jitter has no hue; the tensor pipeline needs a dataset held in memory
+    for pipeline in ("hybrid", "tensor"):
+        one_error_line(capsys, ["train", *CLS, f"data.pipeline={pipeline}", "data.hue=0.1", f"output_dir={out}"],
+                       "data.hue", "data.pipeline=samples")
+    one_error_line(capsys, ["train", *imagenet, f"data.root={data['imagenet']}", "data.pipeline=tensor"],
+                   "data.pipeline=tensor", "imagenet")
     assert not out.exists() or not any(out.glob("*.pth"))
     # checkpoints: another architecture (same class count), truncated .pth / .safetensors, missing file
     line = one_error_line(capsys, ["eval", *CLS, data["other"], f"output_dir={out}"], "r50.safetensors",
