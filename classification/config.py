@@ -7,7 +7,7 @@ and every run writes the resolved config to ``<output_dir>/config.yaml``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 
 REFERENCE_BATCH = 256  # optim.lr is per 256 images (the paper's linear scaling rule, §3.1)
@@ -108,6 +108,22 @@ class DistillConfig:
 
 @dataclass
 class Config:
+    # checked by runtime.config.load_config once every layer is applied (a ConfigError names the key)
+    BOUNDS: ClassVar[dict[str, str]] = {
+        "model.in_chans": ">= 1", "model.width_mult": "> 0",
+        "data.img_size": ">= 1", "data.val_resize": ">= 1", "data.val_crop": ">= 1", "data.val_translate_tta": ">= 0",
+        "data.min_area": "(0, 1]", "data.max_area": "(0, 1]", "data.hflip": "[0, 1]", "data.translate": ">= 0",
+        "data.brightness": ">= 0", "data.contrast": ">= 0", "data.saturation": ">= 0", "data.hue": "[0, 0.5]",
+        "data.lighting": ">= 0", "data.workers": ">= -1", "data.synthetic_size": ">= 1", "data.num_classes": ">= 0",
+        "optim.lr": ">= 0", "optim.momentum": "[0, 1)", "optim.weight_decay": ">= 0", "optim.gamma": "> 0",
+        "optim.warmup_epochs": ">= 0", "optim.milestones": ">= 0",
+        "train.epochs": ">= 1", "train.batch_size": ">= 1", "train.accum_steps": ">= 1",
+        "train.label_smoothing": "[0, 1)", "train.mixup_alpha": ">= 0", "train.mixup_off_epochs": ">= 0",
+        "train.seed": ">= 0", "train.eval_every": ">= 0", "train.log_every": ">= 1", "train.max_nonfinite": ">= 1",
+        "train.max_steps": ">= 0", "train.checkpoint_every": ">= 0", "train.ema_decay": "[0, 1)",
+        "distill.temperature": "> 0", "distill.teacher_img_size": ">= 1",
+    }
+
     task: Literal["classification"] = "classification"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -76,7 +76,7 @@ def _tta_views(images: torch.Tensor, hflip: bool, translate: int) -> list[tuple[
     views = [(images, 1.0)]
     h, w = images.shape[-2:]
     if not 0 <= translate < min(h, w):
-        raise ValueError(f"data.val_translate_tta={translate}: a shift in pixels, 0 (off) up to less than the "
+        raise ConfigError(f"data.val_translate_tta={translate}: a shift in pixels, 0 (off) up to less than the "
                          f"validation crop ({h}x{w} px)")
     if translate > 0:
         padded = nn.functional.pad(images, (translate,) * 4, mode="reflect")

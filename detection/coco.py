@@ -38,6 +38,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
+from runtime.config import ConfigError
+
 from .voc import VOCAnnotation, detection_sample, resolve_classes
 
 log = logging.getLogger(__name__)
@@ -280,7 +282,7 @@ def _coco_paths(data, train: bool) -> tuple[str, str]:
     values = tuple(getattr(data, k) for k in keys)
     for key, value in zip(keys, values):
         if not value:
-            raise ValueError(f"data.format=coco needs data.{key} (the instances JSON and its images folder of the "
+            raise ConfigError(f"data.format=coco needs data.{key} (the instances JSON and its images folder of the "
                              f"{'training' if train else 'test'} set)")
     if not Path(values[1]).is_dir():
         raise FileNotFoundError(f"data.{keys[1]}={values[1]!r}: images folder not found")

@@ -7,8 +7,9 @@ warm-up iterations, shorter side 480-800 in training and 800 in test.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
+from runtime.config import ConfigError
 
 REFERENCE_BATCH = 16  # optim.lr is per 16 images (detectron2's recipes), scaled linearly by every engine
 
@@ -108,14 +109,29 @@ def check_sync_bn(model: DetModelConfig, cuda: bool) -> None:
     """``model.sync_bn=true`` needs trainable BN (``model.norm=batchnorm``) and CUDA (torch's SyncBatchNorm
     has no CPU kernel); both engines check it before training."""
     if model.sync_bn and model.norm != "batchnorm":
-        raise ValueError(f"model.sync_bn=true synchronises trainable BN, but model.norm={model.norm} (frozen BN "
+        raise ConfigError(f"model.sync_bn=true synchronises trainable BN, but model.norm={model.norm} (frozen BN "
                          "has no batch statistics): set model.norm=batchnorm or model.sync_bn=false")
     if model.sync_bn and not cuda:
-        raise ValueError("model.sync_bn=true needs CUDA: torch's SyncBatchNorm has no CPU kernel (set model.sync_bn=false)")
+        raise ConfigError("model.sync_bn=true needs CUDA: torch's SyncBatchNorm has no CPU kernel (set model.sync_bn=false)")
 
 
 @dataclass
 class DetectionConfig:
+    # checked by runtime.config.load_config once every layer is applied (a ConfigError names the key)
+    BOUNDS: ClassVar[dict[str, str]] = {
+        "model.frozen_stages": ">= -1", "model.min_size_train": ">= 1", "model.min_size_test": ">= 1",
+        "model.max_size": ">= 1", "model.fpn_channels": ">= 1", "model.box_fc_dim": ">= 1",
+        "model.rpn_pre_nms_topk_train": ">= 1", "model.rpn_post_nms_topk_train": ">= 1",
+        "model.rpn_pre_nms_topk_test": ">= 1", "model.rpn_post_nms_topk_test": ">= 1",
+        "model.roi_batch_per_image": ">= 1", "model.score_thresh_test": "[0, 1]", "model.detections_per_image": ">= 1",
+        "data.hflip": "[0, 1]", "data.workers": ">= -1",
+        "optim.lr": ">= 0", "optim.momentum": "[0, 1)", "optim.weight_decay": ">= 0", "optim.warmup_iters": ">= 0",
+        "optim.gamma": "> 0", "optim.milestones": ">= 0",
+        "train.max_iter": ">= 1", "train.batch_size": ">= 1", "train.seed": ">= 0", "train.log_every": ">= 1",
+        "train.eval_every": ">= 0", "train.checkpoint_every": ">= 0", "train.visualize": ">= 0",
+        "train.visualize_thresh": "[0, 1]", "train.max_nonfinite": ">= 1",
+    }
+
     task: Literal["detection"] = "detection"
     engine: Literal["torch", "detectron2"] = "torch"  # torch: detection/train.py; detectron2: detection/d2_engine.py
     model: DetModelConfig = field(default_factory=DetModelConfig)

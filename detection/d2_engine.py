@@ -424,10 +424,10 @@ def build_d2_config(cfg: DetectionConfig):
     # auto: fp16 on CUDA (AMPTrainer), fp32 on a CPU (detectron2 v0.6 has no bf16 path)
     precision = ("fp16" if cuda else "fp32") if t.precision == "auto" else t.precision
     if precision == "bf16":
-        raise ValueError("train.precision=bf16: detectron2 v0.6's AMPTrainer autocasts to fp16 only (with a "
+        raise ConfigError("train.precision=bf16: detectron2 v0.6's AMPTrainer autocasts to fp16 only (with a "
                          "GradScaler, on CUDA); use precision=fp16 on CUDA or fp32, or engine=torch for bf16")
     if precision == "fp16" and not cuda:
-        raise ValueError("train.precision=fp16 needs CUDA with the detectron2 engine (its AMPTrainer asserts it); "
+        raise ConfigError("train.precision=fp16 needs CUDA with the detectron2 engine (its AMPTrainer asserts it); "
                          "use precision=fp32 on CPU")
     from backbones import get_builder  # noqa: F401  (checks the name early, with suggestions)
 
@@ -454,7 +454,7 @@ def build_d2_config(cfg: DetectionConfig):
         d2.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
         d2.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
         if len(m.anchor_sizes) != 5:
-            raise ValueError(f"model.anchor_sizes={m.anchor_sizes}: FPN takes one size per level P2..P6 (5)")
+            raise ConfigError(f"model.anchor_sizes={m.anchor_sizes}: FPN takes one size per level P2..P6 (5)")
         d2.MODEL.ANCHOR_GENERATOR.SIZES = [[size] for size in m.anchor_sizes]
         d2.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
         d2.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
@@ -472,7 +472,7 @@ def build_d2_config(cfg: DetectionConfig):
         d2.MODEL.ROI_HEADS.NAME = C4_ROI_HEADS
         d2.MODEL.ROI_HEADS.IN_FEATURES = ["res4"]
     else:
-        raise ValueError(f"model.arch={m.arch!r}: use 'fpn' or 'c4'")
+        raise ConfigError(f"model.arch={m.arch!r}: use 'fpn' or 'c4'")
     d2.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]]
     (d2.MODEL.RPN.PRE_NMS_TOPK_TRAIN, d2.MODEL.RPN.POST_NMS_TOPK_TRAIN, d2.MODEL.RPN.PRE_NMS_TOPK_TEST,
      d2.MODEL.RPN.POST_NMS_TOPK_TEST) = rpn_topk(m)

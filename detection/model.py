@@ -18,6 +18,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from backbones import Backbone, create_backbone
+from runtime.config import ConfigError
 
 from .roi_align import FastMultiScaleRoIAlign
 
@@ -91,7 +92,7 @@ def build_faster_rcnn(backbone: str, num_classes: int = 21, *, weights: Optional
         detector_kwargs["box_predictor"] = FastRCNNPredictor(box_fc_dim, num_classes)
         num_classes = None  # torchvision takes either num_classes or a box_predictor
     if roi_align not in ("auto", "gather", "torchvision"):
-        raise ValueError(f"model.roi_align={roi_align!r}: choose auto (the gather on CPU, torchvision's kernel on "
+        raise ConfigError(f"model.roi_align={roi_align!r}: choose auto (the gather on CPU, torchvision's kernel on "
                          "CUDA), gather or torchvision")
     if roi_align != "torchvision" and "box_roi_pool" not in detector_kwargs:  # torchvision's default arguments
         detector_kwargs["box_roi_pool"] = FastMultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2,

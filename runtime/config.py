@@ -117,7 +117,40 @@ def load_config(path: str | os.PathLike | None, schema_cls: type[T], overrides: 
     for text in overrides:
         source = f"command line override {text!r}"
         cfg = _apply(cfg, _check_section(schema_cls, _parse_override(text, source), source, "", schema_cls))
+    check_bounds(cfg, getattr(schema_cls, "BOUNDS", {}))
     return cfg
+
+
+_BOUND = re.compile(r"^\s*(>=|>)\s*(-?[\d.e-]+)\s*$")
+_INTERVAL = re.compile(r"^\s*([\[(])\s*(-?[\d.e-]+)\s*,\s*(-?[\d.e-]+)\s*([\])])\s*$")
+_CHOICES = re.compile(r"^\s*\{(.*)\}\s*$")
+
+
+def _within(value: float, rule: str) -> bool:
+    if m := _BOUND.match(rule):
+        return value >= float(m[2]) if m[1] == ">=" else value > float(m[2])
+    if m := _INTERVAL.match(rule):
+        lo, hi = float(m[2]), float(m[3])
+        return (value >= lo if m[1] == "[" else value > lo) and (value <= hi if m[4] == "]" else value < hi)
+    if m := _CHOICES.match(rule):
+        return value in [float(v) for v in m[1].split(",")]
+    raise ValueError(f"config bound {rule!r}: write '>= a', '> a', an interval '[a, b)' or choices '{{a, b}}'")
+
+
+def check_bounds(cfg: Any, bounds: Mapping[str, str]) -> None:
+    """The numeric ranges of a loaded config: ``bounds`` maps dotted keys to ``">= a"``, ``"> a"``, an interval
+    (``"[a, b]"``, ``"[a, b)"``, ``"(a, b]"``, ``"(a, b)"``) or choices (``"{8, 16, 32}"``). ``None`` passes; a list
+    is checked element by element. A value outside is a ``ConfigError`` naming the key, the value and the range;
+    a key the config lacks is a programming error (``KeyError``)."""
+    for key, rule in bounds.items():
+        value: Any = cfg
+        for part in key.split("."):
+            if not hasattr(value, part):
+                raise KeyError(f"bounds name {key!r}, which {type(cfg).__name__} does not have")
+            value = getattr(value, part)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is not None and not _within(item, rule):
+                raise ConfigError(f"{key}={value}: must be {rule.strip()}")
 
 
 def read_top_level(path: str | os.PathLike | None, overrides: Iterable[str], key: str) -> Any:

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from backbones import create_backbone
+from runtime.config import ConfigError
 
 
 def normalization(mean: Optional[Sequence[float]], std: Optional[Sequence[float]], backbone: str, in_chans: int,
@@ -30,7 +31,7 @@ def normalization(mean: Optional[Sequence[float]], std: Optional[Sequence[float]
         mean, std = mean or probe.default_cfg["mean"], std or probe.default_cfg["std"]
     mean, std = list(mean), list(std)
     if not len(mean) == len(std) == in_chans:
-        raise ValueError(f"data.mean ({len(mean)} values) and data.std ({len(std)} values) must have one value "
+        raise ConfigError(f"data.mean ({len(mean)} values) and data.std ({len(std)} values) must have one value "
                          f"per input channel (model.in_chans={in_chans})")
     return mean, std
 

@@ -17,12 +17,14 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from runtime.config import ConfigError
+
 
 class WeightEMA(nn.Module):
     def __init__(self, model: nn.Module, decay: float):
         super().__init__()
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"train.ema_decay must be in (0, 1) (0 = off), got {decay}")
+            raise ConfigError(f"train.ema_decay must be in (0, 1) (0 = off), got {decay}")
         self.module = copy.deepcopy(model)
         self.module.requires_grad_(False)
         self.decay = decay

@@ -39,6 +39,8 @@ from typing import Callable, ContextManager, Iterator, Optional
 
 import torch
 
+from runtime.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "bf16", "auto")
@@ -114,7 +116,7 @@ def resolve_precision(precision: str, device: torch.device, model: Optional[torc
     a CPU where it was measured faster (``cpu_bf16_is_fast``: AMX, or AMD with AVX-512-BF16) unless ``model``
     has depthwise convolutions, fp32 otherwise (any other device: fp32)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"train.precision={precision!r}: one of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"train.precision={precision!r}: one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
     if device.type == "cuda":

@@ -8,7 +8,7 @@ Defaults follow mmsegmentation's ``fcn_r50-d8_4xb4-80k_ade20k-512x512.py``: ADE2
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 
 REFERENCE_BATCH = 16  # optim.lr and optim.min_lr are per 16 images (mmseg's recipes: 4 devices x 4), both engines
@@ -92,6 +92,20 @@ class SegEvalConfig:
 
 @dataclass
 class SegmentationConfig:
+    # checked by runtime.config.load_config once every layer is applied (a ConfigError names the key)
+    BOUNDS: ClassVar[dict[str, str]] = {
+        "model.channels": ">= 1", "model.aux_channels": ">= 1", "model.aux_weight": ">= 0", "model.dropout": "[0, 1)",
+        "model.output_stride": "{8, 16, 32}", "model.frozen_stages": ">= -1", "model.in_chans": ">= 1",
+        "data.num_classes": ">= 1", "data.scale": ">= 1", "data.ratio_range": "> 0", "data.crop_size": ">= 1",
+        "data.cat_max_ratio": "(0, 1]", "data.hflip": "[0, 1]", "data.workers": ">= -1", "data.max_images": ">= 0",
+        "optim.lr": ">= 0", "optim.momentum": "[0, 1)", "optim.weight_decay": ">= 0", "optim.power": "> 0",
+        "optim.min_lr": ">= 0", "optim.warmup_iters": ">= 0",
+        "train.max_iter": ">= 1", "train.batch_size": ">= 1", "train.accum_steps": ">= 1", "train.seed": ">= 0",
+        "train.log_every": ">= 1", "train.eval_every": ">= 0", "train.checkpoint_every": ">= 0",
+        "train.max_nonfinite": ">= 1",
+        "eval.crop_size": ">= 1", "eval.stride": ">= 1", "eval.scales": "> 0", "eval.overlays": ">= 0",
+    }
+
     task: Literal["segmentation"] = "segmentation"
     engine: Literal["torch", "mmseg"] = "torch"  # torch: segmentation/train.py; mmseg: segmentation/mmseg_engine.py
     model: SegModelConfig = field(default_factory=SegModelConfig)

@@ -174,7 +174,7 @@ def _optim_wrapper_classes() -> dict[str, type]:
         def __init__(self, *args, max_nonfinite: int = 20, **kwargs):
             super().__init__(*args, **kwargs)
             if max_nonfinite < 1:
-                raise ValueError(f"train.max_nonfinite must be >= 1, got {max_nonfinite}")
+                raise ConfigError(f"train.max_nonfinite must be >= 1, got {max_nonfinite}")
             self.max_nonfinite, self.nonfinite_streak, self._step_finite = max_nonfinite, 0, True
 
         def update_params(self, loss: Tensor, step_kwargs: Optional[dict] = None,
@@ -319,7 +319,7 @@ def _optim_wrapper(cfg: SegmentationConfig, lr: float, on_cuda: bool) -> dict:
         precision = resolve_precision(cfg.train.precision, device, backbone)
     if precision == "fp16":
         if not on_cuda:
-            raise ValueError("train.precision=fp16 needs a GPU (mmengine's AmpOptimWrapper); on a CPU use bf16 or fp32")
+            raise ConfigError("train.precision=fp16 needs a GPU (mmengine's AmpOptimWrapper); on a CPU use bf16 or fp32")
         wrapper.update(type="TricksAmpOptimWrapper", loss_scale="dynamic")
     elif precision == "bf16":
         wrapper.update(type="TricksAmpOptimWrapper", dtype="bfloat16") if on_cuda else wrapper.update(
@@ -339,10 +339,10 @@ def build_mmseg_config(cfg: SegmentationConfig):
     mm = register_modules()
     Config = mm.mmengine.Config
     if cfg.eval.flip or list(cfg.eval.scales) != [1.0]:
-        raise ValueError("eval.flip / eval.scales (test-time augmentation) are not wired into the mmseg engine; "
+        raise ConfigError("eval.flip / eval.scales (test-time augmentation) are not wired into the mmseg engine; "
                          "use eval.flip=false eval.scales=[1.0], or engine=torch")
     if cfg.model.head != "fcn":
-        raise ValueError(f"model.head={cfg.model.head!r} is the torch engine's head; the mmseg engine runs mmseg's "
+        raise ConfigError(f"model.head={cfg.model.head!r} is the torch engine's head; the mmseg engine runs mmseg's "
                          "FCNHead: set model.head=fcn")
     recipe = Path(mm.mmseg.__file__).parent / ".mim" / "configs" / BASE_RECIPE
     if not recipe.is_file():

@@ -237,3 +237,66 @@ def test_model_kwargs_reach_the_builder_or_fail_naming_the_key(tmp_path):
     cfg = load_config(None, Config, ["model.name=mobilenet", "model.kwargs.stem_pool=false"])
     with pytest.raises(ConfigError, match="model.kwargs.*mobilenet"):
         build_model(cfg, 10)
+
+
+def test_bounds_rules():
+    from dataclasses import dataclass, field
+
+    from runtime.config import check_bounds
+
+    @dataclass
+    class Inner:
+        n: int = 1
+        p: float = 0.5
+        sizes: list = field(default_factory=lambda: [8, 16])
+        maybe: Optional[int] = None
+
+    @dataclass
+    class Outer:
+        inner: Inner = field(default_factory=Inner)
+
+    rules = {"inner.n": ">= 1", "inner.p": "[0, 1)", "inner.sizes": "{8, 16, 32}", "inner.maybe": "> 0"}
+    check_bounds(Outer(), rules)  # None passes
+    for inner, message in ((Inner(n=0), "inner.n=0: must be >= 1"), (Inner(p=1.0), r"inner.p=1.0: must be \[0, 1\)"),
+                           (Inner(sizes=[8, 12]), r"inner.sizes=\[8, 12\]: must be \{8, 16, 32\}"),
+                           (Inner(maybe=0), "inner.maybe=0: must be > 0")):
+        with pytest.raises(ConfigError, match=message):
+            check_bounds(Outer(inner), rules)
+    check_bounds(Outer(Inner(p=0.0, maybe=3)), {**rules, "inner.p": "(-1, 0]"})
+    with pytest.raises(KeyError, match="inner.nope"):
+        check_bounds(Outer(), {"inner.nope": ">= 0"})
+
+
+@pytest.mark.parametrize("schema", ["classification", "segmentation", "detection"])
+def test_every_bound_names_a_key_and_the_defaults_and_shipped_configs_keep_them(schema):
+    import glob
+
+    from classification.config import Config
+    from detection.config import DetectionConfig
+    from runtime.config import check_bounds
+    from segmentation.config import SegmentationConfig
+    from tricks.cli import load_task_config
+
+    cls = {"classification": Config, "segmentation": SegmentationConfig, "detection": DetectionConfig}[schema]
+    check_bounds(cls(), cls.BOUNDS)  # no KeyError: every bound names a key of the schema
+    repo = Path(__file__).resolve().parents[1]
+    configs = [f for f in glob.glob(str(repo / "configs" / "**" / "*.yaml"), recursive=True) if "_base_" not in f]
+    loaded = [cfg for cfg in map(load_task_config, configs, [[]] * len(configs)) if isinstance(cfg, cls)]
+    assert loaded  # load_task_config checks the bounds
+
+
+@pytest.mark.parametrize("schema,override,message", [
+    ("classification", "data.hflip=1.5", r"data.hflip=1.5: must be \[0, 1\]"),
+    ("classification", "optim.momentum=1", r"optim.momentum=1.0: must be \[0, 1\)"),
+    ("segmentation", "model.output_stride=12", r"model.output_stride=12: must be \{8, 16, 32\}"),
+    ("segmentation", "data.crop_size=[512, 0]", r"data.crop_size=\[512, 0\]: must be >= 1"),
+    ("detection", "model.min_size_train=[640, -1]", r"model.min_size_train=\[640, -1\]: must be >= 1"),
+])
+def test_out_of_range_values_are_config_errors_naming_the_key(schema, override, message):
+    from classification.config import Config
+    from detection.config import DetectionConfig
+    from segmentation.config import SegmentationConfig
+
+    cls = {"classification": Config, "segmentation": SegmentationConfig, "detection": DetectionConfig}[schema]
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, cls, [override])

@@ -263,7 +263,8 @@ def test_segmentation_mistakes(data, tmp_path, capsys):
                                     "detection/detectron2"])
 def test_periods_are_checked_in_every_engine(data, tmp_path, capsys, engine):
     """train.log_every must be >= 1 and train.eval_every / checkpoint_every >= 0 (0: none during the run): one
-    line naming the key in each engine, where a 0 or a negative value divided by zero or ran on."""
+    line naming the key in each engine (the config's bounds), where a 0 or a negative value divided by zero or ran
+    on; a run with both periods 0 evaluates and checkpoints at its end."""
     task, _, name = engine.partition("/")
     base = {"classification": CLS, "segmentation": [*SEG, f"data.root={data['ade']}"],
             "detection": [*DET, f"data.root={data['voc']}"]}[task]
@@ -271,8 +272,8 @@ def test_periods_are_checked_in_every_engine(data, tmp_path, capsys, engine):
     if name in ("mmseg", "detectron2"):
         pytest.importorskip("mmseg" if name == "mmseg" else "detectron2")
     one_error_line(capsys, [*argv, "train.log_every=0"], "train.log_every=0", ">= 1")
-    one_error_line(capsys, [*argv, "train.eval_every=-2"], "train.eval_every=-2", "or 0")
-    one_error_line(capsys, [*argv, "train.checkpoint_every=-1"], "train.checkpoint_every=-1", "or 0")
+    one_error_line(capsys, [*argv, "train.eval_every=-2"], "train.eval_every=-2", ">= 0")
+    one_error_line(capsys, [*argv, "train.checkpoint_every=-1"], "train.checkpoint_every=-1", ">= 0")
     assert not any((tmp_path / "run").rglob("*.pth"))
     # 0: nothing periodic, the end's evaluation and checkpoint only
     assert main([str(a) for a in [*argv, "train.eval_every=0", "train.checkpoint_every=0"]]) == 0
