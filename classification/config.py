@@ -115,7 +115,7 @@ class Config:
         "data.min_area": "(0, 1]", "data.max_area": "(0, 1]", "data.hflip": "[0, 1]", "data.translate": ">= 0",
         "data.brightness": ">= 0", "data.contrast": ">= 0", "data.saturation": ">= 0", "data.hue": "[0, 0.5]",
         "data.lighting": ">= 0", "data.workers": ">= -1", "data.synthetic_size": ">= 1", "data.num_classes": ">= 0",
-        "optim.lr": ">= 0", "optim.momentum": "[0, 1)", "optim.weight_decay": ">= 0", "optim.gamma": "> 0",
+        "optim.lr": "> 0", "optim.momentum": "[0, 1)", "optim.weight_decay": ">= 0", "optim.gamma": "> 0",
         "optim.warmup_epochs": ">= 0", "optim.milestones": ">= 0",
         "train.epochs": ">= 1", "train.batch_size": ">= 1", "train.accum_steps": ">= 1",
         "train.label_smoothing": "[0, 1)", "train.mixup_alpha": ">= 0", "train.mixup_off_epochs": ">= 0",

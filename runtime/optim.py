@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from runtime.config import ConfigError
+
 __all__ = ["NORM_LAYERS", "param_groups", "build_optimizer"]
 
 # _NormBase covers BatchNorm*d, SyncBatchNorm, InstanceNorm*d and their lazy and user subclasses.
@@ -51,6 +53,9 @@ def build_optimizer(model: nn.Module, *, lr: float, momentum: float = 0.9, neste
     and it skips a non-finite step on the device (``found_inf``), so ``runtime.step.OptimizerStep``
     never waits for the host. Elsewhere torch's default implementation, with a host check per step.
     """
+    if nesterov and momentum <= 0:
+        raise ConfigError(f"optim.nesterov=true needs optim.momentum > 0 (got {momentum}): Nesterov's step is a "
+                          "momentum step; set optim.nesterov=false for plain SGD")
     groups = param_groups(model, weight_decay, no_bias_decay)
     params = [p for group in groups for p in group["params"]]
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)

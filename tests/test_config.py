@@ -287,6 +287,7 @@ def test_every_bound_names_a_key_and_the_defaults_and_shipped_configs_keep_them(
 
 @pytest.mark.parametrize("schema,override,message", [
     ("classification", "data.hflip=1.5", r"data.hflip=1.5: must be \[0, 1\]"),
+    ("segmentation", "optim.lr=0", r"optim.lr=0.0: must be > 0"),
     ("classification", "optim.momentum=1", r"optim.momentum=1.0: must be \[0, 1\)"),
     ("segmentation", "model.output_stride=12", r"model.output_stride=12: must be \{8, 16, 32\}"),
     ("segmentation", "data.crop_size=[512, 0]", r"data.crop_size=\[512, 0\]: must be >= 1"),

@@ -123,3 +123,11 @@ def test_two_sgd_steps_match_hand_computed_nesterov_updates() -> None:
         b = b - lr * (d_b + mu * v_b)
         torch.testing.assert_close(model.weight.detach(), w)
         torch.testing.assert_close(model.bias.detach(), b)
+
+
+def test_nesterov_without_momentum_is_a_config_error() -> None:
+    from runtime.config import ConfigError
+
+    with pytest.raises(ConfigError, match="optim.nesterov=true needs optim.momentum > 0"):
+        build_optimizer(nn.Linear(2, 2), lr=0.1, momentum=0.0, nesterov=True)
+    build_optimizer(nn.Linear(2, 2), lr=0.1, momentum=0.0, nesterov=False)  # plain SGD
