@@ -23,7 +23,7 @@ from torch.utils.data import DistributedSampler
 from backbones import Backbone, BackboneArgumentError, create_backbone, save_weights
 from runtime.checkpoint import (gather_rng_states, load_checkpoint, resolve_resume, restore_rng_states,
                                 restore_training_state, save_checkpoint, training_state)
-from runtime.config import ConfigError, check_periods, dump_config, to_dict
+from runtime.config import ConfigError, check_bounds, dump_config, to_dict
 from runtime.data import SeededDataset, SeededSampler, SkipBatches, default_workers
 from runtime.data import normalization as resolve_normalization
 from runtime.distributed import DistInfo, ShardSampler, all_reduce_sum, cleanup_distributed, init_distributed
@@ -231,7 +231,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         dump_config(cfg, out / "config.yaml")
     if t.epochs < 1 or t.batch_size < 1 or t.accum_steps < 1:
         raise ConfigError("train.epochs, train.batch_size and train.accum_steps must be >= 1")
-    check_periods(t)
+    check_bounds(cfg)
     if cfg.model.sync_bn and device.type != "cuda":
         raise ConfigError("model.sync_bn=true needs CUDA: torch's SyncBatchNorm has no CPU kernel")
     if cfg.distill.teacher_img_size is not None and (cfg.distill.teacher_img_size < 1 or not cfg.distill.teacher):

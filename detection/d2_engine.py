@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from runtime.config import ConfigError, check_periods, dump_config
+from runtime.config import ConfigError, check_bounds, dump_config
 from runtime.data import default_workers, normalization
 from runtime.distributed import all_reduce_min, world_size
 from runtime.errors import UserPathError
@@ -777,7 +777,7 @@ def build_trainer(cfg: DetectionConfig, resume: Optional[str] = None):
         raise ConfigError(f"model.roi_align={cfg.model.roi_align} chooses the torchvision engine's RoI pooler; the "
                           "detectron2 engine pools with detectron2's ROIAlignV2: leave model.roi_align=auto")
     check_sync_bn(cfg.model, torch.cuda.is_available())
-    check_periods(cfg.train)
+    check_bounds(cfg)
     given = cfg
     cfg = schedule_for_batch(cfg, cfg.train.batch_size * world_size(), REFERENCE_BATCH, _train_images(cfg))
     d2 = build_d2_config(cfg)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from runtime.checkpoint import (gather_per_rank, gather_rng_states, load_checkpoint, resolve_resume,
                                 restore_rng_states, restore_training_state, save_checkpoint, training_state)
-from runtime.config import ConfigError, check_periods, dump_config, to_dict
+from runtime.config import ConfigError, check_bounds, dump_config, to_dict
 from runtime.data import (EpochStream, GroupedBatchSampler, SeededDataset, SeededSampler, SkipBatches, default_workers,
                           normalization)
 from runtime.distributed import DistInfo, ShardSampler, cleanup_distributed, init_distributed
@@ -177,7 +177,7 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
                          "Faster R-CNN then diverges: set model.weights to a pretrained backbone (model.safetensors "
                          "of a classification run) or use model.norm=batchnorm")
     check_sync_bn(cfg.model, device.type == "cuda")
-    check_periods(t)
+    check_bounds(cfg)
     torch.manual_seed(t.seed + dist_info.rank)
 
     # Workers decode, mirror (v2, per-sample seed) and keep uint8; batches share an aspect-ratio group.

@@ -117,7 +117,7 @@ def load_config(path: str | os.PathLike | None, schema_cls: type[T], overrides: 
     for text in overrides:
         source = f"command line override {text!r}"
         cfg = _apply(cfg, _check_section(schema_cls, _parse_override(text, source), source, "", schema_cls))
-    check_bounds(cfg, getattr(schema_cls, "BOUNDS", {}))
+    check_bounds(cfg)
     return cfg
 
 
@@ -137,11 +137,13 @@ def _within(value: float, rule: str) -> bool:
     raise ValueError(f"config bound {rule!r}: write '>= a', '> a', an interval '[a, b)' or choices '{{a, b}}'")
 
 
-def check_bounds(cfg: Any, bounds: Mapping[str, str]) -> None:
-    """The numeric ranges of a loaded config: ``bounds`` maps dotted keys to ``">= a"``, ``"> a"``, an interval
-    (``"[a, b]"``, ``"[a, b)"``, ``"(a, b]"``, ``"(a, b)"``) or choices (``"{8, 16, 32}"``). ``None`` passes; a list
-    is checked element by element. A value outside is a ``ConfigError`` naming the key, the value and the range;
-    a key the config lacks is a programming error (``KeyError``)."""
+def check_bounds(cfg: Any, bounds: Mapping[str, str] | None = None) -> None:
+    """The numeric ranges of a config: ``bounds`` (default: the schema's ``BOUNDS``) maps dotted keys to ``">= a"``,
+    ``"> a"``, an interval (``"[a, b]"``, ``"[a, b)"``, ``"(a, b]"``, ``"(a, b)"``) or choices (``"{8, 16, 32}"``).
+    ``None`` passes; a list is checked element by element. A value outside is a ``ConfigError`` naming the key, the
+    value and the range; a key the config lacks is a programming error (``KeyError``). ``load_config`` calls it
+    once every layer is applied; each engine calls it again, for configs built in code."""
+    bounds = getattr(type(cfg), "BOUNDS", {}) if bounds is None else bounds
     for key, rule in bounds.items():
         value: Any = cfg
         for part in key.split("."):
@@ -163,19 +165,6 @@ def read_top_level(path: str | os.PathLike | None, overrides: Iterable[str], key
         if key in layer:
             value = layer[key]
     return value
-
-
-def check_periods(train: Any, required: Iterable[str] = ("log_every",),
-                  optional: Iterable[str] = ("eval_every", "checkpoint_every")) -> None:
-    """The ``train.*_every`` periods of a loaded config: ``required`` ones >= 1, ``optional`` ones >= 0 (0: none
-    during the run; it still evaluates and writes its checkpoint at the end). A ``ConfigError`` names the key."""
-    for name in required:
-        if getattr(train, name) < 1:
-            raise ConfigError(f"train.{name}={getattr(train, name)}: must be >= 1")
-    for name in optional:
-        if getattr(train, name) < 0:
-            raise ConfigError(f"train.{name}={getattr(train, name)}: must be >= 1, or 0 for none during the run "
-                              "(the run still evaluates and writes its checkpoint at the end)")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

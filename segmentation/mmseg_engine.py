@@ -32,7 +32,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from backbones import create_backbone
-from runtime.config import ConfigError, check_periods, dump_config
+from runtime.config import ConfigError, check_bounds, dump_config
 from runtime.data import default_workers, normalization
 from runtime.distributed import init_distributed, world_size
 from runtime.errors import CheckpointError, UserPathError, one_line
@@ -537,7 +537,7 @@ def train(cfg: SegmentationConfig) -> dict[str, float]:
     """
     if cfg.engine != "mmseg":
         raise ValueError(f"engine={cfg.engine!r}: the mmseg engine runs configs with engine: mmseg")
-    check_periods(cfg.train)
+    check_bounds(cfg)
     check_data(cfg)  # both splits, before mmengine builds anything
     train_images = len(ADE20K(cfg.data.root, cfg.data.train_split, max_images=cfg.data.max_images))
     recipe = cfg  # config.yaml keeps the recipe's numbers

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from runtime.checkpoint import (gather_rng_states, load_checkpoint, resolve_resume, restore_rng_states,
                                 restore_training_state, save_checkpoint, training_state)
-from runtime.config import ConfigError, check_periods, dump_config, to_dict
+from runtime.config import ConfigError, check_bounds, dump_config, to_dict
 from runtime.data import EpochStream, SeededDataset, SeededSampler, SkipBatches, default_workers
 from runtime.data import normalization as resolve_normalization
 from runtime.distributed import DistInfo, ShardSampler, all_reduce_sum, cleanup_distributed, init_distributed
@@ -289,7 +289,7 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
         dump_config(cfg, out / "config.yaml")
     if t.max_iter < 1 or t.batch_size < 1 or t.accum_steps < 1:
         raise ConfigError("train.max_iter, train.batch_size and train.accum_steps must be >= 1")
-    check_periods(t)
+    check_bounds(cfg)
     check_data(cfg)
     torch.manual_seed(t.seed + dist_info.rank)
 

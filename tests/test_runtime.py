@@ -288,15 +288,3 @@ def test_auto_keeps_fp32_for_depthwise_networks_on_a_cpu(monkeypatch):
     with p.autocast_for("auto", cpu, mobilenet)():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
-
-def test_check_periods_for_configs_built_in_code():
-    """The engines check their periods themselves too (a config built in code skips load_config's bounds)."""
-    from types import SimpleNamespace
-
-    from runtime.config import ConfigError, check_periods
-
-    check_periods(SimpleNamespace(log_every=1, eval_every=0, checkpoint_every=0))
-    with pytest.raises(ConfigError, match="train.log_every=0: must be >= 1"):
-        check_periods(SimpleNamespace(log_every=0, eval_every=0, checkpoint_every=0))
-    with pytest.raises(ConfigError, match="train.checkpoint_every=-1: must be >= 1, or 0"):
-        check_periods(SimpleNamespace(log_every=5, eval_every=0, checkpoint_every=-1))

@@ -256,3 +256,16 @@ def test_compiled_run_trains_through_the_compiled_model_as_eager(data_root, tmp_
     a = torch.load(tmp_path / "eager" / "model_final.pth", weights_only=True)
     b = torch.load(tmp_path / "compiled" / "model_final.pth", weights_only=True)
     assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-4) for k in a)
+
+
+def test_a_config_built_in_code_is_checked_against_the_bounds_too(data_root, tmp_path):
+    """load_config checks the schema's BOUNDS; the engine checks them again for a config built in code (which never
+    went through load_config): the periods a loop divides by, and the rest of the table."""
+    from runtime.config import ConfigError
+
+    for train, message in (({"log_every": 0}, "train.log_every=0: must be >= 1"),
+                           ({"checkpoint_every": -1}, "train.checkpoint_every=-1: must be >= 0"),
+                           ({"eval_every": -2}, "train.eval_every=-2: must be >= 0")):
+        with pytest.raises(ConfigError, match=message):
+            seg_train.train(tiny_cfg(data_root, tmp_path / "run", **train))
+    assert not any((tmp_path / "run").rglob("*.pth"))
