@@ -14,6 +14,7 @@ run vectorised on the batch (airbench-style), on the GPU for GPU users. Semantic
 * flip, brightness, contrast, saturation: per-image factors; the order of the three colour ops is
   drawn once per batch (torchvision draws it per image).
 * PCA lighting: ``transforms.Lighting`` is already batched.
+* random erasing (``data.random_erase``, not in the paper): ``transforms.random_erase``, after normalisation.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from torch import Tensor
 from runtime.config import ConfigError
 
 from .config import DataConfig
-from .transforms import Lighting
+from .transforms import Lighting, erase_boxes, random_erase
 
 
 def random_resized_crop_params(n: int, height: int, width: int, scale: tuple[float, float],
@@ -143,6 +144,10 @@ class BatchAugment(nn.Module):
         self.lighting = Lighting(cfg.lighting) if train and cfg.lighting > 0 else None
         if self.lighting is not None and in_chans != 3:
             raise ConfigError("data.lighting > 0 needs RGB input (model.in_chans=3); set data.lighting=0")
+        if train and cfg.random_erase > 0:
+            erase_boxes(1, 2, 2, cfg.erase_area, cfg.erase_aspect)  # the arguments' errors when the pipeline is built
+            if cfg.erase_mode not in ("const", "rand", "pixel"):
+                raise ConfigError(f"data.erase_mode must be one of const, rand, pixel, got {cfg.erase_mode!r}")
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
@@ -162,7 +167,11 @@ class BatchAugment(nn.Module):
                 raise ConfigError(f"cannot turn {x.shape[1]}-channel images into model.in_chans={self.in_chans}")
             x = x.expand(-1, self.in_chans, -1, -1)
         x = self._train(x) if self.train_mode else self._val(x)
-        return (x - self.mean) / self.std
+        x = (x - self.mean) / self.std
+        if self.train_mode and self.cfg.random_erase > 0:  # after normalisation, as timm (not in the paper)
+            c = self.cfg
+            x = random_erase(x, c.random_erase, c.erase_area, c.erase_aspect, c.erase_mode)
+        return x
 
     def _val(self, x: Tensor) -> Tensor:
         c = self.cfg

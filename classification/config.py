@@ -47,6 +47,14 @@ class DataConfig:
     saturation: float = 0.4                 # factor ~ U[1-s, 1+s]
     hue: float = 0.0                        # hue shift ~ U[-h, h] (fraction of the colour circle)
     lighting: float = 0.1                   # PCA lighting noise std (AlexNet eigen-decomposition); 0 = off
+    # Random erasing (Zhong et al. 2017; timm's --reprob/--remode; not in the paper): with this probability a
+    # training image gets one rectangle of erase_area (fraction of the image, uniform) and aspect ratio
+    # log-uniform in [erase_aspect, 1/erase_aspect] filled after normalisation: "const" 0 (the mean colour),
+    # "rand" one normal colour per image, "pixel" normal noise per pixel. 0 = off
+    random_erase: float = 0.0
+    erase_area: list[float] = field(default_factory=lambda: [0.02, 1 / 3])
+    erase_aspect: float = 0.3
+    erase_mode: Literal["const", "rand", "pixel"] = "pixel"
     mean: Optional[list[float]] = None      # None = the backbone's default (0-1 scale)
     std: Optional[list[float]] = None
     # "samples": per-image transforms in DataLoader workers; "tensor": the dataset in memory as uint8,
@@ -114,7 +122,9 @@ class Config:
         "data.img_size": ">= 1", "data.val_resize": ">= 1", "data.val_crop": ">= 1", "data.val_translate_tta": ">= 0",
         "data.min_area": "(0, 1]", "data.max_area": "(0, 1]", "data.hflip": "[0, 1]", "data.translate": ">= 0",
         "data.brightness": ">= 0", "data.contrast": ">= 0", "data.saturation": ">= 0", "data.hue": "[0, 0.5]",
-        "data.lighting": ">= 0", "data.workers": ">= -1", "data.synthetic_size": ">= 1", "data.num_classes": ">= 0",
+        "data.lighting": ">= 0",
+        "data.random_erase": "[0, 1]", "data.erase_area": "(0, 1]", "data.erase_aspect": "(0, 1]",
+        "data.workers": ">= -1", "data.synthetic_size": ">= 1", "data.num_classes": ">= 0",
         "optim.lr": "> 0", "optim.momentum": "[0, 1)", "optim.weight_decay": ">= 0", "optim.gamma": "> 0",
         "optim.warmup_epochs": ">= 0", "optim.milestones": ">= 0",
         "train.epochs": ">= 1", "train.batch_size": ">= 1", "train.accum_steps": ">= 1",

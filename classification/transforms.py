@@ -7,6 +7,7 @@ tensors and return float32 ``(3, H, W)`` tensors normalized with the given mean/
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -72,6 +73,71 @@ class Lighting(nn.Module):
         return f"std={self.std}"
 
 
+def erase_boxes(n: int, height: int, width: int, area: Sequence[float], aspect: float, device=None,
+                attempts: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Random-erasing rectangles of ``n`` images, timm's ``RandomErasing`` sampling (count 1) vectorised: up to
+    ``attempts`` draws of an area ``U(area) * H * W`` and an aspect ratio log-uniform in ``[aspect, 1/aspect]``,
+    ``h = round(sqrt(area * ratio))``, ``w = round(sqrt(area / ratio))``; the first draw with ``h < H`` and
+    ``w < W`` is placed uniformly (``top`` in ``[0, H - h]``). Returns ``top, left, h, w`` and ``found`` (no draw
+    fitted: that image is not erased), each ``[n]``."""
+    if len(area) != 2 or not 0 < float(area[0]) <= float(area[1]) <= 1:
+        raise ConfigError(f"data.erase_area must be [min, max] with 0 < min <= max <= 1, got {list(area)}")
+    if not 0 < aspect <= 1:
+        raise ConfigError(f"data.erase_aspect must be in (0, 1] (ratios from it to its inverse), got {aspect}")
+    target = torch.empty(n, attempts, device=device).uniform_(float(area[0]), float(area[1])) * (height * width)
+    log_r = torch.empty(n, attempts, device=device).uniform_(math.log(aspect), -math.log(aspect))
+    ratio = log_r.exp()
+    h = (target * ratio).sqrt().round().long()
+    w = (target / ratio).sqrt().round().long()
+    fits = (h < height) & (w < width)
+    first = fits.int().argmax(dim=1, keepdim=True)  # the first draw that fits (0 if none: see ``found``)
+    h, w, found = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1), fits.any(dim=1)
+    top = (torch.rand(n, device=device) * (height - h + 1)).long().clamp_(0, height - 1)
+    left = (torch.rand(n, device=device) * (width - w + 1)).long().clamp_(0, width - 1)
+    return top, left, h, w, found
+
+
+def random_erase(images: Tensor, p: float, area: Sequence[float], aspect: float, mode: str) -> Tensor:
+    """Random erasing of a normalised float batch ``[N, C, H, W]`` (timm's ``RandomErasing``, count 1): each image
+    with probability ``p`` gets one ``erase_boxes`` rectangle filled with 0 (``"const"``: the mean colour), one
+    N(0, 1) value per channel (``"rand"``) or N(0, 1) per pixel (``"pixel"``). Returns a new tensor."""
+    n, c, height, width = images.shape
+    top, left, h, w, found = erase_boxes(n, height, width, area, aspect, images.device)
+    erase = found & (torch.rand(n, device=images.device) < p)
+    rows = torch.arange(height, device=images.device)
+    cols = torch.arange(width, device=images.device)
+    inside = (((rows >= top[:, None]) & (rows < (top + h)[:, None]))[:, :, None]
+              & ((cols >= left[:, None]) & (cols < (left + w)[:, None]))[:, None, :] & erase[:, None, None])
+    if mode == "const":
+        fill = images.new_zeros(())
+    elif mode == "rand":
+        fill = torch.randn(n, c, 1, 1, device=images.device, dtype=images.dtype)
+    elif mode == "pixel":
+        fill = torch.randn_like(images)
+    else:
+        raise ConfigError(f"data.erase_mode must be one of const, rand, pixel, got {mode!r}")
+    return torch.where(inside[:, None], fill, images)
+
+
+class RandomErasing(nn.Module):
+    """Per-image random erasing (``random_erase``) of a normalised float ``(C, H, W)`` image, last in the
+    ``data.pipeline=samples`` training transform; the batched pipelines apply ``random_erase`` to the batch."""
+
+    def __init__(self, p: float, area: Sequence[float] = (0.02, 1 / 3), aspect: float = 0.3, mode: str = "pixel"):
+        super().__init__()
+        self.p, self.area, self.aspect, self.mode = float(p), tuple(area), float(aspect), mode
+        erase_boxes(1, 2, 2, self.area, self.aspect)  # the arguments' errors when the pipeline is built
+        if mode not in ("const", "rand", "pixel"):
+            raise ConfigError(f"data.erase_mode must be one of const, rand, pixel, got {mode!r}")
+
+    def forward(self, image: Tensor) -> Tensor:
+        out = random_erase(image.as_subclass(Tensor)[None], self.p, self.area, self.aspect, self.mode)[0]
+        return tv_tensors.wrap(out, like=image) if isinstance(image, tv_tensors.TVTensor) else out
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, area={self.area}, aspect={self.aspect}, mode={self.mode!r}"
+
+
 def _to_image(in_chans: int) -> list[nn.Module]:
     # Work on tensors from the first step so PIL and tensor inputs take the same code path; the
     # channel count follows the backbone: grayscale becomes 3 identical channels for a 3-channel
@@ -91,7 +157,8 @@ def train_transform(cfg: DataConfig, mean: Sequence[float], std: Sequence[float]
 
     ``mean``/``std`` are per-channel on the 0-1 scale. Ops whose strength is 0 are left out. ``colour=False``
     (``data.pipeline=hybrid``): the geometric steps only (crop, flip, translate), returning the uint8 image;
-    ``batch_transforms.BatchAugment(geometry=False)`` applies the rest to the batch on the device.
+    ``batch_transforms.BatchAugment(geometry=False)`` applies the rest to the batch on the device. Random
+    erasing (``data.random_erase``, not in the paper) comes last, on the normalised image.
     """
     ops: list[nn.Module] = [
         *_to_image(in_chans),
@@ -119,6 +186,8 @@ def train_transform(cfg: DataConfig, mean: Sequence[float], std: Sequence[float]
                              "set data.lighting=0 for grayscale")
         ops.append(Lighting(cfg.lighting))
     ops.append(v2.Normalize(mean=list(mean), std=list(std)))
+    if cfg.random_erase > 0:  # not in the paper (timm's --reprob): after normalisation, as timm
+        ops.append(RandomErasing(cfg.random_erase, cfg.erase_area, cfg.erase_aspect, cfg.erase_mode))
     return v2.Compose(ops)
 
 

@@ -1,5 +1,7 @@
 """The batched (on-device) augmentation against torchvision's per-image operations."""
 
+import random
+
 import pytest
 import torch
 from torchvision.transforms import v2
@@ -104,3 +106,115 @@ def test_cpu_batches_run_in_cache_sized_chunks_with_the_same_result(monkeypatch,
     monkeypatch.setattr(bt, "CPU_CHUNK_BYTES", 4 * 3 * 16 * 16 * 4)  # 4 images
     torch.testing.assert_close(augment(images), whole, rtol=0, atol=0)
     assert calls == [4, 4, 2]
+
+
+def _erased_stats(erased: torch.Tensor) -> dict[str, float]:
+    """Of a boolean ``[N, H, W]`` map of erased pixels: the fraction of images erased, and over them the area
+    fraction's quartiles and the mean height and width of the rectangle."""
+    hit = erased.flatten(1).any(1)
+    frac = erased.flatten(1).float().mean(1)[hit]
+    rows, cols = erased.any(2).sum(1)[hit].float(), erased.any(1).sum(1)[hit].float()
+    assert (erased.flatten(1).sum(1)[hit] == rows * cols).all()  # one rectangle per image
+    q1, q2, q3 = torch.quantile(frac, torch.tensor([0.25, 0.5, 0.75])).tolist()
+    return {"p": hit.float().mean().item(), "q1": q1, "q2": q2, "q3": q3, "h": rows.mean().item(),
+            "w": cols.mean().item()}
+
+
+@pytest.mark.parametrize("size,area,aspect", [((28, 28), (0.02, 1 / 3), 0.3), ((20, 36), (0.1, 0.6), 0.5)])
+def test_random_erasing_matches_timm(size, area, aspect):
+    """Probability, rectangle size and placement follow timm's RandomErasing (count 1, const mode: zeros)."""
+    from timm.data.random_erasing import RandomErasing as TimmRandomErasing
+
+    from classification.transforms import random_erase
+
+    random.seed(0)  # timm draws from Python's random
+    torch.manual_seed(0)
+    n, (h, w) = 4000, size
+    ones = torch.ones(n, 1, h, w)
+    timm_re = TimmRandomErasing(probability=0.5, min_area=area[0], max_area=area[1], min_aspect=aspect, mode="const",
+                                device="cpu")
+    ref = torch.stack([timm_re(ones[i].clone()) for i in range(n)])[:, 0] == 0
+    ours = random_erase(ones, 0.5, area, aspect, "const")[:, 0] == 0
+    a, b = _erased_stats(ours), _erased_stats(ref)
+    assert a["p"] == pytest.approx(b["p"], abs=0.04)
+    for q in ("q1", "q2", "q3"):
+        assert a[q] == pytest.approx(b[q], abs=0.025)
+    for side in ("h", "w"):  # (a side's spread is about half its mean: 3 standard errors of the difference)
+        assert a[side] == pytest.approx(b[side], rel=0.06)
+    # placement: how often each quadrant of the image is erased
+    quad = lambda e: torch.stack([e[:, :h // 2, :w // 2].float().mean(), e[:, h // 2:, w // 2:].float().mean()])
+    torch.testing.assert_close(quad(ours), quad(ref), rtol=0, atol=0.02)
+
+
+def test_random_erasing_box_size_and_placement_exactly():
+    """A fixed area and aspect 1: every side is round(sqrt(area * H * W)) (timm's formula), and the top-left corner
+    takes each of its H - h + 1 positions equally often; a rectangle that cannot fit is not drawn."""
+    from classification.transforms import erase_boxes
+
+    torch.manual_seed(0)
+    top, left, h, w, found = erase_boxes(30000, 10, 12, (0.5, 0.5), 1.0)
+    assert found.all() and (h == 8).all() and (w == 8).all()  # sqrt(60) = 7.75 -> 8
+    for corner, positions in ((top, 3), (left, 5)):
+        counts = torch.bincount(corner, minlength=positions)
+        assert len(counts) == positions and (counts - 30000 / positions).abs().max() < 0.05 * 30000 / positions
+    _, _, _, _, found = erase_boxes(100, 4, 4, (1.0, 1.0), 1.0)  # the whole image never fits (h < H required)
+    assert not found.any()
+
+
+def test_random_erasing_fills_by_mode_and_leaves_the_rest():
+    from classification.transforms import random_erase
+
+    torch.manual_seed(0)
+    x = torch.full((500, 3, 16, 16), 7.0)
+    for mode in ("const", "rand", "pixel"):
+        out = random_erase(x, 1.0, (0.1, 0.3), 0.5, mode)
+        erased = out != 7.0
+        assert erased.flatten(1).any(1).float().mean() > 0.95  # p = 1: each image (a draw fits almost always)
+        assert (erased.any(1) == erased.all(1)).all()  # all channels of a pixel together
+        if mode == "rand":  # one colour per image and channel
+            colours = torch.stack([out[i, :, erased[i, 0]][:, 0] for i in range(len(x)) if erased[i, 0].any()])
+            assert all((out[i, :, erased[i, 0]] == colours[k][:, None]).all()
+                       for k, i in enumerate(i for i in range(len(x)) if erased[i, 0].any()))
+            values = colours.flatten()
+        else:
+            values = out[erased]
+        if mode == "const":
+            assert (values == 0).all()
+        else:  # N(0, 1)
+            assert values.mean().item() == pytest.approx(0, abs=0.1) and values.std().item() == pytest.approx(1, abs=0.1)
+    assert torch.equal(random_erase(x, 0.0, (0.1, 0.3), 0.5, "pixel"), x)
+
+
+def test_random_erasing_in_every_training_pipeline():
+    """data.random_erase: the per-sample transform (last, after normalisation) and BatchAugment (tensor and hybrid
+    pipelines) erase training images only; validation never."""
+    from classification.transforms import RandomErasing, train_transform, val_transform
+
+    cfg = DataConfig(img_size=16, val_resize=16, val_crop=16, min_area=1.0, hflip=0, brightness=0, contrast=0,
+                     saturation=0, lighting=0, random_erase=1.0, erase_area=[0.2, 0.3], erase_mode="const")
+    mean, std = [0.2], [0.5]
+    images = torch.full((64, 1, 16, 16), 255, dtype=torch.uint8)  # normalised: (1 - 0.2) / 0.5 = 1.6
+    samples = train_transform(cfg, mean, std, in_chans=1)
+    assert isinstance(samples.transforms[-1], RandomErasing)
+    per_sample = torch.stack([samples(img) for img in images])
+    for geometry in (True, False):
+        batched = BatchAugment(cfg, mean, std, 1, train=True, geometry=geometry)(images)
+        for out in (batched, per_sample):
+            zeros = (out == 0).flatten(1).float().mean(1)
+            assert ((zeros >= 0.15) & (zeros <= 0.35)).all() and ((out == 0) | (out == 1.6)).all()
+    torch.testing.assert_close(BatchAugment(cfg, mean, std, 1, train=False)(images), torch.full((64, 1, 16, 16), 1.6))
+    assert (val_transform(cfg, mean, std, in_chans=1)(images[0]) == 1.6).all()
+
+
+@pytest.mark.parametrize("key,value,match", [("erase_area", [0.4, 0.1], "data.erase_area"),
+                                             ("erase_area", [0.1], "data.erase_area"),
+                                             ("erase_mode", "noise", "data.erase_mode")])
+def test_random_erasing_bad_arguments_name_the_key(key, value, match):
+    from classification.transforms import train_transform
+    from runtime.config import ConfigError
+
+    cfg = DataConfig(random_erase=0.5, lighting=0, **{key: value})
+    with pytest.raises(ConfigError, match=match):
+        BatchAugment(cfg, [0.5], [0.2], 1, train=True)
+    with pytest.raises(ConfigError, match=match):
+        train_transform(cfg, [0.5], [0.2], in_chans=1)
