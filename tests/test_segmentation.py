@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision.models.segmentation import fcn_resnet50
 
@@ -96,6 +97,28 @@ def test_torchvision_fcn_resnet50_loads_strictly_and_gives_the_same_logits():
     assert a["out"].shape == (1, 7, 72, 88)
     for k in ("out", "aux"):
         torch.testing.assert_close(a[k], b[k])
+
+
+@pytest.mark.parametrize("shape,size", [((2, 11, 12, 12), (96, 96)), ((1, 6, 17, 9), (8, 20)),
+                                        ((2, 4, 7, 7), (7, 30)), ((1, 3, 40, 50), (13, 11))])
+def test_resize_logits_is_bilinear_interpolation_with_its_gradient(shape, size):
+    """The FCN's upsampling of its logits: in training two matmuls, with F.interpolate's values and gradients (up,
+    down and mixed scales); without grad F.interpolate itself."""
+    from segmentation.model import resize_logits
+
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(shape[0], shape[1], *size, dtype=torch.float64)
+    grads = []
+    for fn in (resize_logits, lambda t, s: F.interpolate(t, size=s, mode="bilinear", align_corners=False)):
+        leaf = x.clone().requires_grad_()
+        out = fn(leaf, size)
+        (out * g).sum().backward()
+        grads.append((out.detach(), leaf.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=0, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(resize_logits(x, size), grads[1][0], rtol=0, atol=0)
 
 
 def test_fcn_on_other_backbones_trains():
