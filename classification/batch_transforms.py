@@ -28,7 +28,7 @@ from torch import Tensor
 from runtime.config import ConfigError
 
 from .config import DataConfig
-from .transforms import Lighting, erase_boxes, random_erase
+from .transforms import Lighting, check_erasing, random_erase
 
 
 def random_resized_crop_params(n: int, height: int, width: int, scale: tuple[float, float],
@@ -145,9 +145,7 @@ class BatchAugment(nn.Module):
         if self.lighting is not None and in_chans != 3:
             raise ConfigError("data.lighting > 0 needs RGB input (model.in_chans=3); set data.lighting=0")
         if train and cfg.random_erase > 0:
-            erase_boxes(1, 2, 2, cfg.erase_area, cfg.erase_aspect)  # the arguments' errors when the pipeline is built
-            if cfg.erase_mode not in ("const", "rand", "pixel"):
-                raise ConfigError(f"data.erase_mode must be one of const, rand, pixel, got {cfg.erase_mode!r}")
+            check_erasing(cfg.erase_area, cfg.erase_aspect, cfg.erase_mode)  # when built; draws nothing
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:

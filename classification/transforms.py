@@ -73,6 +73,20 @@ class Lighting(nn.Module):
         return f"std={self.std}"
 
 
+ERASE_MODES = ("const", "rand", "pixel")
+
+
+def check_erasing(area: Sequence[float], aspect: float, mode: str = "pixel") -> None:
+    """The random-erasing arguments, a ``ConfigError`` naming the key (draws nothing from the RNG: the pipelines
+    call it when they are built, before the model's initialisation)."""
+    if len(area) != 2 or not 0 < float(area[0]) <= float(area[1]) <= 1:
+        raise ConfigError(f"data.erase_area must be [min, max] with 0 < min <= max <= 1, got {list(area)}")
+    if not 0 < aspect <= 1:
+        raise ConfigError(f"data.erase_aspect must be in (0, 1] (ratios from it to its inverse), got {aspect}")
+    if mode not in ERASE_MODES:
+        raise ConfigError(f"data.erase_mode must be one of {', '.join(ERASE_MODES)}, got {mode!r}")
+
+
 def erase_boxes(n: int, height: int, width: int, area: Sequence[float], aspect: float, device=None,
                 attempts: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Random-erasing rectangles of ``n`` images, timm's ``RandomErasing`` sampling (count 1) vectorised: up to
@@ -80,10 +94,7 @@ def erase_boxes(n: int, height: int, width: int, area: Sequence[float], aspect: 
     ``h = round(sqrt(area * ratio))``, ``w = round(sqrt(area / ratio))``; the first draw with ``h < H`` and
     ``w < W`` is placed uniformly (``top`` in ``[0, H - h]``). Returns ``top, left, h, w`` and ``found`` (no draw
     fitted: that image is not erased), each ``[n]``."""
-    if len(area) != 2 or not 0 < float(area[0]) <= float(area[1]) <= 1:
-        raise ConfigError(f"data.erase_area must be [min, max] with 0 < min <= max <= 1, got {list(area)}")
-    if not 0 < aspect <= 1:
-        raise ConfigError(f"data.erase_aspect must be in (0, 1] (ratios from it to its inverse), got {aspect}")
+    check_erasing(area, aspect)
     target = torch.empty(n, attempts, device=device).uniform_(float(area[0]), float(area[1])) * (height * width)
     log_r = torch.empty(n, attempts, device=device).uniform_(math.log(aspect), -math.log(aspect))
     ratio = log_r.exp()
@@ -115,7 +126,7 @@ def random_erase(images: Tensor, p: float, area: Sequence[float], aspect: float,
     elif mode == "pixel":
         fill = torch.randn_like(images)
     else:
-        raise ConfigError(f"data.erase_mode must be one of const, rand, pixel, got {mode!r}")
+        raise ConfigError(f"data.erase_mode must be one of {', '.join(ERASE_MODES)}, got {mode!r}")
     return torch.where(inside[:, None], fill, images)
 
 
@@ -126,9 +137,7 @@ class RandomErasing(nn.Module):
     def __init__(self, p: float, area: Sequence[float] = (0.02, 1 / 3), aspect: float = 0.3, mode: str = "pixel"):
         super().__init__()
         self.p, self.area, self.aspect, self.mode = float(p), tuple(area), float(aspect), mode
-        erase_boxes(1, 2, 2, self.area, self.aspect)  # the arguments' errors when the pipeline is built
-        if mode not in ("const", "rand", "pixel"):
-            raise ConfigError(f"data.erase_mode must be one of const, rand, pixel, got {mode!r}")
+        check_erasing(self.area, self.aspect, mode)  # the arguments' errors when the pipeline is built
 
     def forward(self, image: Tensor) -> Tensor:
         out = random_erase(image.as_subclass(Tensor)[None], self.p, self.area, self.aspect, self.mode)[0]

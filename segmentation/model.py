@@ -51,11 +51,14 @@ def resize_logits(x: Tensor, size: Sequence[int]) -> Tensor:
     requires grad) as two matmuls, ``A_h @ x @ A_w^T``: the same values to float rounding, and their backward is two
     matmuls too where ``upsample_bilinear2d``'s scatters; upsampling plus cross-entropy, forward and backward, took
     0.48-0.65x the time on a CPU (bf16, one thread; 11 classes 12 -> 96 px, 21 classes 65 -> 520, 150 classes
-    64 -> 512). Without grad (inference) ``F.interpolate``, which was faster there for large outputs."""
+    64 -> 512). Without grad (inference) ``F.interpolate``, which was faster there for large outputs, and under
+    ``torch.compile``."""
     out_h, out_w = int(size[0]), int(size[1])
     if tuple(x.shape[-2:]) == (out_h, out_w):
         return x
-    if not (torch.is_grad_enabled() and x.requires_grad):
+    if not (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
+        # (compiled, train.compile=true: dynamo would trace the matrices' construction into every step, past the
+        # cache; inductor generates its own kernel for the interpolation)
         return F.interpolate(x, size=(out_h, out_w), mode="bilinear", align_corners=False)
     a_h = bilinear_matrix(out_h, x.shape[-2], x.device, x.dtype)
     a_w = bilinear_matrix(out_w, x.shape[-1], x.device, x.dtype)

@@ -206,6 +206,19 @@ def test_random_erasing_in_every_training_pipeline():
     assert (val_transform(cfg, mean, std, in_chans=1)(images[0]) == 1.6).all()
 
 
+def test_random_erasing_pipelines_are_built_without_drawing_random_numbers():
+    """Building the pipelines checks the erasing arguments without a draw: with the same seed, turning erasing on
+    leaves the model's initialisation (built after the data) unchanged."""
+    from classification.transforms import train_transform
+
+    cfg = DataConfig(random_erase=0.5, lighting=0, brightness=0, contrast=0, saturation=0)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    BatchAugment(cfg, [0.5], [0.2], 1, train=True)
+    train_transform(cfg, [0.5], [0.2], in_chans=1)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 @pytest.mark.parametrize("key,value,match", [("erase_area", [0.4, 0.1], "data.erase_area"),
                                              ("erase_area", [0.1], "data.erase_area"),
                                              ("erase_mode", "noise", "data.erase_mode")])

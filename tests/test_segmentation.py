@@ -121,6 +121,24 @@ def test_resize_logits_is_bilinear_interpolation_with_its_gradient(shape, size):
         torch.testing.assert_close(resize_logits(x, size), grads[1][0], rtol=0, atol=0)
 
 
+def test_resize_logits_under_torch_compile_is_interpolate():
+    """Compiled (train.compile=true) the upsampling is F.interpolate: dynamo would otherwise trace the matrices'
+    construction (past the lru_cache) into every step, with a host-to-device copy on CUDA."""
+    from segmentation.model import resize_logits
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    out = torch.compile(lambda t: resize_logits(t * 2, (24, 24)), backend=backend)(x)
+    torch.testing.assert_close(out, F.interpolate(x * 2, size=(24, 24), mode="bilinear", align_corners=False))
+    assert graphs and all("interpolate" in g and "index_put" not in g and "matmul" not in g for g in graphs)
+
+
 def test_fcn_on_other_backbones_trains():
     model = build_fcn("resnet18d", num_classes=5).train()
     x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 5, (2, 64, 64))

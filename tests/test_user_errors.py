@@ -105,6 +105,13 @@ def test_classification_mistakes(data, tmp_path, capsys):
                        "data.hue", "data.pipeline=samples")
     one_error_line(capsys, ["train", *imagenet, f"data.root={data['imagenet']}", "data.pipeline=tensor"],
                    "data.pipeline=tensor", "imagenet")
+    # augmentation ranges across keys (each key alone is within its bounds)
+    one_error_line(capsys, ["train", *CLS, "data.min_area=0.9", "data.max_area=0.5", f"output_dir={out}"],
+                   "data.min_area=0.9", "data.max_area=0.5")
+    one_error_line(capsys, ["train", *CLS, "data.translate=64", f"output_dir={out}"], "data.translate=64",
+                   "data.img_size")
+    one_error_line(capsys, ["train", *CLS, "data.random_erase=0.5", "data.erase_area=[0.5,0.1]", f"output_dir={out}"],
+                   "data.erase_area")
     assert not out.exists() or not any(out.glob("*.pth"))
     # checkpoints: another architecture (same class count), truncated .pth / .safetensors, missing file
     line = one_error_line(capsys, ["eval", *CLS, data["other"], f"output_dir={out}"], "r50.safetensors",
