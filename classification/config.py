@@ -123,16 +123,21 @@ class Config:
         "data.min_area": "(0, 1]", "data.max_area": "(0, 1]", "data.hflip": "[0, 1]", "data.translate": ">= 0",
         "data.brightness": ">= 0", "data.contrast": ">= 0", "data.saturation": ">= 0", "data.hue": "[0, 0.5]",
         "data.lighting": ">= 0",
-        "data.random_erase": "[0, 1]", "data.erase_area": "(0, 1]", "data.erase_aspect": "(0, 1]",
+        "data.random_erase": "[0, 1]", "data.erase_area": "ascending pair (0, 1]", "data.erase_aspect": "(0, 1]",
         "data.workers": ">= -1", "data.synthetic_size": ">= 1", "data.num_classes": ">= 0",
         "optim.lr": "> 0", "optim.momentum": "[0, 1)", "optim.weight_decay": ">= 0", "optim.gamma": "> 0",
-        "optim.warmup_epochs": ">= 0", "optim.milestones": ">= 0",
+        "optim.warmup_epochs": ">= 0", "optim.milestones": "ascending >= 0",
         "train.epochs": ">= 1", "train.batch_size": ">= 1", "train.accum_steps": ">= 1",
         "train.label_smoothing": "[0, 1)", "train.mixup_alpha": ">= 0", "train.mixup_off_epochs": ">= 0",
         "train.seed": ">= 0", "train.eval_every": ">= 0", "train.log_every": ">= 1", "train.max_nonfinite": ">= 1",
         "train.max_steps": ">= 0", "train.checkpoint_every": ">= 0", "train.ema_decay": "[0, 1)",
         "distill.temperature": "> 0", "distill.teacher_img_size": ">= 1",
     }
+    # (key, "<" or "<=", other key), also checked by check_bounds
+    RELATIONS: ClassVar[tuple[tuple[str, str, str], ...]] = (
+        ("data.min_area", "<=", "data.max_area"), ("data.translate", "<", "data.img_size"),
+        ("data.val_translate_tta", "<", "data.val_crop"),
+    )
 
     task: Literal["classification"] = "classification"
     model: ModelConfig = field(default_factory=ModelConfig)

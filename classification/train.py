@@ -232,12 +232,6 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
     if t.epochs < 1 or t.batch_size < 1 or t.accum_steps < 1:
         raise ConfigError("train.epochs, train.batch_size and train.accum_steps must be >= 1")
     check_bounds(cfg)
-    d = cfg.data
-    if d.min_area > d.max_area:
-        raise ConfigError(f"data.min_area={d.min_area} > data.max_area={d.max_area}: the random-resized crop's area "
-                          "range must be [min, max]")
-    if d.translate >= d.img_size:
-        raise ConfigError(f"data.translate={d.translate}: a shift in pixels less than data.img_size={d.img_size}")
     if cfg.model.sync_bn and device.type != "cuda":
         raise ConfigError("model.sync_bn=true needs CUDA: torch's SyncBatchNorm has no CPU kernel")
     if cfg.distill.teacher_img_size is not None and (cfg.distill.teacher_img_size < 1 or not cfg.distill.teacher):

@@ -119,14 +119,14 @@ def check_sync_bn(model: DetModelConfig, cuda: bool) -> None:
 class DetectionConfig:
     # checked by runtime.config.load_config once every layer is applied (a ConfigError names the key)
     BOUNDS: ClassVar[dict[str, str]] = {
-        "model.frozen_stages": ">= -1", "model.min_size_train": ">= 1", "model.min_size_test": ">= 1",
+        "model.frozen_stages": ">= -1", "model.min_size_train": "nonempty >= 1", "model.min_size_test": ">= 1",
         "model.max_size": ">= 1", "model.fpn_channels": ">= 1", "model.box_fc_dim": ">= 1",
         "model.rpn_pre_nms_topk_train": ">= 1", "model.rpn_post_nms_topk_train": ">= 1",
         "model.rpn_pre_nms_topk_test": ">= 1", "model.rpn_post_nms_topk_test": ">= 1",
         "model.roi_batch_per_image": ">= 1", "model.score_thresh_test": "[0, 1]", "model.detections_per_image": ">= 1",
         "data.hflip": "[0, 1]", "data.workers": ">= -1",
         "optim.lr": "> 0", "optim.momentum": "[0, 1)", "optim.weight_decay": ">= 0", "optim.warmup_iters": ">= 0",
-        "optim.gamma": "> 0", "optim.milestones": ">= 0",
+        "optim.gamma": "> 0", "optim.milestones": "ascending >= 0", "model.anchor_sizes": "nonempty >= 1",
         "train.max_iter": ">= 1", "train.batch_size": ">= 1", "train.seed": ">= 0", "train.log_every": ">= 1",
         "train.eval_every": ">= 0", "train.checkpoint_every": ">= 0", "train.visualize": ">= 0",
         "train.visualize_thresh": "[0, 1]", "train.max_nonfinite": ">= 1",

@@ -21,7 +21,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -137,22 +137,54 @@ def _within(value: float, rule: str) -> bool:
     raise ValueError(f"config bound {rule!r}: write '>= a', '> a', an interval '[a, b)' or choices '{{a, b}}'")
 
 
-def check_bounds(cfg: Any, bounds: Mapping[str, str] | None = None) -> None:
+_SHAPE = re.compile(r"^\s*(ascending\s+)?(pair|nonempty)?\s*(.*)$")
+_RELATIONS = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b}
+
+
+def _get(cfg: Any, key: str) -> Any:
+    value: Any = cfg
+    for part in key.split("."):
+        if not hasattr(value, part):
+            raise KeyError(f"config bounds name {key!r}, which {type(cfg).__name__} does not have")
+        value = getattr(value, part)
+    return value
+
+
+def check_bounds(cfg: Any, bounds: Mapping[str, str] | None = None,
+                 relations: Sequence[tuple[str, str, str]] | None = None) -> None:
     """The numeric ranges of a config: ``bounds`` (default: the schema's ``BOUNDS``) maps dotted keys to ``">= a"``,
     ``"> a"``, an interval (``"[a, b]"``, ``"[a, b)"``, ``"(a, b]"``, ``"(a, b)"``) or choices (``"{8, 16, 32}"``).
-    ``None`` passes; a list is checked element by element. A value outside is a ``ConfigError`` naming the key, the
-    value and the range; a key the config lacks is a programming error (``KeyError``). ``load_config`` calls it
-    once every layer is applied; each engine calls it again, for configs built in code."""
+    ``None`` passes; a list is checked element by element, and the rule may first say its shape: ``"pair ..."``
+    (exactly two elements), ``"nonempty ..."`` (at least one), ``"ascending ..."`` (non-decreasing).
+    ``relations`` (default: the schema's ``RELATIONS``) are ``(key, "<" or "<=", other key)`` between two keys,
+    element by element for lists. A value outside is a ``ConfigError`` naming the key(s), the value(s) and the rule;
+    a key the config lacks is a programming error (``KeyError``). ``load_config`` calls it once every layer is
+    applied; each engine calls it again, for configs built in code."""
     bounds = getattr(type(cfg), "BOUNDS", {}) if bounds is None else bounds
+    relations = getattr(type(cfg), "RELATIONS", ()) if relations is None else relations
     for key, rule in bounds.items():
-        value: Any = cfg
-        for part in key.split("."):
-            if not hasattr(value, part):
-                raise KeyError(f"bounds name {key!r}, which {type(cfg).__name__} does not have")
-            value = getattr(value, part)
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if item is not None and not _within(item, rule):
-                raise ConfigError(f"{key}={value}: must be {rule.strip()}")
+        value = _get(cfg, key)
+        if value is None:
+            continue
+        ascending, shape, element_rule = _SHAPE.match(rule).groups()
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if (shape == "pair" and len(items) != 2) or (shape == "nonempty" and not items) or \
+                (shape and not isinstance(value, (list, tuple))):
+            raise ConfigError(f"{key}={value}: must be {'a pair [a, b]' if shape == 'pair' else 'a non-empty list'}"
+                              f"{', ascending' if ascending else ''}, each {element_rule.strip()}")
+        if ascending and items != sorted(items):
+            raise ConfigError(f"{key}={value}: must be in ascending order")
+        for item in items:
+            if item is not None and not _within(item, element_rule):
+                raise ConfigError(f"{key}={value}: must be {element_rule.strip()}")
+    for key, op, other in relations:
+        a, b = _get(cfg, key), _get(cfg, other)
+        if a is None or b is None:
+            continue
+        pairs = list(zip(a, b)) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else [(a, b)]
+        if not all(_RELATIONS[op](x, y) for x, y in pairs):
+            raise ConfigError(f"{key}={a}: must be {op} {other}={b}"
+                              f"{' (element by element)' if len(pairs) > 1 else ''}")
 
 
 def read_top_level(path: str | os.PathLike | None, overrides: Iterable[str], key: str) -> Any:

@@ -96,15 +96,20 @@ class SegmentationConfig:
     BOUNDS: ClassVar[dict[str, str]] = {
         "model.channels": ">= 1", "model.aux_channels": ">= 1", "model.aux_weight": ">= 0", "model.dropout": "[0, 1)",
         "model.output_stride": "{8, 16, 32}", "model.frozen_stages": ">= -1", "model.in_chans": ">= 1",
-        "data.num_classes": ">= 1", "data.scale": ">= 1", "data.ratio_range": "> 0", "data.crop_size": ">= 1",
+        "data.num_classes": ">= 1", "data.scale": "pair >= 1", "data.ratio_range": "ascending pair > 0",
+        "data.crop_size": "pair >= 1",
         "data.cat_max_ratio": "(0, 1]", "data.hflip": "[0, 1]", "data.workers": ">= -1", "data.max_images": ">= 0",
         "optim.lr": "> 0", "optim.momentum": "[0, 1)", "optim.weight_decay": ">= 0", "optim.power": "> 0",
         "optim.min_lr": ">= 0", "optim.warmup_iters": ">= 0",
         "train.max_iter": ">= 1", "train.batch_size": ">= 1", "train.accum_steps": ">= 1", "train.seed": ">= 0",
         "train.log_every": ">= 1", "train.eval_every": ">= 0", "train.checkpoint_every": ">= 0",
         "train.max_nonfinite": ">= 1",
-        "eval.crop_size": ">= 1", "eval.stride": ">= 1", "eval.scales": "> 0", "eval.overlays": ">= 0",
+        "eval.crop_size": "pair >= 1", "eval.stride": "pair >= 1", "eval.scales": "nonempty > 0",
+        "eval.overlays": ">= 0",
     }
+    # (key, "<" or "<=", other key), also checked by check_bounds: sliding windows farther apart than their size
+    # would leave pixels without a prediction
+    RELATIONS: ClassVar[tuple[tuple[str, str, str], ...]] = (("eval.stride", "<=", "eval.crop_size"),)
 
     task: Literal["segmentation"] = "segmentation"
     engine: Literal["torch", "mmseg"] = "torch"  # torch: segmentation/train.py; mmseg: segmentation/mmseg_engine.py

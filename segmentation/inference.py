@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from runtime.config import ConfigError
+
 from .transforms import rescale_size
 
 
@@ -36,6 +38,8 @@ def slide_inference(model: nn.Module, image: Tensor, crop_size: Sequence[int], s
     """mmseg's sliding-window inference: ``crop_size`` (h, w) windows every ``stride`` (h, w) px, logits
     averaged where windows overlap. Returns [N, K, H, W]."""
     (h_crop, w_crop), (h_stride, w_stride) = crop_size, stride
+    if h_stride > h_crop or w_stride > w_crop:  # windows farther apart than their size: pixels without a prediction
+        raise ConfigError(f"eval.stride={list(stride)}: must be <= eval.crop_size={list(crop_size)}")
     batch, _, h_img, w_img = image.shape
     h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
     w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1

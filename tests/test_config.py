@@ -263,6 +263,24 @@ def test_bounds_rules():
         with pytest.raises(ConfigError, match=message):
             check_bounds(Outer(inner), rules)
     check_bounds(Outer(Inner(p=0.0, maybe=3)), {**rules, "inner.p": "(-1, 0]"})
+    shaped = {"inner.sizes": "ascending pair >= 1"}
+    check_bounds(Outer(), shaped)
+    for sizes, message in (([8], "must be a pair"), ([8, 16, 32], "must be a pair"), ([16, 8], "ascending order"),
+                           ([0, 8], "must be >= 1")):
+        with pytest.raises(ConfigError, match=message):
+            check_bounds(Outer(Inner(sizes=sizes)), shaped)
+    with pytest.raises(ConfigError, match="non-empty"):
+        check_bounds(Outer(Inner(sizes=[])), {"inner.sizes": "nonempty >= 1"})
+    check_bounds(Outer(Inner(n=8, p=0.5)), {}, [("inner.p", "<", "inner.n"), ("inner.sizes", "<=", "inner.sizes")])
+    for relation, message in ((("inner.n", "<", "inner.p"), r"inner.n=1: must be < inner.p=0.5"),
+                              (("inner.n", "<=", "inner.maybe"), None)):
+        if message is None:
+            check_bounds(Outer(), {}, [relation])  # None on either side passes
+        else:
+            with pytest.raises(ConfigError, match=message):
+                check_bounds(Outer(), {}, [relation])
+    with pytest.raises(ConfigError, match=r"element by element"):
+        check_bounds(Outer(), {}, [("inner.sizes", "<", "inner.sizes")])
     with pytest.raises(KeyError, match="inner.nope"):
         check_bounds(Outer(), {"inner.nope": ">= 0"})
 
@@ -292,6 +310,15 @@ def test_every_bound_names_a_key_and_the_defaults_and_shipped_configs_keep_them(
     ("segmentation", "model.output_stride=12", r"model.output_stride=12: must be \{8, 16, 32\}"),
     ("segmentation", "data.crop_size=[512, 0]", r"data.crop_size=\[512, 0\]: must be >= 1"),
     ("detection", "model.min_size_train=[640, -1]", r"model.min_size_train=\[640, -1\]: must be >= 1"),
+    # shapes and relations between keys
+    ("segmentation", "data.crop_size=[96]", r"data.crop_size=\[96\]: must be a pair \[a, b\], each >= 1"),
+    ("segmentation", "data.ratio_range=[2.0, 0.5]", r"data.ratio_range=\[2.0, 0.5\]: must be in ascending order"),
+    ("segmentation", "eval.stride=[600, 300]", r"eval.stride=\[600, 300\]: must be <= eval.crop_size=\[512, 512\]"),
+    ("segmentation", "eval.scales=[]", r"eval.scales=\[\]: must be a non-empty list"),
+    ("detection", "model.min_size_train=[]", r"model.min_size_train=\[\]: must be a non-empty list"),
+    ("detection", "optim.milestones=[300, 100]", r"optim.milestones=\[300, 100\]: must be in ascending order"),
+    ("classification", "data.translate=224", r"data.translate=224: must be < data.img_size=224"),
+    ("classification", "data.max_area=0.05", r"data.min_area=0.08: must be <= data.max_area=0.05"),
 ])
 def test_out_of_range_values_are_config_errors_naming_the_key(schema, override, message):
     from classification.config import Config

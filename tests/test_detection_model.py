@@ -105,3 +105,11 @@ def test_channels_last_detector_detects_the_same_as_contiguous():
         assert len(da["boxes"]) > 0
         torch.testing.assert_close(da["boxes"], db["boxes"], atol=1e-3, rtol=1e-4)
         torch.testing.assert_close(da["scores"], db["scores"], atol=1e-4, rtol=1e-4)
+
+
+def test_fpn_anchor_sizes_one_per_level():
+    from detection.model import build_faster_rcnn
+    from runtime.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.anchor_sizes=\[32, 64\]: FPN takes one size per level"):
+        build_faster_rcnn("resnet18d", num_classes=3, anchor_sizes=[32, 64], backbone_kwargs={"width_mult": 0.25})

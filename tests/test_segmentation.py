@@ -268,6 +268,15 @@ def test_slide_inference_equals_whole_and_mmseg():
     assert not torch.allclose(theirs, whole)  # windows cut the context: the test above is not trivial
 
 
+def test_slide_inference_refuses_windows_farther_apart_than_their_size():
+    from runtime.config import ConfigError
+    from segmentation.inference import slide_inference
+
+    model = build_fcn("resnet18d", num_classes=3, aux=False, channels=8, width_mult=0.25).eval()
+    with pytest.raises(ConfigError, match=r"eval.stride=\[48, 24\]: must be <= eval.crop_size=\[32, 32\]"):
+        slide_inference(model, torch.randn(1, 3, 96, 96), (32, 32), (48, 24))
+
+
 def test_predict_flip_and_scales_average_probabilities_at_label_size():
     x = torch.randn(1, 3, 20, 30)
     local = ConvSegmenter(1)
