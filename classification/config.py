@@ -124,7 +124,7 @@ class Config:
         "data.brightness": ">= 0", "data.contrast": ">= 0", "data.saturation": ">= 0", "data.hue": "[0, 0.5]",
         "data.lighting": ">= 0",
         "data.random_erase": "[0, 1]", "data.erase_area": "ascending pair (0, 1]", "data.erase_aspect": "(0, 1]",
-        "data.workers": ">= -1", "data.synthetic_size": ">= 1", "data.num_classes": ">= 0",
+        "data.workers": ">= -1", "data.synthetic_size": ">= 1", "data.num_classes": ">= 0", "data.std": "> 0",
         "optim.lr": "> 0", "optim.momentum": "[0, 1)", "optim.weight_decay": ">= 0", "optim.gamma": "> 0",
         "optim.warmup_epochs": ">= 0", "optim.milestones": "ascending >= 0",
         "train.epochs": ">= 1", "train.batch_size": ">= 1", "train.accum_steps": ">= 1",
@@ -136,7 +136,7 @@ class Config:
     # (key, "<" or "<=", other key), also checked by check_bounds
     RELATIONS: ClassVar[tuple[tuple[str, str, str], ...]] = (
         ("data.min_area", "<=", "data.max_area"), ("data.translate", "<", "data.img_size"),
-        ("data.val_translate_tta", "<", "data.val_crop"),
+        ("data.val_translate_tta", "<", "data.val_crop"), ("data.val_crop", "<=", "data.val_resize"),
     )
 
     task: Literal["classification"] = "classification"

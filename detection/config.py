@@ -124,7 +124,7 @@ class DetectionConfig:
         "model.rpn_pre_nms_topk_train": ">= 1", "model.rpn_post_nms_topk_train": ">= 1",
         "model.rpn_pre_nms_topk_test": ">= 1", "model.rpn_post_nms_topk_test": ">= 1",
         "model.roi_batch_per_image": ">= 1", "model.score_thresh_test": "[0, 1]", "model.detections_per_image": ">= 1",
-        "data.hflip": "[0, 1]", "data.workers": ">= -1",
+        "data.hflip": "[0, 1]", "data.workers": ">= -1", "data.std": "> 0",
         "optim.lr": "> 0", "optim.momentum": "[0, 1)", "optim.weight_decay": ">= 0", "optim.warmup_iters": ">= 0",
         "optim.gamma": "> 0", "optim.milestones": "ascending >= 0", "model.anchor_sizes": "nonempty >= 1",
         "train.max_iter": ">= 1", "train.batch_size": ">= 1", "train.seed": ">= 0", "train.log_every": ">= 1",

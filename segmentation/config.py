@@ -98,7 +98,7 @@ class SegmentationConfig:
         "model.output_stride": "{8, 16, 32}", "model.frozen_stages": ">= -1", "model.in_chans": ">= 1",
         "data.num_classes": ">= 1", "data.scale": "pair >= 1", "data.ratio_range": "ascending pair > 0",
         "data.crop_size": "pair >= 1",
-        "data.cat_max_ratio": "(0, 1]", "data.hflip": "[0, 1]", "data.workers": ">= -1", "data.max_images": ">= 0",
+        "data.cat_max_ratio": "(0, 1]", "data.hflip": "[0, 1]", "data.std": "> 0", "data.workers": ">= -1", "data.max_images": ">= 0",
         "optim.lr": "> 0", "optim.momentum": "[0, 1)", "optim.weight_decay": ">= 0", "optim.power": "> 0",
         "optim.min_lr": ">= 0", "optim.warmup_iters": ">= 0",
         "train.max_iter": ">= 1", "train.batch_size": ">= 1", "train.accum_steps": ">= 1", "train.seed": ">= 0",

@@ -319,6 +319,8 @@ def test_every_bound_names_a_key_and_the_defaults_and_shipped_configs_keep_them(
     ("detection", "optim.milestones=[300, 100]", r"optim.milestones=\[300, 100\]: must be in ascending order"),
     ("classification", "data.translate=224", r"data.translate=224: must be < data.img_size=224"),
     ("classification", "data.max_area=0.05", r"data.min_area=0.08: must be <= data.max_area=0.05"),
+    ("classification", "data.val_crop=300", r"data.val_crop=300: must be <= data.val_resize=256"),
+    ("detection", "data.std=[0.2, 0, 0.2]", r"data.std=\[0.2, 0.0, 0.2\]: must be > 0"),
 ])
 def test_out_of_range_values_are_config_errors_naming_the_key(schema, override, message):
     from classification.config import Config
