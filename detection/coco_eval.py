@@ -129,8 +129,8 @@ def evaluate_coco(gt, results: list[dict], class_names: Optional[Mapping[int, st
     (default: the ground truth's category names).
 
     No detections at all: pycocotools' ``loadRes`` cannot take an empty list, so the detections are an empty
-    ``COCO`` of the same images; COCOeval then leaves every precision at -1, and every metric of a
-    category with ground truth is 0 (nothing found), not NaN.
+    ``COCO`` of the same images, scored by COCOeval like any other: 0 where there is ground truth (nothing found),
+    NaN where an area range or category has none (as with detections).
     """
     _, COCOeval = _pycocotools()
     cat_ids = sorted(gt.getCatIds())
@@ -146,11 +146,6 @@ def evaluate_coco(gt, results: list[dict], class_names: Optional[Mapping[int, st
         evaluator.accumulate()
         evaluator.summarize()
     log.debug("COCOeval:\n%s", printed.getvalue())
-    has_gt = {c: bool(gt.getAnnIds(catIds=[c], iscrowd=False)) for c in cat_ids}
-    if not results:
-        stats = [0.0 if any(has_gt.values()) else math.nan] * len(STAT_NAMES)
-        per_class = {names[c]: (0.0 if has_gt[c] else math.nan) for c in cat_ids}
-        return {**dict(zip(STAT_NAMES, stats)), "ap_per_class": per_class}
     clean = lambda v: math.nan if v < 0 else float(v)
     out: dict[str, Any] = {name: clean(v) for name, v in zip(STAT_NAMES, evaluator.stats[:9])}
     # precision: [IoU T, recall R, category K, area A, max detections M]; area "all", 100 detections.

@@ -56,12 +56,17 @@ class VOCBoxes:
     labels: np.ndarray                       # [N] int, class index in 0 .. num_classes - 1
     scores: Optional[np.ndarray] = None      # [N] predictions only
     difficult: Optional[np.ndarray] = None   # [N] bool, ground truth only (None = none difficult)
+    order: Optional[np.ndarray] = None       # [N] predictions only: their position in the results file, which
+                                             # ranks equal scores as the devkit does (None: the input order)
 
 
 def average_precision(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool) -> float:
     """AP from the cumulative recall/precision of the ranked detections (the devkit's ``VOCap``)."""
     if use_07_metric:
-        # The devkit's thresholds are 0:0.1:1, i.e. k * 0.1 in floating point (0.30000000000000004, ...).
+        # Thresholds k * 0.1 in floating point (0.30000000000000004, 0.6000000000000001, ...), as detectron2's
+        # np.arange(0, 1.1, 0.1). The devkit writes 0:0.1:1; if MATLAB's colon computes its upper half from the end
+        # (exactly 0.6, 0.7, ...), a recall of exactly 0.6 or 0.7 earns that point there and not here or in
+        # detectron2 (not checked: no MATLAB here).
         points = [precision[recall >= k * 0.1].max(initial=0.0) for k in range(11)]
         return float(np.sum(points) / 11)
     mrec = np.concatenate(([0.0], recall, [1.0]))
@@ -129,8 +134,9 @@ def _match(predictions: Sequence[VOCBoxes], ground_truth: Sequence[VOCBoxes], nu
            iou_threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The devkit's verdict on every detection of every class at once.
 
-    Returns the detections' classes, ranked (by class, then by descending score; equal scores keep the
-    input order, image by image: a stable sort, as the devkit's MATLAB ``sort``), whether each is a true or
+    Returns the detections' classes, ranked (by class, then by descending score; equal scores in their results-file
+    order when the predictions carry ``order``, else in the input order, image by image: a stable sort, as the
+    devkit's MATLAB ``sort`` of the file's lines), whether each is a true or
     a false positive (a hit on a difficult box is neither), and the number of non-difficult boxes per class.
     """
     det_boxes, det_labels, det_image, scores = _stack(predictions, "predictions", "scores")
@@ -151,7 +157,11 @@ def _match(predictions: Sequence[VOCBoxes], ground_truth: Sequence[VOCBoxes], nu
 
     # Rank by class, then by descending score, ties in the input order: stable sorts, the second on small
     # integers (numpy radix-sorts those).
-    rank = np.argsort(-scores, kind="stable")
+    orders = [p.order is not None for p in predictions]
+    if any(orders) and not all(orders):
+        raise ValueError("predictions: give every image's order (results-file positions) or none")
+    tie = _stack(predictions, "predictions", "order")[3] if orders and all(orders) else np.arange(len(scores))
+    rank = np.lexsort((tie, -scores))  # descending score, ties by file position (or input order)
     rank = rank[np.argsort(det_labels[rank].astype(np.min_scalar_type(num_classes)), kind="stable")]
     labels, best_iou, best_gt = det_labels[rank], best_iou[rank], best_gt[rank]
     hit = best_iou > iou_threshold
@@ -182,7 +192,8 @@ def evaluate_voc(predictions: Sequence[VOCBoxes], ground_truth: Sequence[VOCBoxe
     """Per-class AP and their mean over a dataset; ``predictions[i]`` and ``ground_truth[i]`` are one image.
 
     Returns ``{"mAP", "ap" [num_classes], "num_gt" [num_classes]}`` (AP in 0-1). A class without any
-    non-difficult ground-truth box has AP NaN and is left out of the mean (the devkit would give NaN).
+    non-difficult ground-truth box has AP NaN and is left out of the mean (detectron2's ``voc_eval`` gives it 0
+    under the 11-point metric, and 0 or NaN under the area one, without or with detections, and averages it in).
     IoUs are computed in float64, as the devkit does, whatever the boxes' dtype.
     """
     if len(predictions) != len(ground_truth):
@@ -212,7 +223,8 @@ def evaluate_voc_iou_range(predictions: Sequence[VOCBoxes], ground_truth: Sequen
 
     Returns ``{"AP", "AP50", "AP75", "per_threshold": {0.5: mAP, ...}}`` in 0-1 (detectron2 prints
     percent). A class without non-difficult ground truth is left out of every mean, as in
-    ``evaluate_voc`` (detectron2 would count it 0 under the 11-point metric and NaN under the area one).
+    ``evaluate_voc`` (detectron2 counts it 0 under the 11-point metric, and 0 or NaN under the area one, without or
+    with detections).
     """
     per_threshold = {t: evaluate_voc(predictions, ground_truth, num_classes, t, use_07_metric)["mAP"]
                      for t in D2_IOU_THRESHOLDS}
@@ -311,7 +323,8 @@ def read_voc_results(results_dir: Path | str, classes: Sequence[str], split: str
                      prefix: str = "comp4_det", image_ids: Optional[Sequence[str]] = None) -> dict[str, VOCBoxes]:
     """Read the devkit's results files back: ``{image_id: VOCBoxes(boxes, labels, scores)}`` with boxes in
     continuous coordinates (``xmin - 1, ymin - 1, xmax, ymax``) and labels indexing ``classes``; an image's
-    detections are grouped by class, in file order.
+    detections are grouped by class, in file order, and ``order`` keeps each line's position in its class file
+    (the devkit ranks equal scores in file order, whatever the image).
 
     A missing class file means no detections of that class (logged as a warning naming the file), but a
     folder that does not exist, or holds no ``<prefix>_<split>_*.txt`` file at all, is an error (scoring it
@@ -319,7 +332,7 @@ def read_voc_results(results_dir: Path | str, classes: Sequence[str], split: str
     the file and line; so is an id outside ``image_ids`` (when given: the split's ids).
     """
     known = None if image_ids is None else set(image_ids)
-    found: dict[str, list[tuple[int, list[float]]]] = {}
+    found: dict[str, list[tuple[int, list[float], int]]] = {}
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise UserPathError(f"results folder {results_dir} not found (--results: the folder of "
@@ -352,12 +365,13 @@ def read_voc_results(results_dir: Path | str, classes: Sequence[str], split: str
             if known is not None and image_id not in known:
                 raise VOCFormatError(f"{where}: image {image_id!r} is not in the {split} split (results for another "
                                      "split, or the wrong --split/--year?)")
-            found.setdefault(image_id, []).append((label, values))
+            found.setdefault(image_id, []).append((label, values, number))
     results = {}
     for image_id, rows in found.items():
-        values = np.array([v for _, v in rows], np.float64)
+        values = np.array([v for _, v, _ in rows], np.float64)
         results[image_id] = VOCBoxes(values[:, 1:] - np.array([1.0, 1.0, 0.0, 0.0]),
-                                     np.array([label for label, _ in rows], np.int64), scores=values[:, 0])
+                                     np.array([label for label, _, _ in rows], np.int64), scores=values[:, 0],
+                                     order=np.array([n for _, _, n in rows], np.int64))
     return results
 
 
@@ -377,7 +391,7 @@ def score_voc_results(devkit_root: Path | str, year: str | int, split: str, resu
     dataset = VOCDetection(devkit_root, str(year), split, keep_difficult=True, classes=names,
                            skip_invalid=skip_invalid, drop_empty=False)
     found = read_voc_results(results_dir, names, split, prefix, image_ids=dataset.ids)
-    nothing = VOCBoxes(np.zeros((0, 4)), np.zeros(0, np.int64), scores=np.zeros(0))
+    nothing = VOCBoxes(np.zeros((0, 4)), np.zeros(0, np.int64), scores=np.zeros(0), order=np.zeros(0, np.int64))
     predictions = [found.get(image_id, nothing) for image_id in dataset.ids]
     truth = [VOCBoxes(ann.boxes, ann.labels, difficult=ann.difficult)
              for ann in (dataset.annotation(i) for i in range(len(dataset)))]

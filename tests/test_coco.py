@@ -241,3 +241,26 @@ def test_no_detections_scores_zero(tmp_path):
     (tmp_path / "dt.json").write_text("[]")
     result = score_coco_files(gt_path, tmp_path / "dt.json")
     assert result["AP"] == 0.0 and result["ap_per_class"] == {"cat": 0.0, "bird": 0.0, "dog": 0.0}
+
+
+def test_no_detections_equals_cocoeval_where_an_area_range_has_no_ground_truth(tmp_path):
+    """No detections: COCOeval's numbers (an empty detections COCO), 0 where there is ground truth and NaN (its
+    -1) for the area ranges without any, here the small one."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    path = _break(write_coco(tmp_path, n=6), lambda d: [a.update(area=[2000.0, 20000.0][k % 2])
+                                                         for k, a in enumerate(d["annotations"])])
+    (tmp_path / "dt.json").write_text("[]")
+    result = score_coco_files(path, tmp_path / "dt.json")
+    gt = COCO(str(path))
+    empty = COCO()
+    empty.dataset = {"images": gt.dataset["images"], "annotations": [], "categories": gt.dataset["categories"]}
+    empty.createIndex()
+    evaluator = COCOeval(gt, empty, "bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    expected = [float("nan") if v < 0 else float(v) for v in evaluator.stats[:9]]
+    assert [result[name] for name in STAT_NAMES] == pytest.approx(expected, nan_ok=True)
+    assert np.isnan(result["APs"]) and result["APm"] == 0.0 and result["APl"] == 0.0

@@ -341,6 +341,42 @@ def test_score_results_folder_by_hand(devkit, tmp_path):
     assert res["map_voc07"] == direct["mAP"]
 
 
+def test_equal_scores_rank_in_results_file_order(devkit, tmp_path):
+    """The devkit sorts a class file's lines by score, stably: equal scores keep the file's order, whatever the
+    image set's order. Here the false positive (image 000002) comes first in the file: dog AP 0.5 by both
+    metrics, as detectron2's voc_eval on the same file (two lines: its sort keeps them); in image-set order 1."""
+    from detection.d2_engine import import_detectron2
+
+    try:
+        import_detectron2()
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        pytest.skip(f"detectron2 cannot be imported: {e}")
+    from detectron2.evaluation import pascal_voc_evaluation
+
+    pascal_voc_evaluation.parse_rec.cache_clear()
+
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "comp4_det_test_dog.txt").write_text("000002 0.500 1.0 1.0 20.0 10.0\n000001 0.500 1.0 1.0 20.0 10.0\n")
+    for name in ("person", "chair"):
+        (res / f"comp4_det_test_{name}.txt").write_text("")
+    # the fixture's boxes as detectron2's parse_rec reads them (it needs pose and truncated)
+    boxes = {"000001": [("dog", 1, 1, 20, 10, 0), ("chair", 30, 5, 60, 40, 1)],
+             "000002": [("person", 10, 10, 30, 45, 0), ("person", 35, 5, 60, 40, 0)], "000003": []}
+    (tmp_path / "d2").mkdir()
+    for image_id, objects in boxes.items():
+        (tmp_path / "d2" / f"{image_id}.xml").write_text("<annotation>" + "".join(
+            f"<object><name>{n}</name><pose>Unspecified</pose><truncated>0</truncated><difficult>{d}</difficult>"
+            f"<bndbox><xmin>{a}</xmin><ymin>{b}</ymin><xmax>{c}</xmax><ymax>{e}</ymax></bndbox></object>"
+            for n, a, b, c, e, d in objects) + "</annotation>")
+    for use_07 in (True, False):
+        ours = score_voc_results(devkit, 2007, "test", res, classes=CLASSES, use_07_metric=use_07)
+        theirs = pascal_voc_evaluation.voc_eval(str(res / "comp4_det_test_{}.txt"), str(tmp_path / "d2" / "{}.xml"),
+                                                str(devkit / "VOC2007" / "ImageSets" / "Main" / "test.txt"), "dog",
+                                                ovthresh=0.5, use_07_metric=use_07)[2]
+        assert ours["ap_per_class"]["dog"] == pytest.approx(theirs) == pytest.approx(0.5)
+
+
 def test_devkit_written_lines_and_missing_class_files(devkit, tmp_path, caplog):
     res_dir = tmp_path / "res"
     res_dir.mkdir()
