@@ -63,10 +63,10 @@ class VOCBoxes:
 def average_precision(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool) -> float:
     """AP from the cumulative recall/precision of the ranked detections (the devkit's ``VOCap``)."""
     if use_07_metric:
-        # Thresholds k * 0.1 in floating point (0.30000000000000004, 0.6000000000000001, ...), as detectron2's
-        # np.arange(0, 1.1, 0.1). The devkit writes 0:0.1:1; if MATLAB's colon computes its upper half from the end
-        # (exactly 0.6, 0.7, ...), a recall of exactly 0.6 or 0.7 earns that point there and not here or in
-        # detectron2 (not checked: no MATLAB here).
+        # Thresholds k * 0.1 in floating point (0.30000000000000004, 0.6000000000000001, 0.7000000000000001), as
+        # np.arange(0, 1.1, 0.1) in detectron2 and in GluonCV's VOC07MApMetric (the paper's numbers). The devkit's
+        # MATLAB 0:0.1:1 computes its upper half down from 1 (MathWorks' colon algorithm: exactly 0.6 and 0.7), so
+        # a recall of exactly 0.6 or 0.7 earns that point there and not in the Python references or here.
         points = [precision[recall >= k * 0.1].max(initial=0.0) for k in range(11)]
         return float(np.sum(points) / 11)
     mrec = np.concatenate(([0.0], recall, [1.0]))
