@@ -44,7 +44,9 @@ def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
                          f"{tuple(target_probs.shape)}; pass class probabilities [N, K] (see smooth_labels)")
     dtype = torch.promote_types(torch.promote_types(logits.dtype, target_probs.dtype), torch.float32)
     log_probs = F.log_softmax(logits.to(dtype), dim=-1)
-    return -(target_probs.to(dtype) * log_probs).sum(dim=-1).mean()
+    q = target_probs.to(dtype)
+    # 0 * log 0 = 0: a class with no target mass adds nothing, even at a -inf logit (F.cross_entropy's convention)
+    return -torch.where(q > 0, q * log_probs, torch.zeros((), dtype=dtype, device=q.device)).sum(dim=-1).mean()
 
 
 def _sample_beta(alpha: float, generator: Optional[torch.Generator]) -> float:

@@ -66,6 +66,14 @@ def build_model(cfg: Config, num_classes: int) -> Backbone:
         raise ConfigError(f"model.kwargs {m.kwargs}: {e}") from None
 
 
+def epochs_to_steps(epochs: float, steps_per_epoch: int, at_least_one: bool = False) -> int:
+    """Optimizer steps of a (fractional) number of epochs, rounded half up (Python's ``round`` goes to even: 0.5
+    of an epoch of 5 steps would be 2, 1.5 epochs 8); ``at_least_one``: a positive number is never 0 steps (a
+    warm-up asked for is not dropped)."""
+    steps = math.floor(epochs * steps_per_epoch + 0.5)
+    return max(steps, 1) if at_least_one and epochs > 0 else steps
+
+
 def normalization(cfg: Config) -> tuple[list[float], list[float]]:
     """``data.mean``/``data.std``, or the backbone's defaults (``runtime.data.normalization``)."""
     return resolve_normalization(cfg.data.mean, cfg.data.std, cfg.model.name, cfg.model.in_chans, model_kwargs(cfg))
@@ -273,8 +281,9 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
     optimizer = build_optimizer(model, lr=base_lr, momentum=o.momentum, nesterov=o.nesterov,
                                 weight_decay=o.weight_decay, no_bias_decay=o.no_bias_decay)
     scheduler = build_scheduler(optimizer, base_lr=base_lr, total_steps=total_steps,
-                                warmup_steps=round(o.warmup_epochs * steps_per_epoch), schedule=o.schedule,
-                                milestones=[round(m * steps_per_epoch) for m in o.milestones], gamma=o.gamma)
+                                warmup_steps=epochs_to_steps(o.warmup_epochs, steps_per_epoch, at_least_one=True),
+                                schedule=o.schedule, gamma=o.gamma,
+                                milestones=[epochs_to_steps(m, steps_per_epoch) for m in o.milestones])
     stepper = OptimizerStep(optimizer, scheduler, precision.scaler, accum_steps=t.accum_steps,
                             max_nonfinite=t.max_nonfinite)
     criterion = ClassificationLoss(label_smoothing=t.label_smoothing, temperature=cfg.distill.temperature)
@@ -361,6 +370,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
                     stepper.backward(loss)
                 step_loss += loss.detach() / t.accum_steps
                 images_seen += images.shape[0]
+            lr = optimizer.param_groups[0]["lr"]  # the lr this step uses (logged below)
             stepped = stepper.step(step_loss)
             if ema is not None:
                 ema.update_parameters(model)
@@ -371,7 +381,6 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
                 # The only host syncs of the loop: here, every log_every steps (and at evaluations and checkpoints).
                 stepper.check_diverged(f"epoch {epoch}, step {step}", str(out / "last.pth"))
                 mean_loss = meter.mean()["loss"]
-                lr = optimizer.param_groups[0]["lr"]
                 shown = progress.report(step, loss=mean_loss, lr=lr)
                 logger.log("train", step, epoch=step / steps_per_epoch, loss=mean_loss, lr=lr,
                            img_per_s=shown["img_per_s"])

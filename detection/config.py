@@ -68,7 +68,7 @@ class DetOptimConfig:
     lr: float = 0.02                         # per 16 images; scaled linearly by the global batch
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    no_bias_decay: bool = False              # the paper's trick, off as in detectron2's recipe
+    no_bias_decay: bool = False              # the paper's trick (biases and norm layers without decay); off: everything decays
     warmup_iters: int = 100                  # linear warm-up from 0 (iterations)
     milestones: list[int] = field(default_factory=lambda: [12000, 16000])  # x gamma at these iterations
     gamma: float = 0.1

@@ -499,11 +499,14 @@ def build_d2_config(cfg: DetectionConfig):
     d2.SOLVER.BASE_LR = scale_lr(o.lr, global_batch, REFERENCE_BATCH)
     d2.SOLVER.MOMENTUM = o.momentum
     d2.SOLVER.WEIGHT_DECAY = o.weight_decay
-    d2.SOLVER.WEIGHT_DECAY_NORM = 0.0
+    # optim.no_bias_decay as in the torch engine: biases and norm layers exempt, or nothing exempt (detectron2's
+    # own recipe exempts norm layers only; with the default frozen BN they have no gradient either way)
+    d2.SOLVER.WEIGHT_DECAY_NORM = 0.0 if o.no_bias_decay else o.weight_decay
     d2.SOLVER.WEIGHT_DECAY_BIAS = 0.0 if o.no_bias_decay else None  # None: same as WEIGHT_DECAY
     d2.SOLVER.STEPS = tuple(o.milestones)
     d2.SOLVER.GAMMA = o.gamma
     d2.SOLVER.WARMUP_ITERS = o.warmup_iters
+    d2.SOLVER.WARMUP_FACTOR = 0.0  # linear from 0, as the torch engine (runtime.schedules.lr_at); detectron2: 0.001
     d2.SOLVER.MAX_ITER = t.max_iter
     d2.SOLVER.CHECKPOINT_PERIOD = t.checkpoint_every or t.max_iter  # 0: at the end only (its final checkpoint)
     d2.SOLVER.AMP.ENABLED = precision == "fp16"

@@ -249,6 +249,7 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
             losses = train_model(images, targets)
         loss = sum(losses.values())
         stepper.backward(loss)
+        lr = optimizer.param_groups[0]["lr"]  # the lr this step uses (logged below)
         stepped = stepper.step(loss)
         done = iteration + 1
         progress.update(global_batch)
@@ -257,7 +258,6 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
             # The only host syncs of the loop: here, every log_every iterations (and at evaluations and checkpoints).
             stepper.check_diverged(f"iteration {done}", str(out / "last.pth"))
             values = meter.mean()  # over steps and ranks
-            lr = optimizer.param_groups[0]["lr"]
             shown = progress.report(done, loss=values.get("loss", float("nan")), lr=lr)
             logger.log("train", done, lr=lr, img_per_s=shown["img_per_s"], **values)
         if done == t.max_iter:  # the trained model is on disk before the final evaluation can fail

@@ -9,13 +9,14 @@ from runtime.config import ConfigError
 __all__ = ["NORM_LAYERS", "param_groups", "build_optimizer"]
 
 # _NormBase covers BatchNorm*d, SyncBatchNorm, InstanceNorm*d and their lazy and user subclasses.
-NORM_LAYERS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+NORM_LAYERS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
+                                             *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_bias_decay: bool) -> list[dict]:
     """Optimizer parameter groups, each with ``params``, ``param_names`` and ``weight_decay``.
 
-    With ``no_bias_decay`` the paper's rule applies: every parameter named ``bias`` and every parameter
+    With ``no_bias_decay`` the paper's rule applies: every parameter named ``bias`` (or ``*_bias``) and every parameter
     of a normalization layer (``NORM_LAYERS``) gets ``weight_decay = 0``; all others, including 1-D
     weights of other layers, keep the decay. The choice is by module type and name, not by ``ndim``
     (timm's heuristic), so exactly those parameters are exempt. A tensor shared by several modules
@@ -31,7 +32,7 @@ def param_groups(model: nn.Module, weight_decay: float, no_bias_decay: bool) -> 
     for module_name, module in model.named_modules(remove_duplicate=False):
         is_norm = isinstance(module, NORM_LAYERS)
         for param_name, param in module.named_parameters(recurse=False):
-            exempt = is_norm or param_name == "bias"
+            exempt = is_norm or param_name.endswith("bias")  # bias, in_proj_bias (MultiheadAttention), ...
             entry = seen.setdefault(id(param), [f"{module_name}.{param_name}".lstrip("."), param, False])
             entry[2] = entry[2] or exempt
     groups = []

@@ -132,7 +132,8 @@ def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int = 0,
 
     After warmup:
       * ``"step"``: ``base_lr * gamma ** (number of milestones <= step)``; milestones are in steps,
-        counted from 0 like ``step`` (warmup included).
+        counted from 0 like ``step`` (warmup included); one inside the warm-up multiplies its ramp, as
+        detectron2's ``WarmupMultiStepLR``.
       * ``"cosine"``: ``0.5 * (1 + cos(pi * t / T)) * base_lr`` with ``t = step - warmup_steps``,
         ``T = total_steps - warmup_steps``; it reaches 0 at ``total_steps`` and stays there.
         ``milestones`` and ``gamma`` are ignored.
@@ -143,10 +144,11 @@ def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int = 0,
     _validate(base_lr, total_steps, warmup_steps, schedule, milestones, gamma, power, min_lr)
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
+    warmup = step / warmup_steps if step < warmup_steps else 1.0
+    if schedule == "step":  # a milestone inside the warm-up scales it too (detectron2's WarmupMultiStepLR)
+        return base_lr * warmup * gamma ** sum(1 for m in milestones if m <= step)
     if step < warmup_steps:
-        return base_lr * step / warmup_steps
-    if schedule == "step":
-        return base_lr * gamma ** sum(1 for m in milestones if m <= step)
+        return base_lr * warmup
     decay_steps = total_steps - warmup_steps
     # Clamped: past the end the cosine would rise again; with no decay steps the run is already over.
     progress = min((step - warmup_steps) / decay_steps, 1.0) if decay_steps > 0 else 1.0

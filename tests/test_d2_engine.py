@@ -133,6 +133,11 @@ def test_d2_config_follows_recipe(devkit, tmp_path):
     cfg = tiny_config(devkit, tmp_path, "train.batch_size=4", "optim.lr=0.02", "train.eval_every=5")
     d2 = d2_engine.build_d2_config(cfg)
     assert d2.SOLVER.IMS_PER_BATCH == 4 and d2.SOLVER.BASE_LR == pytest.approx(0.02 * 4 / 16)
+    assert d2.SOLVER.WARMUP_FACTOR == 0.0  # linear from 0, as runtime.schedules.lr_at
+    for no_bias_decay, norm, bias in ((False, 1e-4, None), (True, 0.0, 0.0)):  # as runtime.optim.param_groups
+        other = d2_engine.build_d2_config(tiny_config(devkit, tmp_path, "optim.weight_decay=1e-4",
+                                                      f"optim.no_bias_decay={str(no_bias_decay).lower()}"))
+        assert (other.SOLVER.WEIGHT_DECAY_NORM, other.SOLVER.WEIGHT_DECAY_BIAS) == (norm, bias)
     assert d2.MODEL.ROI_HEADS.NUM_CLASSES == 3 and d2.INPUT.FORMAT == "RGB"
     assert d2.MODEL.RPN.IN_FEATURES == ["p2", "p3", "p4", "p5", "p6"] and d2.MODEL.RPN.POST_NMS_TOPK_TRAIN == 1000
     from backbones import IMAGENET_MEAN, IMAGENET_STD  # the backbone's default, RGB, on 0-255

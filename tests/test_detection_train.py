@@ -100,16 +100,16 @@ def test_resume_inside_an_epoch_is_exact(tmp_path, monkeypatch):
 
 
 def test_scale_schedule_runs_the_recipes_epochs(tmp_path, caplog):
-    """Global batch 2 against the recipe's 16: train.scale_schedule=true runs 8x the iterations."""
-    cfg = tiny(tmp_path, "train.max_iter=1", "optim.warmup_iters=0", "optim.milestones=[1]", "train.log_every=1",
+    """Global batch 2 against the recipe's 16: train.scale_schedule=true runs 8x the iterations, milestones too."""
+    cfg = tiny(tmp_path, "train.max_iter=2", "optim.warmup_iters=0", "optim.milestones=[1]", "train.log_every=1",
                "train.scale_schedule=true", "train.visualize=0")
     with caplog.at_level("WARNING", logger="runtime.schedules"):
         train_detector(cfg)
     lines = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines if r["kind"] == "train"] == list(range(1, 9))
-    lrs = [r["lr"] for r in lines if r["kind"] == "train"]
-    assert lrs[:7] == pytest.approx([0.02 * 2 / 16] * 7) and lrs[7] == pytest.approx(0.02 * 2 / 16 * 0.1)  # x0.1 at 8
-    assert any("runs 8 iterations instead of 1" in r.getMessage() for r in caplog.records)
+    assert [r["step"] for r in lines if r["kind"] == "train"] == list(range(1, 17))
+    lrs = [r["lr"] for r in lines if r["kind"] == "train"]  # each record: the lr its iteration used
+    assert lrs == pytest.approx([0.02 * 2 / 16] * 8 + [0.02 * 2 / 16 * 0.1] * 8)  # the milestone 1 -> 8
+    assert any("runs 16 iterations instead of 2" in r.getMessage() for r in caplog.records)
 
 
 def test_sync_bn_under_ddp_converts_the_trainable_bn(tmp_path):

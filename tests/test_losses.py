@@ -74,6 +74,14 @@ def test_soft_cross_entropy_is_fp32_for_half_logits(dtype: torch.dtype) -> None:
     torch.testing.assert_close(got, soft_cross_entropy(logits.float(), target))
 
 
+def test_soft_cross_entropy_with_minus_inf_logits_of_classes_without_target_mass() -> None:
+    """0 * log 0 = 0, as F.cross_entropy: a -inf logit (a masked class) of a class with no target mass is no NaN."""
+    logits = torch.tensor([[2.0, -float("inf"), 0.5], [0.1, 0.2, -float("inf")]])
+    labels = torch.tensor([0, 1])
+    ours = soft_cross_entropy(logits, F.one_hot(labels, 3).float())
+    torch.testing.assert_close(ours, F.cross_entropy(logits, labels))
+
+
 def test_soft_cross_entropy_rejects_shape_mismatch() -> None:
     with pytest.raises(ValueError, match="shape"):
         soft_cross_entropy(torch.zeros(2, 3), torch.zeros(2, 4))

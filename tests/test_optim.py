@@ -72,12 +72,16 @@ def test_exactly_biases_and_norm_weights_skip_decay() -> None:
         "scale": _Scale(),
         "a": shared,
         "b": shared,                                              # the same module twice: its params once
+        "attn": nn.MultiheadAttention(4, 2),                      # in_proj_bias: a bias by another name
+        "rms": nn.RMSNorm(4),
     })
     groups = param_groups(model, weight_decay=1e-4, no_bias_decay=True)
     decay, no_decay = _split(groups)
-    assert decay == {"conv1d.weight", "prelu.weight", "scale.weight", "a.weight"}
+    assert decay == {"conv1d.weight", "prelu.weight", "scale.weight", "a.weight", "attn.in_proj_weight",
+                     "attn.out_proj.weight"}
     assert no_decay == {"conv1d.bias", "bn.weight", "bn.bias", "gn.weight", "gn.bias", "ln.weight", "ln.bias",
-                        "inorm.weight", "inorm.bias", "custom_norm.weight", "custom_norm.bias", "a.bias"}
+                        "inorm.weight", "inorm.bias", "custom_norm.weight", "custom_norm.bias", "a.bias",
+                        "attn.in_proj_bias", "attn.out_proj.bias", "rms.weight"}
     params = [p for g in groups for p in g["params"]]
     assert len(params) == len({id(p) for p in params}) == len(list(model.parameters()))
 

@@ -249,3 +249,20 @@ def test_schedule_for_batch_scales_a_config_and_says_so(caplog) -> None:
     with caplog.at_level("WARNING", logger="runtime.schedules"):
         assert schedule_for_batch(scaled_cfg, 16, 16, train_images=16551) is scaled_cfg  # the recipe's batch
     assert not caplog.records
+
+
+def test_step_schedule_with_warmup_equals_detectron2_warmup_multistep() -> None:
+    """The step schedule with a linear warm-up from 0 is detectron2's WarmupMultiStepLR with warmup_factor 0 at every
+    iteration, a milestone inside the warm-up included (it scales the ramp)."""
+    pytest.importorskip("detectron2")
+    from detectron2.solver.lr_scheduler import WarmupMultiStepLR
+
+    for warmup, milestones in ((5, [3, 8]), (4, [6, 9]), (0, [2])):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.02)
+        ref = WarmupMultiStepLR(opt, milestones=milestones, gamma=0.1, warmup_factor=0.0, warmup_iters=warmup,
+                                warmup_method="linear")
+        for step in range(12):
+            ours = lr_at(step, base_lr=0.02, total_steps=12, warmup_steps=warmup, milestones=milestones)
+            assert ours == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=1e-15), (warmup, milestones, step)
+            opt.step()
+            ref.step()

@@ -354,8 +354,8 @@ def test_logged_lr_is_the_schedule_at_every_step(tmp_path):
     records = read_records(Path(cfg.output_dir) / "metrics.jsonl", "train")
     base = 0.4 * 16 / 256
     assert [r["step"] for r in records] == list(range(1, 13))
-    for r in records:  # logged after step r["step"]: the lr of the next step
-        assert r["lr"] == pytest.approx(lr_at(r["step"], base_lr=base, total_steps=12, warmup_steps=3,
+    for r in records:  # logged after step r["step"] (1-based): the lr that step used, lr_at(step - 1)
+        assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, base_lr=base, total_steps=12, warmup_steps=3,
                                               schedule="cosine"), abs=1e-12)
 
 
@@ -560,3 +560,11 @@ def test_compiled_run_trains_through_the_compiled_model_as_eager(tmp_path, monke
     assert losses("compiled") == pytest.approx(losses("eager"), rel=1e-4)
     a, b = (load_state_dict(tmp_path / name / "model.safetensors") for name in ("eager", "compiled"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-4) for k in a)
+
+
+def test_epochs_to_steps_rounds_half_up_and_keeps_a_warmup():
+    from classification.train import epochs_to_steps
+
+    assert [epochs_to_steps(e, 5) for e in (0.5, 1.5, 2.5, 0.1, 0.0, 3)] == [3, 8, 13, 1, 0, 15]  # round(): 2, 8, 12
+    assert epochs_to_steps(0.05, 5) == 0 and epochs_to_steps(0.05, 5, at_least_one=True) == 1
+    assert epochs_to_steps(0.0, 5, at_least_one=True) == 0
