@@ -79,6 +79,10 @@ def _target_spec(arch: str, variant: dict, target: str) -> dict | str:
     if arch == "inception_v3":
         if variant.get("width_mult", 1.0) != 1.0:
             return f"its variant width_mult={variant['width_mult']} exists only in the suite"
+        if variant.get("transform_input"):
+            if target == "torchvision":
+                return {"name": "inception_v3", "kwargs": {"transform_input": True}}
+            return f"{target} has no transform_input (torchvision's input re-normalisation, on in this network)"
         if target in ("timm", "torchvision"):
             return {"name": "inception_v3"}
         return f"{target} has no Inception-V3 backbone"

@@ -58,6 +58,8 @@ class InceptionV3(Backbone):
         # torchvision's trick to feed its ImageNet-normalised inputs to weights trained on [-1, 1] inputs.
         self.transform_input = transform_input
         self.variant = dict(aux_logits=aux_logits)
+        if transform_input:  # changes what the network computes without changing a weight: exports must know
+            self.variant["transform_input"] = True
         if width_mult != 1.0:
             self.variant["width_mult"] = width_mult
 

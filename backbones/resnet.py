@@ -122,6 +122,8 @@ class ResNet(Backbone):
         self.variant = dict(depth=_depth(block, layers), stem=stem, downsample_in=downsample_in, avg_down=avg_down)
         if width_mult != 1.0:  # a narrower network for small inputs; 1.0 keeps the published shapes
             self.variant["width_mult"] = width_mult
+        if stem == "deep" and stem_width != 32:  # the published deep stems are 32 wide (exports refuse others)
+            self.variant["stem_width"] = stem_width
         widths = [int(round(w * width_mult)) for w in (64, 128, 256, 512)]
         stem_width = int(round(stem_width * width_mult))
 

@@ -197,6 +197,33 @@ def _saved_arch(weights: Any) -> Optional[str]:
         return None
 
 
+# Variant keys that change what a network computes without changing a parameter's name or shape: a file saved
+# with another value loads strictly into the wrong network. (name -> the value when the variant does not say)
+_SILENT_VARIANT_KEYS = {"downsample_in": None, "transform_input": False}
+
+
+def _check_saved_variant(model: nn.Module, weights: Any, source: str) -> None:
+    """A ``save_weights`` file whose metadata variant differs from ``model``'s in a ``_SILENT_VARIANT_KEYS`` key
+    (ResNet's stride on the 1x1 or the 3x3 conv, Inception's input transform) is an error naming both."""
+    ours = getattr(model, "variant", None)
+    if isinstance(weights, Mapping) or Path(weights).suffix != ".safetensors" or not isinstance(ours, Mapping):
+        return
+    try:
+        meta = read_metadata(weights)
+    except Exception:  # unreadable metadata: load_state_dict reports the file itself
+        return
+    saved = meta.get("variant")
+    if not isinstance(saved, Mapping):
+        return
+    for key, default in _SILENT_VARIANT_KEYS.items():
+        theirs, mine = saved.get(key, default), ours.get(key, default)
+        if theirs is not None and mine is not None and theirs != mine:
+            raise WeightsError(f"weights {source} were saved from {meta.get('architecture', '?')} with {key}={theirs!r}, "
+                               f"but the model ({getattr(model, 'arch', type(model).__name__)}) has {key}={mine!r}: "
+                               "the same parameter names and shapes, another network. Build the architecture the file "
+                               "names")
+
+
 def _first_conv_key(model: nn.Module) -> Optional[str]:
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
@@ -221,6 +248,7 @@ def load_weights(model: nn.Module, weights: Union[PathLike, Mapping[str, Tensor]
     from .convert import structure_mismatch, to_suite_names
 
     source = str(weights) if not isinstance(weights, Mapping) else "state dict"
+    _check_saved_variant(model, weights, source)
     state = dict(weights) if isinstance(weights, Mapping) else load_state_dict(weights, allow_pickle=allow_pickle)
     state, foreign = to_suite_names(state, source)
     if foreign:

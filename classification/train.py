@@ -424,6 +424,9 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         metrics["skipped_images"] = skipped_images
         # with train.ema_decay: the averaged weights, the ones evaluated
         save_weights(ema.module if ema is not None else model, out / "model.safetensors", metadata={
+            # what the network was trained on (the backbone's defaults otherwise): exports print these
+            "mean": list(mean), "std": list(std),
+            "input_size": [cfg.model.in_chans, cfg.data.val_crop, cfg.data.val_crop],
             "provenance": f"tricks train ({cfg.data.name}, {t.epochs} epochs)", "top1": metrics.get("top1"),
             "top5": metrics.get("top5"), "dataset": cfg.data.name, "config": to_dict(cfg)})
         plot_run(out)

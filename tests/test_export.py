@@ -554,3 +554,59 @@ def test_cli_targets_are_the_converters():
     from tricks import export as export_module
 
     assert export_module.TARGETS == convert.TARGETS
+
+
+def test_export_of_a_checkpoint_with_ema_takes_the_averaged_weights(tmp_path):
+    """train.ema_decay: last.pth holds the raw weights under 'model' and the evaluated (averaged) ones under 'ema'."""
+    from classification.config import Config
+    from runtime.config import to_dict
+    from runtime.ema import WeightEMA
+
+    raw = create_backbone("resnet18d", num_classes=7)
+    averaged = WeightEMA(_randomise_norms(create_backbone("resnet18d", num_classes=7)), 0.9)
+    torch.save({"model": raw.state_dict(), "ema": averaged.state_dict(), "config": to_dict(Config()), "step": 1},
+               tmp_path / "last.pth")
+    export(tmp_path / "last.pth", "timm", tmp_path / "r18d.pth")
+    exported = torch.load(tmp_path / "r18d.pth", weights_only=True)
+    for k, v in averaged.module.state_dict().items():
+        assert torch.equal(exported[k], v), k
+
+
+@pytest.mark.parametrize("target", ["detectron2", "mmseg"])
+def test_one_channel_stem_exports_spread_over_rgb(tmp_path, target):
+    """A Fashion-MNIST network (1 input channel) for a library of RGB networks: the stem divided over the 3 channels,
+    so a grey image as 3 equal channels gives the 1-channel network's features (detectron2 and mmseg would keep a
+    random stem with only a warning); the printed mean/std are repeated."""
+    model = _randomise_norms(create_backbone("resnet18", num_classes=10, in_chans=1))
+    weights = save_weights(model, tmp_path / "grey.safetensors", metadata={"mean": [0.286], "std": [0.353]})
+    out = tmp_path / f"grey{SUFFIX[target]}"
+    printed = export(weights, target, out)
+    assert "spread over RGB" in printed
+    x = _image(channels=1)
+    ours = _our_features(model, x)
+    theirs = (_load_detectron2 if target == "detectron2" else _load_mmseg)(out, printed, x.expand(-1, 3, -1, -1))
+    _assert_same(ours, theirs)
+    assert "72.93, 72.93, 72.93" in printed  # 0.286 x 255, once per channel
+
+
+def test_variants_that_change_no_parameter_are_kept_apart(tmp_path):
+    """A file saved from ResNet-50-B does not load into the original ResNet-50 (the same names and shapes, another
+    network); Inception-V3 with transform_input exports to torchvision only, with the flag; a 64-wide deep stem
+    exports nowhere."""
+    from backbones.weights import WeightsError
+
+    b = save_weights(create_backbone("resnet50b", num_classes=0), tmp_path / "r50b.safetensors")
+    with pytest.raises(WeightsError, match="downsample_in='3x3'.*downsample_in='1x1'"):
+        create_backbone("resnet50", num_classes=0, weights=str(b))
+    create_backbone("resnet50b", num_classes=0, weights=str(b))  # its own architecture loads
+    inc = create_backbone("inception_v3", num_classes=10, aux_logits=False, transform_input=True)
+    inc_file = save_weights(inc, tmp_path / "inc.safetensors")
+    assert "transform_input=True" in export(inc_file, "torchvision", tmp_path / "inc.pth")
+    with pytest.raises(NotExportableError, match="transform_input"):
+        export(inc_file, "timm", tmp_path / "inc_timm.pth")
+    with pytest.raises(WeightsError, match="transform_input"):
+        create_backbone("inception_v3", num_classes=10, aux_logits=False, weights=str(inc_file))
+    wide = save_weights(create_backbone("resnet50d", num_classes=0, stem_width=64), tmp_path / "wide.safetensors")
+    for target in ("timm", "mmseg"):
+        with pytest.raises(NotExportableError, match="stem_width=64"):
+            export(wide, target, tmp_path / f"wide{SUFFIX[target]}")

@@ -29,7 +29,7 @@ def tiny(tmp_path: Path, *extra: str, name: str = "run") -> Config:
 
 
 def test_train_learns_and_writes_artefacts(tmp_path):
-    cfg = tiny(tmp_path, "train.epochs=3")
+    cfg = tiny(tmp_path, "train.epochs=3", "data.mean=[0.45,0.45,0.4]", "data.std=[0.25,0.25,0.3]")
     metrics = train(cfg)
     out = Path(cfg.output_dir)
     assert metrics["top1"] > 60  # 4 well-separated classes; chance is 25%
@@ -41,6 +41,12 @@ def test_train_learns_and_writes_artefacts(tmp_path):
     assert [r["epoch"] for r in val] == [1, 2, 3]
     lrs = [r["lr"] for r in read_records(out / "metrics.jsonl", "train")]
     assert max(lrs) <= 0.4 * 16 / 256 + 1e-12  # linear scaling: 0.4 per 256 images, batch 16
+    # the weights' metadata: the run's normalisation and evaluation size (exports print them), not ImageNet's
+    from backbones import read_metadata
+
+    meta = read_metadata(out / "model.safetensors")
+    assert meta["mean"] == [0.45, 0.45, 0.4] and meta["std"] == [0.25, 0.25, 0.3]
+    assert meta["input_size"] == [cfg.model.in_chans, cfg.data.val_crop, cfg.data.val_crop]
     meta = read_metadata(out / "model.safetensors")
     assert meta["architecture"] == "resnet18d" and meta["top1"] == pytest.approx(metrics["top1"])
     # tricks eval on the exported weights reproduces the final validation accuracy.

@@ -66,6 +66,8 @@ def read_suite_weights(path: str | Path) -> SuiteWeights:
         config = ckpt.get("config") if isinstance(ckpt, dict) else None
         if not isinstance(config, dict) or "model" not in config:
             raise ValueError(f"{path}: not a checkpoint of tricks train (no 'config'); export its model.safetensors")
+        if isinstance(ckpt.get("ema"), dict):  # train.ema_decay: the averaged weights, the ones evaluated and saved
+            state = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
         m = config["model"]
         kwargs = dict(m.get("kwargs") or {})
         if m.get("width_mult", 1.0) != 1.0:
@@ -76,6 +78,8 @@ def read_suite_weights(path: str | Path) -> SuiteWeights:
         data = config.get("data", {})
         mean, std = normalization(data.get("mean"), data.get("std"), m["name"], m.get("in_chans", 3), kwargs)
         arch, variant, input_size = m["name"], probe.variant, list(probe.default_cfg["input_size"])
+        if data.get("val_crop"):  # the size the run evaluated at
+            input_size = [m.get("in_chans", 3), data["val_crop"], data["val_crop"]]
     return SuiteWeights(state, arch, dict(variant), int(num_classes), list(mean), list(std), list(input_size))
 
 
@@ -98,9 +102,26 @@ def export(weights: str | Path, target: str, out: str | Path) -> str:
     spec = convert.export_target(src.arch, src.variant, target)
     _check_out(target, out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    note = _rgb_stem(src) if target != "timm" else ""  # timm builds in_chans=1 itself
     mean255, std255 = [255 * v for v in src.mean], [255 * v for v in src.std]
-    return {"timm": _timm, "torchvision": _torchvision, "detectron2": _detectron2, "mmseg": _openmmlab}[target](
+    text = {"timm": _timm, "torchvision": _torchvision, "detectron2": _detectron2, "mmseg": _openmmlab}[target](
         src, spec, out, mean255, std255)
+    return f"{note}\n{text}" if note else text
+
+
+def _rgb_stem(src: SuiteWeights) -> str:
+    """A network trained on 1 input channel (Fashion-MNIST) for a library whose networks take RGB: the stem's
+    filters are spread over the 3 channels (divided by 3, as ``load_weights(adapt_input=True)``), so a grey image
+    given as 3 equal channels gives the 1-channel network's activations; mean and std are repeated. Without
+    this detectron2 and mmseg skip the mismatched stem with a warning and keep a random one."""
+    stem = next((k for k, v in src.state.items() if v.ndim == 4), None)
+    if stem is None or src.state[stem].shape[1] != 1:
+        return ""
+    src.state[stem] = src.state[stem].repeat(1, 3, 1, 1) / 3
+    src.mean, src.std = src.mean * 3 if len(src.mean) == 1 else src.mean, src.std * 3 if len(src.std) == 1 else src.std
+    src.input_size = [3, *src.input_size[1:]]
+    return (f"# the network was trained on 1 input channel: its stem ({stem}) is spread over RGB (weights / 3); "
+            "give grey images as 3 equal channels")
 
 
 def _timm(src: SuiteWeights, spec: dict, out: Path, mean255, std255) -> str:
@@ -141,8 +162,9 @@ def _torchvision(src: SuiteWeights, spec: dict, out: Path, mean255, std255) -> s
              "from torchvision.transforms import v2 as T"]
     if spec["name"] == "inception_v3":
         aux = any(k.startswith("AuxLogits.") for k in src.state)
+        transform = bool((spec.get("kwargs") or {}).get("transform_input"))
         lines.append(f"model = torchvision.models.inception_v3(weights=None, {head}, aux_logits={aux}, "
-                     "init_weights=False, transform_input=False)")
+                     f"init_weights=False, transform_input={transform})")
     else:
         lines.append(f"model = torchvision.models.{spec['name']}(weights=None, {head})")
     if not src.num_classes:
