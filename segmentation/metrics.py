@@ -22,10 +22,16 @@ class SegmentationMetric:
         self.confusion: Tensor | None = None  # [label, prediction] pixel counts
 
     def update(self, pred: Tensor, label: Tensor) -> None:
-        """``pred``: class indices (any shape) or scores [N, C, H, W]; ``label``: indices of the same shape
-        as the indices (values ``ignore_index`` skipped)."""
+        """``pred``: class indices (any shape) or scores [N, C, H, W] (or one image's [C, H, W]) with C =
+        ``num_classes``; ``label``: indices of the same shape as the indices (values ``ignore_index`` skipped)."""
         if pred.dim() == label.dim() + 1:
-            pred = pred.argmax(1)
+            # the class axis is the one the label lacks: 1 for a batch, 0 for one image
+            axis = 1 if pred.dim() == 4 else 0
+            if pred.shape[axis] != self.num_classes or \
+                    tuple(pred.shape[:axis]) + tuple(pred.shape[axis + 1:]) != tuple(label.shape):
+                raise ValueError(f"scores of shape {tuple(pred.shape)} for labels of shape {tuple(label.shape)}: "
+                                 f"expected [N, {self.num_classes}, H, W] or [{self.num_classes}, H, W]")
+            pred = pred.argmax(axis)
         if pred.shape != label.shape:
             raise ValueError(f"prediction shape {tuple(pred.shape)} differs from label shape {tuple(label.shape)}")
         label = label.long()

@@ -77,3 +77,22 @@ def test_predictions_outside_the_classes_are_errors():
         m.update(torch.tensor([[-1, 0]]), torch.tensor([[0, 0]]))
     m.update(torch.tensor([[255, 0]]), torch.tensor([[255, 0]]))  # where the label is ignored, anything goes
     assert m.compute()["aAcc"] == 100
+
+
+def test_scores_of_one_image_are_argmaxed_over_their_class_axis():
+    """[C, H, W] scores of one image (C = num_classes) against an [H, W] label: the class axis is 0, even when C
+    equals H (an argmax over axis 1 would silently pick rows); a class axis of another size is an error."""
+    from segmentation.metrics import SegmentationMetric
+
+    torch.manual_seed(0)
+    scores = torch.randn(4, 4, 6)
+    label = torch.randint(0, 4, (4, 6))
+    one, batch = SegmentationMetric(4), SegmentationMetric(4)
+    one.update(scores, label)
+    batch.update(scores[None], label[None])
+    assert torch.equal(one.confusion, batch.confusion)
+    reference = SegmentationMetric(4)
+    reference.update(scores.argmax(0), label)
+    assert torch.equal(one.confusion, reference.confusion)
+    with pytest.raises(ValueError, match=r"expected \[N, 5, H, W\] or \[5, H, W\]"):
+        SegmentationMetric(5).update(scores[None], label[None])
