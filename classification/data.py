@@ -180,8 +180,11 @@ def fashion_mnist_cache_dir() -> Path:
 
 
 def _copy_decompressed(source: Path, target: Path) -> None:
-    """Write ``source`` (gunzipped if ``.gz``) to ``target`` unless an up-to-date copy is there."""
-    if target.is_file() and target.stat().st_mtime >= source.stat().st_mtime:
+    """Write ``source`` (gunzipped if ``.gz``) to ``target`` unless the copy of this very source is there: the copy
+    takes the source's modification time, and only an equal time reuses it (a replaced source with an older time,
+    as tar, ``cp -p`` and package installs keep it, is copied again)."""
+    stat = source.stat()
+    if target.is_file() and target.stat().st_mtime_ns == stat.st_mtime_ns:
         return
     opener = gzip.open if source.suffix == ".gz" else open
     # temp + rename: concurrent ranks or an interrupted run never leave a partial file behind.
@@ -189,6 +192,7 @@ def _copy_decompressed(source: Path, target: Path) -> None:
     try:
         with opener(source, "rb") as src, os.fdopen(fd, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
+        os.utime(tmp, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

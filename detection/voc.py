@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from runtime.errors import DataError, UserPathError
-from runtime.images import check_files, image_size, index_images
+from runtime.images import check_files, image_size, index_images, read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -344,12 +344,10 @@ def detection_sample(path: Path, ann: VOCAnnotation, image_id: str, transforms: 
     ``tv_tensors.Image`` [3, H, W] (PIL: torchvision.io's decoders are deprecated since torchvision 0.29), the
     target ``{"boxes" (XYXY BoundingBoxes), "labels", "difficult", "image_id"}``, then ``transforms``. An
     unreadable image, or one of another size than its annotation (``record`` names it) says, raises ``error``."""
-    from PIL import Image
     from torchvision import tv_tensors
 
-    try:
-        with Image.open(path) as im:
-            image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+    try:  # EXIF orientation applied, as detectron2's read_image
+        image = torch.from_numpy(read_rgb(path)).permute(2, 0, 1).contiguous()
     except OSError as e:  # missing, truncated or not an image (UnidentifiedImageError is an OSError)
         raise error(f"{path}{f' ({record})' if record else ''}: cannot read the image ({e})") from None
     if tuple(image.shape[1:]) != (ann.height, ann.width):

@@ -48,20 +48,42 @@ def index_images(folder: Path | str, extensions: Sequence[str] = IMAGE_EXTENSION
     return found
 
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; values 5-8 turn the image by 90 degrees (width and height swap)
+
+
 def image_size(path: Path | str) -> tuple[int, int]:
-    """``(width, height)`` of an image, decoding it fully (at 1/8 scale for JPEG, which still reads every
-    byte), so a truncated or corrupt file raises ``DataError`` naming it."""
+    """``(width, height)`` of an image as ``read_rgb`` returns it (its EXIF orientation applied), decoding it
+    fully (at 1/8 scale for JPEG, which still reads every byte), so a truncated or corrupt file raises
+    ``DataError`` naming it."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             size = im.size
+            turned = im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
             if im.format == "JPEG":
                 im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
             im.load()
     except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for missing, truncated or unknown data
         raise DataError(f"{path}: cannot read the image ({e}); fix or remove it") from None
-    return size
+    return (size[1], size[0]) if turned else size
+
+
+def read_rgb(path: Path | str, scale_16bit: bool = False):
+    """An image file as an RGB uint8 array ``[H, W, 3]``, as the reference engines read it: its EXIF orientation
+    applied (detectron2's ``read_image``, mmseg's ``LoadImageFromFile``: a phone photo is upright, and its boxes or
+    mask were drawn on the upright image). ``scale_16bit``: a 16-bit grayscale image is scaled to 8 bits (>> 8,
+    OpenCV's conversion, which mmseg uses) instead of PIL's clipping (detectron2's). Raises PIL's ``OSError`` for
+    an unreadable file (the caller names it)."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if scale_16bit and im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            grey = (np.asarray(im).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+            return np.repeat(grey[:, :, None], 3, axis=2)
+        return np.array(im.convert("RGB"))
 
 
 def default_check_workers() -> int:

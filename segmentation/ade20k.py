@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from runtime.errors import DataError, UserPathError
-from runtime.images import check_files, index_images
+from runtime.images import check_files, index_images, read_rgb
 
 NUM_CLASSES = 150
 IGNORE_INDEX = 255
@@ -150,9 +150,8 @@ def read_pair(image_path: Path | str, label_path: Path | str) -> tuple[np.ndarra
     """An image (RGB uint8 [H, W, 3]) and its class-index mask ([H, W]); errors name the file."""
     from PIL import Image
 
-    try:
-        with Image.open(image_path) as im:
-            image = np.array(im.convert("RGB"))
+    try:  # EXIF orientation applied and 16-bit grey scaled to 8 bits, as mmseg's LoadImageFromFile (OpenCV)
+        image = read_rgb(image_path, scale_16bit=True)
     except (OSError, SyntaxError, ValueError) as e:  # missing, truncated or not an image
         raise ADE20KFormatError(f"{image_path}: cannot read the image ({e})") from None
     try:

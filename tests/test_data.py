@@ -170,9 +170,14 @@ def test_fashion_mnist_from_gz_files_via_cache(tmp_path, monkeypatch):
     np.testing.assert_array_equal(train.data[1].numpy(), read_idx_gz(root / "train-images-idx3-ubyte.gz")[1])
     cached = Path(train.raw_folder) / "train-images-idx3-ubyte"
     assert cached.is_relative_to(tmp_path / "cache")
-    stamp = cached.stat().st_mtime_ns
+    stamp = (cached.stat().st_ino, cached.stat().st_ctime_ns)
     build_datasets(cfg, MEAN, STD)
-    assert cached.stat().st_mtime_ns == stamp  # decompressed once, then reused
+    assert (cached.stat().st_ino, cached.stat().st_ctime_ns) == stamp  # decompressed once, then reused
+    # A replaced source is copied again, even with an older modification time (tar, cp -p, a package install).
+    old_time = (root / "train-labels-idx1-ubyte.gz").stat().st_mtime_ns - 10**9
+    write_idx(root / "train-labels-idx1-ubyte.gz", np.full(5, 7))
+    os.utime(root / "train-labels-idx1-ubyte.gz", ns=(old_time, old_time))
+    assert build_datasets(cfg, MEAN, STD)[0].targets.tolist() == [7] * 5
     # The cache holds the torchvision layout, which is itself accepted as a root.
     assert len(build_datasets(small_cfg(name="fashion_mnist", root=train.root), MEAN, STD)[0]) == 5
 
