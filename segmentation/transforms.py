@@ -47,9 +47,18 @@ def _image_size(flat_inputs: list[Any]) -> tuple[int, int]:
     raise TypeError("segmentation transforms expect a tv_tensors.Image or tv_tensors.Mask in the sample")
 
 
+def _nearest_index(dst: int, src: int) -> torch.Tensor:
+    """The source row (or column) of each of ``dst`` output ones in cv2's ``INTER_NEAREST``:
+    ``floor(i * (1 / (dst / src)))`` in float64, clamped to ``src - 1`` (torch's float32 ``i * src / dst`` lands one
+    pixel apart where the product is an integer in exact arithmetic)."""
+    scale = 1.0 / (dst / src)
+    return torch.floor(torch.arange(dst, dtype=torch.float64) * scale).long().clamp_(max=src - 1)
+
+
 def _resize(inpt: Any, size: tuple[int, int]) -> Any:
-    if isinstance(inpt, tv_tensors.Mask):  # nearest, as cv2's INTER_NEAREST (floor of the scaled index)
-        return F.resize(inpt, list(size), interpolation=v2.InterpolationMode.NEAREST)
+    if isinstance(inpt, tv_tensors.Mask):  # nearest, as cv2's INTER_NEAREST (mmcv's imresize of the label)
+        rows, cols = _nearest_index(size[0], inpt.shape[-2]), _nearest_index(size[1], inpt.shape[-1])
+        return tv_tensors.wrap(inpt[..., rows[:, None], cols[None, :]], like=inpt)
     # antialias=False: mmcv resizes with cv2 INTER_LINEAR, which does not low-pass when shrinking
     return F.resize(inpt, list(size), interpolation=v2.InterpolationMode.BILINEAR, antialias=False)
 

@@ -268,3 +268,18 @@ def test_eval_transform_resizes_the_image_only():
     image, mask = sample(30, 50)
     out_image, out_mask = build_eval_transform(cfg)(image, mask)
     assert out_image.shape == (3, 512, 853) and torch.equal(out_mask, mask)  # 512/30 * 50 = 853.3
+
+
+def test_mask_resize_is_cv2_nearest_at_exact_boundaries():
+    """The label's nearest-neighbour resize picks cv2's source pixels (mmcv imresize, INTER_NEAREST), also where
+    i * src / dst is an integer in exact arithmetic and float32 lands on the other side."""
+    import cv2
+
+    from segmentation.transforms import _resize
+
+    rng = np.random.default_rng(0)
+    for src_h, src_w, dst_h, dst_w in ((26, 26, 10, 10), (1200, 1600, 312, 416), (37, 53, 59, 2), (5, 9, 15, 27)):
+        mask = rng.integers(0, 150, (src_h, src_w), dtype=np.uint8)
+        ours = _resize(tv_tensors.Mask(torch.from_numpy(mask)[None]), (dst_h, dst_w))[0].numpy()
+        theirs = cv2.resize(mask, (dst_w, dst_h), interpolation=cv2.INTER_NEAREST)
+        np.testing.assert_array_equal(ours, theirs)
