@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from backbones import Backbone, create_backbone
@@ -48,6 +49,39 @@ class FPNBackbone(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         features = self.body.forward_features(x)
         return self.fpn(OrderedDict((str(i), features[name]) for i, name in enumerate(self.in_features)))
+
+
+def shortest_edge_size(height: int, width: int, short: int, max_size: int) -> tuple[int, int]:
+    """detectron2's ``ResizeShortestEdge.get_output_shape``: the shorter side to ``short``, the longer one capped at
+    ``max_size``, each rounded to the nearest integer (torchvision's transform rounds down: 375x500 at 800 would be
+    800x1066 where detectron2 gives 800x1067)."""
+    scale = short / min(height, width)
+    new_h, new_w = (short, scale * width) if height < width else (scale * height, short)
+    if max(new_h, new_w) > max_size:
+        cap = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * cap, new_w * cap
+    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
+
+
+class DetectronResize(GeneralizedRCNNTransform):
+    """torchvision's ``GeneralizedRCNNTransform`` (normalise, resize, batch with padding to a multiple of 32) with
+    detectron2's resize: ``shortest_edge_size`` (a size drawn per image from ``min_size`` in training, the last at
+    test), bilinear with antialiasing as PIL's resize of detectron2's ``ResizeTransform`` (torchvision's omits it:
+    a 2000 px photo shrunk to 1067 px aliased), boxes scaled per axis. Detections are mapped back to the original
+    image by the parent's ``postprocess``."""
+
+    def resize(self, image: Tensor, target: Optional[dict[str, Tensor]] = None):
+        height, width = image.shape[-2:]
+        if self.training and self._skip_resize:
+            return image, target
+        short = self.torch_choice(self.min_size) if self.training else self.min_size[-1]
+        size = shortest_edge_size(height, width, short, self.max_size)
+        if size != (height, width):
+            image = nn.functional.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
+                                              antialias=True)[0]
+        if target is not None:
+            target["boxes"] = resize_boxes(target["boxes"], (height, width), size)
+        return image, target
 
 
 def build_faster_rcnn(backbone: str, num_classes: int = 21, *, weights: Optional[str] = None,
@@ -103,4 +137,7 @@ def build_faster_rcnn(backbone: str, num_classes: int = 21, *, weights: Optional
     detector_kwargs.setdefault("image_std", list(body.default_cfg["std"]))
     model = FasterRCNN(FPNBackbone(body, fpn_channels, channels_last=channels_last), num_classes=num_classes,
                        **detector_kwargs)
+    t = model.transform  # the same settings, detectron2's resize
+    model.transform = DetectronResize(t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible,
+                                      t.fixed_size, _skip_resize=t._skip_resize)
     return model.to(memory_format=torch.channels_last) if channels_last else model

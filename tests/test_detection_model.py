@@ -1,6 +1,7 @@
 """Faster R-CNN + FPN on registry backbones, against torchvision's fasterrcnn_resnet50_fpn."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torchvision.models.detection import fasterrcnn_resnet50_fpn
@@ -32,6 +33,7 @@ def test_torchvision_faster_rcnn_state_dict_loads_strictly_and_detects_the_same(
     _calibrate_bn(theirs)
     ours = build_faster_rcnn("resnet50b", num_classes=5, frozen_stages=-1, norm_layer=None, box_score_thresh=0.0,
                              roi_align=roi_align, **SMALL).eval()
+    theirs.transform = ours.transform  # ours resizes as detectron2 (tested below); here the networks are compared
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     tol = dict(rtol=1e-5, atol=1e-3) if roi_align == "auto" else {}
     ours.load_state_dict(theirs.state_dict(), strict=True)
@@ -113,3 +115,33 @@ def test_fpn_anchor_sizes_one_per_level():
 
     with pytest.raises(ConfigError, match=r"model.anchor_sizes=\[32, 64\]: FPN takes one size per level"):
         build_faster_rcnn("resnet18d", num_classes=3, anchor_sizes=[32, 64], backbone_kwargs={"width_mult": 0.25})
+
+
+def test_resize_is_detectron2_resize_shortest_edge():
+    """The torch engine resizes as detectron2's ResizeShortestEdge: the output sizes (nearest-integer rounding, the
+    max_size cap) and, within rounding, the pixels (antialiased when shrinking, as PIL's bilinear resize); boxes
+    scale per axis."""
+    from detection.d2_engine import import_detectron2
+    from detection.model import DetectronResize, shortest_edge_size
+
+    try:
+        import_detectron2()
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        pytest.skip(f"detectron2 cannot be imported: {e}")
+    from detectron2.data.transforms import ResizeShortestEdge
+
+    for (h, w), short, cap in (((375, 500), 800, 1333), ((333, 500), 480, 1333), ((501, 501), 512, 1333),
+                               ((499, 99), 608, 1000), ((1500, 2000), 800, 1333), ((1, 2000), 800, 1333)):
+        theirs = ResizeShortestEdge(short, cap).get_transform(np.zeros((h, w, 3), np.uint8))
+        assert shortest_edge_size(h, w, short, cap) == (theirs.new_h, theirs.new_w), (h, w)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)  # noise: aliasing shows most
+    transform = DetectronResize(80, 1333, [0.0, 0.0, 0.0], [1 / 255] * 3).eval()  # normalise: x * 255 (0-255 scale)
+    theirs = ResizeShortestEdge(80, 1333).get_transform(image)
+    ours, target = transform.resize(torch.from_numpy(image).permute(2, 0, 1).float(),
+                                    {"boxes": torch.tensor([[10.0, 20.0, 110.0, 140.0]])})
+    expected = theirs.apply_image(image).astype(np.float64)
+    diff = np.abs(ours.permute(1, 2, 0).numpy() - expected)
+    assert ours.shape[1:] == expected.shape[:2] and diff.mean() < 0.6 and diff.max() <= 2
+    np.testing.assert_allclose(target["boxes"].numpy(), theirs.apply_box(np.array([[10.0, 20.0, 110.0, 140.0]])),
+                               rtol=1e-6)
