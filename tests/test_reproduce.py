@@ -271,7 +271,8 @@ def test_the_trainer_takes_a_narrow_teacher_and_fractional_milestones(tmp_path):
                                      f"distill.teacher_weights={tmp_path / 'teacher.safetensors'}",
                                      f"output_dir={tmp_path / 'run'}"])
     train(cfg)
-    # 96 images / 16 = 6 steps; the milestone at half an epoch is step 3: the lr logged after steps 3-6 is decayed
+    # 96 images / 16 = 6 steps; the milestone at half an epoch is step index 3: each record logs the lr its step used,
+    # so the 4th to 6th steps are decayed
     lrs = [r["lr"] for r in read_records(tmp_path / "run" / "metrics.jsonl", "train")]
     base = 0.4 * 16 / 256
-    assert lrs == pytest.approx([base, base, base / 10, base / 10, base / 10, base / 10])
+    assert lrs == pytest.approx([base, base, base, base / 10, base / 10, base / 10])
