@@ -187,14 +187,21 @@ def _classifier_keys(model: nn.Module, state: Mapping[str, Tensor]) -> list[str]
     return keys if any(k in own and state[k].shape != own[k] for k in keys) else []
 
 
-def _saved_arch(weights: Any) -> Optional[str]:
-    """The architecture a safetensors file of ``save_weights`` records in its metadata, if any."""
+def _saved_metadata(weights: Any) -> dict[str, Any]:
+    """The metadata of a safetensors file of ``save_weights`` ({} for a state dict, another format, or metadata
+    that cannot be read: it is a courtesy, the file itself is read and reported by ``load_state_dict``)."""
     if isinstance(weights, Mapping) or Path(weights).suffix != ".safetensors":
-        return None
+        return {}
     try:
-        return read_metadata(weights).get("architecture")
-    except Exception:  # metadata is a courtesy here: the mismatch itself is the error
-        return None
+        return read_metadata(weights)
+    except Exception:
+        return {}
+
+
+def spread_input_channels(stem_weight: Tensor, channels: int) -> Tensor:
+    """A stem conv weight trained on 1 input channel, repeated over ``channels`` and divided by them: a grey image
+    given as ``channels`` equal channels produces exactly the 1-channel network's activations."""
+    return stem_weight.repeat(1, channels, 1, 1) / channels
 
 
 # Variant keys that change what a network computes without changing a parameter's name or shape: a file saved
@@ -206,12 +213,7 @@ def _check_saved_variant(model: nn.Module, weights: Any, source: str) -> None:
     """A ``save_weights`` file whose metadata variant differs from ``model``'s in a ``_SILENT_VARIANT_KEYS`` key
     (ResNet's stride on the 1x1 or the 3x3 conv, Inception's input transform) is an error naming both."""
     ours = getattr(model, "variant", None)
-    if isinstance(weights, Mapping) or Path(weights).suffix != ".safetensors" or not isinstance(ours, Mapping):
-        return
-    try:
-        meta = read_metadata(weights)
-    except Exception:  # unreadable metadata: load_state_dict reports the file itself
-        return
+    meta = _saved_metadata(weights) if isinstance(ours, Mapping) else {}
     saved = meta.get("variant")
     if not isinstance(saved, Mapping):
         return
@@ -291,7 +293,7 @@ def load_weights(model: nn.Module, weights: Union[PathLike, Mapping[str, Tensor]
     if adapt_input and theirs is not None and theirs != ours and theirs[1] == 1 \
             and theirs[0] == ours[0] and theirs[2:] == ours[2:]:
         channels = own[stem].shape[1]
-        state[stem] = state[stem].repeat(1, channels, 1, 1) / channels
+        state[stem] = spread_input_channels(state[stem], channels)
         log.info("%s: 1-channel stem %s repeated over %d input channels (/%d)", source, stem, channels, channels)
 
     if skipped:  # the head keeps its init: not "missing"
@@ -309,7 +311,7 @@ def load_weights(model: nn.Module, weights: Union[PathLike, Mapping[str, Tensor]
         variant = getattr(model, "variant", None)
         # For a ResNet, say which network the file holds (stem, shortcut, depth), then list the keys.
         mismatch = structure_mismatch(variant, state) if isinstance(variant, Mapping) else None
-        saved = _saved_arch(weights)
+        saved = _saved_metadata(weights).get("architecture")
         raise WeightsError(f"weights {source} do not fit {arch}"
                            + (f" (the file was saved from {saved})" if saved and saved != arch else "")
                            + (f": {mismatch}" if mismatch else "")

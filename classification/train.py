@@ -237,8 +237,6 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
-    if t.epochs < 1 or t.batch_size < 1 or t.accum_steps < 1:
-        raise ConfigError("train.epochs, train.batch_size and train.accum_steps must be >= 1")
     check_bounds(cfg)
     if cfg.model.sync_bn and device.type != "cuda":
         raise ConfigError("model.sync_bn=true needs CUDA: torch's SyncBatchNorm has no CPU kernel")

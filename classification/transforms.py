@@ -93,8 +93,7 @@ def erase_boxes(n: int, height: int, width: int, area: Sequence[float], aspect: 
     ``attempts`` draws of an area ``U(area) * H * W`` and an aspect ratio log-uniform in ``[aspect, 1/aspect]``,
     ``h = round(sqrt(area * ratio))``, ``w = round(sqrt(area / ratio))``; the first draw with ``h < H`` and
     ``w < W`` is placed uniformly (``top`` in ``[0, H - h]``). Returns ``top, left, h, w`` and ``found`` (no draw
-    fitted: that image is not erased), each ``[n]``."""
-    check_erasing(area, aspect)
+    fitted: that image is not erased), each ``[n]``. The arguments are ``check_erasing``'s."""
     target = torch.empty(n, attempts, device=device).uniform_(float(area[0]), float(area[1])) * (height * width)
     log_r = torch.empty(n, attempts, device=device).uniform_(math.log(aspect), -math.log(aspect))
     ratio = log_r.exp()
@@ -112,6 +111,7 @@ def random_erase(images: Tensor, p: float, area: Sequence[float], aspect: float,
     """Random erasing of a normalised float batch ``[N, C, H, W]`` (timm's ``RandomErasing``, count 1): each image
     with probability ``p`` gets one ``erase_boxes`` rectangle filled with 0 (``"const"``: the mean colour), one
     N(0, 1) value per channel (``"rand"``) or N(0, 1) per pixel (``"pixel"``). Returns a new tensor."""
+    check_erasing(area, aspect, mode)
     n, c, height, width = images.shape
     top, left, h, w, found = erase_boxes(n, height, width, area, aspect, images.device)
     erase = found & (torch.rand(n, device=images.device) < p)
@@ -123,10 +123,8 @@ def random_erase(images: Tensor, p: float, area: Sequence[float], aspect: float,
         fill = images.new_zeros(())
     elif mode == "rand":
         fill = torch.randn(n, c, 1, 1, device=images.device, dtype=images.dtype)
-    elif mode == "pixel":
+    else:  # "pixel"
         fill = torch.randn_like(images)
-    else:
-        raise ConfigError(f"data.erase_mode must be one of {', '.join(ERASE_MODES)}, got {mode!r}")
     return torch.where(inside[:, None], fill, images)
 
 

@@ -115,6 +115,16 @@ def check_sync_bn(model: DetModelConfig, cuda: bool) -> None:
         raise ConfigError("model.sync_bn=true needs CUDA: torch's SyncBatchNorm has no CPU kernel (set model.sync_bn=false)")
 
 
+FPN_LEVELS = 5  # P2..P6: one anchor size per level
+
+
+def check_fpn_anchor_sizes(anchor_sizes) -> None:
+    """``model.anchor_sizes`` of a Faster R-CNN with FPN: one size per level P2..P6; both engines check it."""
+    if len(anchor_sizes) != FPN_LEVELS:
+        raise ConfigError(f"model.anchor_sizes={list(anchor_sizes)}: FPN takes one size per level P2..P6 "
+                          f"({FPN_LEVELS})")
+
+
 @dataclass
 class DetectionConfig:
     # checked by runtime.config.load_config once every layer is applied (a ConfigError names the key)

@@ -57,7 +57,7 @@ from runtime.step import TrainingDiverged
 from runtime.strict import check_fits, model_state, read_checkpoint
 
 from . import voc as voc_data
-from .config import REFERENCE_BATCH, DetectionConfig, check_sync_bn, rpn_topk
+from .config import REFERENCE_BATCH, DetectionConfig, check_fpn_anchor_sizes, check_sync_bn, rpn_topk
 from .voc_eval import VOCBoxes, evaluate_voc, evaluate_voc_iou_range
 
 log = logging.getLogger("detection.d2")
@@ -453,8 +453,7 @@ def build_d2_config(cfg: DetectionConfig):
         d2.MODEL.BACKBONE.NAME = FPN_BACKBONE
         d2.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
         d2.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
-        if len(m.anchor_sizes) != 5:
-            raise ConfigError(f"model.anchor_sizes={m.anchor_sizes}: FPN takes one size per level P2..P6 (5)")
+        check_fpn_anchor_sizes(m.anchor_sizes)
         d2.MODEL.ANCHOR_GENERATOR.SIZES = [[size] for size in m.anchor_sizes]
         d2.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
         d2.MODEL.ROI_HEADS.NAME = "StandardROIHeads"

@@ -21,6 +21,7 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 from backbones import Backbone, create_backbone
 from runtime.config import ConfigError
 
+from .config import check_fpn_anchor_sizes
 from .roi_align import FastMultiScaleRoIAlign
 
 
@@ -115,8 +116,7 @@ def build_faster_rcnn(backbone: str, num_classes: int = 21, *, weights: Optional
     body = create_backbone(backbone, weights=weights, num_classes=0, frozen_stages=frozen_stages, new_head=True,
                            adapt_input=True, norm_layer=norm_layer, **(backbone_kwargs or {}))
     if anchor_sizes is not None:
-        if len(anchor_sizes) != 5:
-            raise ConfigError(f"model.anchor_sizes={list(anchor_sizes)}: FPN takes one size per level P2..P6 (5)")
+        check_fpn_anchor_sizes(anchor_sizes)
         from torchvision.models.detection.anchor_utils import AnchorGenerator
 
         detector_kwargs["rpn_anchor_generator"] = AnchorGenerator(tuple((int(s),) for s in anchor_sizes),

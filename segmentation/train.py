@@ -287,8 +287,6 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
-    if t.max_iter < 1 or t.batch_size < 1 or t.accum_steps < 1:
-        raise ConfigError("train.max_iter, train.batch_size and train.accum_steps must be >= 1")
     check_bounds(cfg)
     check_data(cfg)
     torch.manual_seed(t.seed + dist_info.rank)

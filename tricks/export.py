@@ -111,13 +111,15 @@ def export(weights: str | Path, target: str, out: str | Path) -> str:
 
 def _rgb_stem(src: SuiteWeights) -> str:
     """A network trained on 1 input channel (Fashion-MNIST) for a library whose networks take RGB: the stem's
-    filters are spread over the 3 channels (divided by 3, as ``load_weights(adapt_input=True)``), so a grey image
+    filters are spread over the 3 channels (``backbones.weights.spread_input_channels``, as ``load_weights(adapt_input=True)``), so a grey image
     given as 3 equal channels gives the 1-channel network's activations; mean and std are repeated. Without
     this detectron2 and mmseg skip the mismatched stem with a warning and keep a random one."""
+    from backbones.weights import spread_input_channels
+
     stem = next((k for k, v in src.state.items() if v.ndim == 4), None)
     if stem is None or src.state[stem].shape[1] != 1:
         return ""
-    src.state[stem] = src.state[stem].repeat(1, 3, 1, 1) / 3
+    src.state[stem] = spread_input_channels(src.state[stem], 3)
     src.mean, src.std = src.mean * 3 if len(src.mean) == 1 else src.mean, src.std * 3 if len(src.std) == 1 else src.std
     src.input_size = [3, *src.input_size[1:]]
     return (f"# the network was trained on 1 input channel: its stem ({stem}) is spread over RGB (weights / 3); "
