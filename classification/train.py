@@ -13,18 +13,18 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from backbones import Backbone, BackboneArgumentError, create_backbone, save_weights
+from backbones import Backbone, create_backbone, save_weights
 from runtime.checkpoint import (gather_rng_states, load_checkpoint, resolve_resume, restore_rng_states,
                                 restore_training_state, save_checkpoint, training_state)
 from runtime.config import ConfigError, check_bounds, dump_config, to_dict
-from runtime.data import SeededDataset, SeededSampler, SkipBatches, default_workers
+from runtime.data import SeededDataset, SeededSampler, SkipBatches, backbone_config_errors, default_workers
 from runtime.data import normalization as resolve_normalization
 from runtime.distributed import DistInfo, ShardSampler, all_reduce_sum, cleanup_distributed, init_distributed
 from runtime.ema import WeightEMA
@@ -55,15 +55,11 @@ def model_kwargs(cfg: Config) -> dict[str, Any]:
 
 def build_model(cfg: Config, num_classes: int) -> Backbone:
     m = cfg.model
-    try:
+    with backbone_config_errors("model.name", m.kwargs):
         # model.weights starts a fine-tuning run: a classifier of another size is replaced by a new head
         return create_backbone(m.name, weights=m.weights, num_classes=num_classes, in_chans=m.in_chans, new_head=True,
                                zero_init_last=m.zero_init_last, init=m.init, norm_eval=m.norm_eval,
                                **model_kwargs(cfg))
-    except BackboneArgumentError as e:
-        if not m.kwargs:
-            raise
-        raise ConfigError(f"model.kwargs {m.kwargs}: {e}") from None
 
 
 def epochs_to_steps(epochs: float, steps_per_epoch: int, at_least_one: bool = False) -> int:
@@ -74,9 +70,11 @@ def epochs_to_steps(epochs: float, steps_per_epoch: int, at_least_one: bool = Fa
     return max(steps, 1) if at_least_one and epochs > 0 else steps
 
 
-def normalization(cfg: Config) -> tuple[list[float], list[float]]:
-    """``data.mean``/``data.std``, or the backbone's defaults (``runtime.data.normalization``)."""
-    return resolve_normalization(cfg.data.mean, cfg.data.std, cfg.model.name, cfg.model.in_chans, model_kwargs(cfg))
+def normalization(cfg: Config, weights: Optional[str] = None) -> tuple[list[float], list[float]]:
+    """``data.mean``/``data.std``, or those ``weights`` (default ``model.weights``) were trained with, or the
+    backbone's defaults (``runtime.data.normalization``)."""
+    return resolve_normalization(cfg.data.mean, cfg.data.std, cfg.model.name, cfg.model.in_chans, model_kwargs(cfg),
+                                 key="model.name", weights=weights or cfg.model.weights)
 
 
 def _tta_views(images: torch.Tensor, hflip: bool, translate: int) -> list[tuple[torch.Tensor, float]]:
@@ -243,6 +241,10 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
     if cfg.distill.teacher_img_size is not None and (cfg.distill.teacher_img_size < 1 or not cfg.distill.teacher):
         raise ConfigError(f"distill.teacher_img_size={cfg.distill.teacher_img_size}: give the teacher's input size "
                           "in pixels with distill.teacher set, or null (the student's batch as it is)")
+    if not cfg.distill.teacher and (cfg.distill.teacher_weights or cfg.distill.teacher_kwargs):
+        given = "distill.teacher_weights" if cfg.distill.teacher_weights else "distill.teacher_kwargs"
+        raise ConfigError(f"{given} is set but distill.teacher is not, so nothing would be distilled: name the "
+                          "teacher's backbone with distill.teacher (e.g. distill.teacher=resnet101d)")
     if cfg.distill.teacher and not cfg.distill.teacher_weights:
         raise ConfigError("distill.teacher is set but distill.teacher_weights is not: a randomly initialised "
                          "teacher teaches nothing. Point distill.teacher_weights at a trained checkpoint")
@@ -267,8 +269,10 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         model.init_from_data(data_init_images(train_loader, val_prepare, model.data_init_images, device))
     teacher = None
     if cfg.distill.teacher:
-        teacher = create_backbone(cfg.distill.teacher, weights=cfg.distill.teacher_weights, num_classes=num_classes,
-                                  in_chans=cfg.model.in_chans, **cfg.distill.teacher_kwargs)
+        with backbone_config_errors("distill.teacher", cfg.distill.teacher_kwargs, "distill.teacher_kwargs"):
+            teacher = create_backbone(cfg.distill.teacher, weights=cfg.distill.teacher_weights,
+                                      num_classes=num_classes, in_chans=cfg.model.in_chans,
+                                      **cfg.distill.teacher_kwargs)
         teacher = teacher.to(device, memory_format=memory_format).eval()
         teacher.requires_grad_(False)
     teacher_view = _resizer(cfg.distill.teacher_img_size)
@@ -444,7 +448,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict[str, float]:
     dist_info = init_distributed()
     try:
         device = dist_info.device
-        mean, std = normalization(cfg)
+        mean, std = normalization(cfg, checkpoint)
         _, loader, _, prepare, _, num_classes = build_data(cfg, mean, std, dist_info, with_train=False)
         # strict: a classifier of another size is an error naming both sizes, not a random head
         model = create_backbone(cfg.model.name, weights=checkpoint, num_classes=num_classes,

@@ -429,9 +429,8 @@ def build_d2_config(cfg: DetectionConfig):
     if precision == "fp16" and not cuda:
         raise ConfigError("train.precision=fp16 needs CUDA with the detectron2 engine (its AMPTrainer asserts it); "
                          "use precision=fp32 on CPU")
-    from backbones import get_builder  # noqa: F401  (checks the name early, with suggestions)
-
-    get_builder(m.backbone)
+    # first: an unknown backbone or builder argument is a ConfigError naming the key, with suggestions
+    mean, std = normalization(cfg.data.mean, cfg.data.std, m.backbone, 3, m.kwargs, weights=m.weights)
     classes = _class_names(cfg)
     global_batch = t.batch_size * world_size()
     d2 = get_cfg()
@@ -444,7 +443,6 @@ def build_d2_config(cfg: DetectionConfig):
     d2.MODEL.WEIGHTS = ""  # the backbone loads its own pretrained weights (MODEL.TRICKS.WEIGHTS)
     d2.MODEL.DEVICE = "cuda" if cuda else "cpu"
     # Our backbones take RGB normalised with the classification run's mean/std; detectron2 on 0-255 pixels.
-    mean, std = normalization(cfg.data.mean, cfg.data.std, m.backbone, 3, m.kwargs)
     d2.INPUT.FORMAT = "RGB"
     d2.MODEL.PIXEL_MEAN = [255.0 * v for v in mean]
     d2.MODEL.PIXEL_STD = [255.0 * v for v in std]

@@ -72,7 +72,7 @@ def build_model(cfg: DetectionConfig, num_classes: int):
     if m.arch != "fpn":
         raise ConfigError(f"model.arch={m.arch!r}: the torchvision engine builds Faster R-CNN + FPN; C4 runs on "
                          "engine=detectron2")
-    mean, std = normalization(cfg.data.mean, cfg.data.std, m.backbone, 3, m.kwargs)  # as the detectron2 engine
+    mean, std = normalization(cfg.data.mean, cfg.data.std, m.backbone, 3, m.kwargs, weights=m.weights)  # as d2's
     pre_train, post_train, pre_test, post_test = rpn_topk(m)
     return build_faster_rcnn(m.backbone, num_classes=num_classes + 1, weights=m.weights,
                              frozen_stages=m.frozen_stages,

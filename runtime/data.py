@@ -8,27 +8,90 @@ loads a sample, whether workers persist across epochs, or where in the epoch a r
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from backbones import create_backbone
+from backbones import BackboneArgumentError, create_backbone
 from runtime.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def backbone_config_errors(key: str, kwargs: Optional[dict] = None, kwargs_key: str = "model.kwargs"):
+    """Turn the registry's errors for a config's backbone (an unknown name: ``KeyError``; an argument the
+    builder does not take: ``BackboneArgumentError``) into a ``ConfigError`` naming the config key."""
+    try:
+        yield
+    except KeyError as e:
+        if not str(e.args[0] if e.args else "").startswith("unknown backbone"):
+            raise
+        raise ConfigError(f"{key}: {e.args[0]}") from None
+    except BackboneArgumentError as e:
+        where = f"{kwargs_key} {kwargs}" if kwargs else key
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def saved_normalization(weights: Optional[str]) -> Optional[tuple[list[float], list[float]]]:
+    """The mean/std a ``tricks train`` run recorded with its weights: the metadata of its ``model.safetensors``,
+    or the config inside its ``.pth`` checkpoint when that config set them. None for other files (timm,
+    torchvision, a state dict, a missing or unreadable file: those are reported where the weights load)."""
+    if not weights:
+        return None
+    path = Path(weights)
+    try:
+        if path.suffix == ".safetensors":
+            from backbones.weights import read_metadata
+
+            meta = read_metadata(path)
+        elif path.suffix in (".pth", ".pt"):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            meta = ckpt.get("config", {}).get("data", {}) if isinstance(ckpt, dict) else {}
+        else:
+            return None
+    except Exception:
+        return None
+    mean, std = (meta or {}).get("mean"), (meta or {}).get("std")
+    if isinstance(mean, list) and isinstance(std, list) and mean and len(mean) == len(std):
+        return [float(v) for v in mean], [float(v) for v in std]
+    return None
 
 
 def normalization(mean: Optional[Sequence[float]], std: Optional[Sequence[float]], backbone: str, in_chans: int,
-                  builder_kwargs: Optional[dict] = None) -> tuple[list[float], list[float]]:
-    """``data.mean``/``data.std`` (0-1 scale), or the defaults of registry backbone ``backbone`` (read from
-    a copy built on the meta device: no memory, no random numbers drawn); one value per input channel."""
+                  builder_kwargs: Optional[dict] = None, key: str = "model.backbone",
+                  weights: Optional[str] = None) -> tuple[list[float], list[float]]:
+    """``data.mean``/``data.std`` (0-1 scale), one value per input channel. Where they are null: the mean/std
+    ``weights`` were trained with (``saved_normalization``: a ``tricks train`` file with as many channels, as
+    timm takes a pretrained model's own), else the defaults of registry backbone ``backbone`` (read from a
+    copy built on the meta device: no memory, no random numbers drawn). Given values that differ from the
+    ones ``weights`` recorded are kept, with a warning.
+    The copy is built also when both are given: every engine calls this first, so an unknown backbone or
+    builder argument is a ``ConfigError`` naming ``key`` (or ``model.kwargs``) before anything else is built."""
+    with torch.device("meta"), backbone_config_errors(key, builder_kwargs):
+        probe = create_backbone(backbone, num_classes=0, in_chans=in_chans, **(builder_kwargs or {}))
+    saved = saved_normalization(weights)
+    if saved is not None and len(saved[0]) != in_chans:
+        saved = None  # e.g. a 1-channel pretraining whose stem is spread over RGB: its statistics do not apply
     if mean is None or std is None:
-        with torch.device("meta"):
-            probe = create_backbone(backbone, num_classes=0, in_chans=in_chans, **(builder_kwargs or {}))
+        if saved is not None:
+            log.info("data.mean/data.std: %s / %s, as %s was trained (data.mean and data.std in the config "
+                     "override this)", saved[0], saved[1], weights)
+            mean, std = mean or saved[0], std or saved[1]
         mean, std = mean or probe.default_cfg["mean"], std or probe.default_cfg["std"]
+    elif saved is not None and len(mean) == len(std) == len(saved[0]) and (
+            not np.allclose(mean, saved[0]) or not np.allclose(std, saved[1])):
+        log.warning("data.mean/data.std %s / %s differ from the %s / %s that %s was trained with: inputs are "
+                    "normalised unlike in its training (set data.mean and data.std to null to take the file's)",
+                    list(mean), list(std), saved[0], saved[1], weights)
     mean, std = list(mean), list(std)
     if not len(mean) == len(std) == in_chans:
         raise ConfigError(f"data.mean ({len(mean)} values) and data.std ({len(std)} values) must have one value "

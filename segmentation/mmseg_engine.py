@@ -357,11 +357,11 @@ def build_mmseg_config(cfg: SegmentationConfig):
     norm_cfg = dict(type="SyncBN" if sync_bn else "BN", requires_grad=True)
 
     # Channels and the default normalisation, read from a parameter-less (meta device) copy of the backbone.
+    mean, std = normalization(d.mean, d.std, m.backbone, m.in_chans, m.kwargs, weights=m.weights)  # first: names a bad key
     with torch.device("meta"):
         probe = create_backbone(m.backbone, num_classes=0, in_chans=m.in_chans, output_stride=m.output_stride,
                                 **m.kwargs)
     channels = {f.name: f.channels for f in probe.feature_info}
-    mean, std = normalization(d.mean, d.std, m.backbone, m.in_chans, m.kwargs)
     crop = tuple(d.crop_size)
 
     preprocessor = dict(mc.data_preprocessor, size=crop, mean=[255 * v for v in mean], std=[255 * v for v in std])

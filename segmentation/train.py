@@ -65,9 +65,10 @@ def build_model(cfg: SegmentationConfig, dist_info: Optional[DistInfo] = None, p
 
 
 def normalization(cfg: SegmentationConfig) -> tuple[list[float], list[float]]:
-    """``data.mean``/``data.std`` (0-1 scale), or the backbone's defaults (``runtime.data.normalization``)."""
+    """``data.mean``/``data.std`` (0-1 scale), or those ``model.weights`` were trained with, or the backbone's
+    defaults (``runtime.data.normalization``)."""
     return resolve_normalization(cfg.data.mean, cfg.data.std, cfg.model.backbone, cfg.model.in_chans,
-                                 cfg.model.kwargs)
+                                 cfg.model.kwargs, weights=cfg.model.weights)
 
 
 class Normalize(nn.Module):

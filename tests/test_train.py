@@ -284,6 +284,45 @@ def test_default_normalization_draws_no_random_numbers():
         normalization(load_config(None, Config, ["model.in_chans=1"]))
 
 
+def test_null_normalization_takes_the_weights_own_and_warns_on_a_different_one(tmp_path, caplog):
+    """As timm takes a pretrained model's mean/std: data.mean/std null -> those the weights were trained with
+    (a model.safetensors's metadata, a last.pth's config), when they have one value per input channel; given
+    values that differ are kept, with a warning; other files -> the backbone's defaults."""
+    import logging
+
+    from runtime.data import normalization
+
+    model = create_backbone("resnet18d", num_classes=4, width_mult=0.25)
+    saved = save_weights(model, tmp_path / "model.safetensors", metadata={"mean": [0.9] * 3, "std": [0.05] * 3})
+    pth = tmp_path / "last.pth"
+    torch.save({"model": model.state_dict(), "config": {"data": {"mean": [0.2] * 3, "std": [0.3] * 3}}}, pth)
+    plain = save_weights(model, tmp_path / "plain.safetensors")  # no mean/std recorded
+    args = ("resnet18d", 3, {"width_mult": 0.25})
+    imagenet = normalization(None, None, *args)
+    assert normalization(None, None, *args, weights=str(saved)) == ([0.9] * 3, [0.05] * 3)
+    assert normalization(None, None, *args, weights=str(pth)) == ([0.2] * 3, [0.3] * 3)
+    assert normalization(None, None, *args, weights=str(plain)) == imagenet
+    assert normalization(None, None, *args, weights=str(tmp_path / "gone.safetensors")) == imagenet
+    # a 1-channel pretraining's statistics do not apply to a 3-channel network (its stem is spread over RGB)
+    one = save_weights(model, tmp_path / "one.safetensors", metadata={"mean": [0.3], "std": [0.4]})
+    assert normalization(None, None, *args, weights=str(one)) == imagenet
+    with caplog.at_level(logging.WARNING):
+        assert normalization([0.5] * 3, [0.25] * 3, *args, weights=str(saved)) == ([0.5] * 3, [0.25] * 3)
+    assert "differ from the [0.9, 0.9, 0.9]" in caplog.text and "model.safetensors" in caplog.text
+
+
+def test_eval_normalises_as_the_run_it_evaluates(tmp_path):
+    """A run trained with its own data.mean/std, evaluated with a config that leaves them null, scores exactly as
+    with them given (it used the backbone's ImageNet defaults before)."""
+    cfg = tiny(tmp_path, "data.mean=[0.9, 0.9, 0.9]", "data.std=[0.05, 0.05, 0.05]", "train.epochs=1")
+    train(cfg)
+    run = Path(cfg.output_dir)
+    given = tiny(tmp_path, "data.mean=[0.9, 0.9, 0.9]", "data.std=[0.05, 0.05, 0.05]")
+    for name in ("model.safetensors", "last.pth"):
+        expected = evaluate_checkpoint(given, str(run / name))
+        assert evaluate_checkpoint(tiny(tmp_path), str(run / name)) == expected
+
+
 def test_evaluate_hflip_tta_averages_probabilities():
     from contextlib import nullcontext
 

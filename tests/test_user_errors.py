@@ -287,6 +287,42 @@ def test_periods_are_checked_in_every_engine(data, tmp_path, capsys, engine):
     assert any((tmp_path / "run").rglob("*.pth"))
 
 
+@pytest.mark.parametrize("engine", ["classification", "segmentation/torch", "segmentation/mmseg", "detection/torch",
+                                    "detection/detectron2"])
+def test_unknown_backbones_and_builder_arguments_name_their_key_in_every_engine(data, tmp_path, capsys, engine):
+    """A misspelt backbone, an argument its builder does not take, and the YAML pitfall of a flow mapping without
+    a space after the colon (the key becomes 'width_mult:0.5'): one line naming the config key, in every engine
+    (each built a throwaway copy of the backbone for its default mean/std first, which raised a KeyError or
+    BackboneArgumentError traceback). data.mean/std given too: the copy is still built, so still checked."""
+    task, _, name = engine.partition("/")
+    base = {"classification": CLS, "segmentation": [*SEG, f"data.root={data['ade']}"],
+            "detection": [*DET, f"data.root={data['voc']}"]}[task]
+    if name in ("mmseg", "detectron2"):
+        pytest.importorskip("mmseg" if name == "mmseg" else "detectron2")
+    argv = ["train", *base, *([f"engine={name}"] if name else []), f"output_dir={tmp_path / 'run'}"]
+    key = "model.name" if task == "classification" else "model.backbone"
+    line = one_error_line(capsys, [*argv, f"{key}=resnet19"], key, "unknown backbone 'resnet19'", "resnet18")
+    assert "Did you mean" in line
+    one_error_line(capsys, [*argv, f"{key}=resnet19", "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.2, 0.2, 0.2]"],
+                   key, "resnet19")
+    one_error_line(capsys, [*argv, "model.kwargs={bogus: 1}"], "model.kwargs", "bogus")
+    one_error_line(capsys, [*argv, "model.kwargs={width_mult:0.5}"], "model.kwargs", "width_mult:0.5")
+    assert not any((tmp_path / "run").rglob("*.pth"))
+
+
+def test_distillation_keys_without_a_teacher(data, tmp_path, capsys):
+    """distill.teacher_weights alone trained without distillation; a misspelt teacher or teacher argument was a
+    traceback."""
+    out = f"output_dir={tmp_path / 'run'}"
+    one_error_line(capsys, ["train", *CLS, f"distill.teacher_weights={data['other']}", out],
+                   "distill.teacher_weights", "distill.teacher is not")
+    one_error_line(capsys, ["train", *CLS, "distill.teacher=resnet5", f"distill.teacher_weights={data['other']}", out],
+                   "distill.teacher", "unknown backbone 'resnet5'")
+    one_error_line(capsys, ["train", *CLS, "distill.teacher=resnet50d", f"distill.teacher_weights={data['other']}",
+                            "distill.teacher_kwargs={bogus: 1}", out], "distill.teacher_kwargs", "bogus")
+    assert not any((tmp_path / "run").rglob("*.pth"))
+
+
 # ----------------------------------------------------------------------------------------------------- CLI
 def test_command_line_mistakes(capsys):
     one_error_line(capsys, ["trian"], "invalid choice", "'trian'")
