@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from backbones import Backbone, create_backbone, save_weights
-from runtime.checkpoint import (gather_rng_states, load_checkpoint, resolve_resume, restore_rng_states,
+from runtime.checkpoint import (gather_rng_states, load_training_checkpoint, resolve_resume, restore_rng_states,
                                 restore_training_state, save_checkpoint, training_state)
 from runtime.config import ConfigError, check_bounds, dump_config, to_dict
 from runtime.data import SeededDataset, SeededSampler, SkipBatches, backbone_config_errors, default_workers
@@ -297,7 +297,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
     metrics: dict[str, Any] = {}
     resume_path = resolve_resume(t.resume, out)
     if resume_path is not None:
-        ckpt = load_checkpoint(resume_path)
+        ckpt = load_training_checkpoint(resume_path, to_dict(cfg))
         check_fits(model, ckpt["model"], resume_path, f"this run's {cfg.model.name} ({num_classes} classes)", ckpt)
         restore_training_state(ckpt, model, stepper)
         if ema is not None:

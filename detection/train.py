@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from runtime.checkpoint import (gather_per_rank, gather_rng_states, load_checkpoint, resolve_resume,
+from runtime.checkpoint import (gather_per_rank, gather_rng_states, load_training_checkpoint, resolve_resume,
                                 restore_rng_states, restore_training_state, save_checkpoint, training_state)
 from runtime.config import ConfigError, check_bounds, dump_config, to_dict
 from runtime.data import (EpochStream, GroupedBatchSampler, SeededDataset, SeededSampler, SkipBatches, default_workers,
@@ -218,7 +218,7 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
     start, epoch, used = 0, 0, 0
     resume = resolve_resume(t.resume, out)
     if resume is not None:
-        ckpt = load_checkpoint(resume)
+        ckpt = load_training_checkpoint(resume, to_dict(cfg))
         check_fits(model, ckpt["model"], resume, f"this run's Faster R-CNN ({len(classes)} classes)", ckpt)
         restore_training_state(ckpt, model, stepper)
         start = ckpt["iteration"]

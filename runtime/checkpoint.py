@@ -61,6 +61,49 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                               "or remove it to start from scratch") from e
 
 
+# Keys a resumed run must share with the run it resumes: its position is counted in steps of their batch.
+RESUME_KEYS = ("train.batch_size", "train.accum_steps")
+
+
+def load_training_checkpoint(path: Path, config: Optional[dict[str, Any]] = None,
+                             keys: tuple[str, ...] = RESUME_KEYS) -> dict[str, Any]:
+    """``load_checkpoint`` for ``train.resume``: the file must hold a training state (``training_state``:
+    model, optimizer, position), and ``config`` (this run's, as a dict) must agree with the saved run's on
+    ``keys``, else a ``CheckpointError`` / ``ConfigError`` saying what to resume from or with. Weights-only
+    files (``model.safetensors``, ``model_final.pth``) are for ``model.weights`` (fine-tuning), not resuming."""
+    from .errors import CheckpointError
+
+    path = Path(path)
+    weights_only = (f"{path} holds weights only, not a training state (optimizer, schedule, position): resume from "
+                    f"the run's last.pth, or start a new run from these weights with model.weights={path}")
+    if path.suffix == ".safetensors":
+        raise CheckpointError(weights_only)
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or not {"model", "optimizer"} <= set(ckpt):
+        raise CheckpointError(weights_only)
+    saved = ckpt.get("config")
+    if config is not None and isinstance(saved, dict):
+        for key in keys:
+            mine, theirs = _dotted(config, key), _dotted(saved, key)
+            if mine is not None and theirs is not None and mine != theirs:
+                from .config import ConfigError
+
+                raise ConfigError(f"{key}={mine} but {path} was trained with {key}={theirs}: a resumed run continues "
+                                  f"that run's schedule, counted in its steps; resume with {key}={theirs}, or start "
+                                  f"a new run (model.weights={path.parent / 'model.safetensors'} or the weights you "
+                                  "want, to fine-tune)")
+    return ckpt
+
+
+def _dotted(config: dict[str, Any], key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 def training_state(model: torch.nn.Module, stepper: Any, **extra: Any) -> dict[str, Any]:
     """What every trainer's checkpoint holds: the model and the ``runtime.step.OptimizerStep``'s optimizer,
     schedule, loss scaler and non-finite streak (``extra``: position, RNG states, metrics, config)."""

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from runtime.checkpoint import (gather_rng_states, load_checkpoint, resolve_resume, restore_rng_states,
+from runtime.checkpoint import (gather_rng_states, load_training_checkpoint, resolve_resume, restore_rng_states,
                                 restore_training_state, save_checkpoint, training_state)
 from runtime.config import ConfigError, check_bounds, dump_config, to_dict
 from runtime.data import EpochStream, SeededDataset, SeededSampler, SkipBatches, default_workers
@@ -330,7 +330,7 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     resume_path = resolve_resume(t.resume, out)
     if resume_path is not None:
-        ckpt = load_checkpoint(resume_path)
+        ckpt = load_training_checkpoint(resume_path, to_dict(cfg))
         check_fits(model, ckpt["model"], resume_path, f"this run's FCN ({cfg.data.num_classes} classes)", ckpt)
         restore_training_state(ckpt, model, stepper)
         step = ckpt["iteration"]

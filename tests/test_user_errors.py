@@ -131,7 +131,8 @@ def test_classification_mistakes(data, tmp_path, capsys):
     one_error_line(capsys, ["train", *CLS, f"train.resume={tmp_path / 'gone.pth'}", f"output_dir={out}"],
                    "train.resume", "gone.pth")
     other = tmp_path / "other_classes.pth"
-    torch.save({"model": create_backbone("resnet18d", num_classes=7, width_mult=0.25).state_dict()}, other)
+    torch.save({"model": create_backbone("resnet18d", num_classes=7, width_mult=0.25).state_dict(), "optimizer": {}},
+               other)
     before = other.read_bytes()
     one_error_line(capsys, ["train", *CLS, f"train.resume={other}", f"output_dir={out}"], "other_classes.pth",
                    "does not fit", "fc.weight file (7, ")
@@ -285,6 +286,30 @@ def test_periods_are_checked_in_every_engine(data, tmp_path, capsys, engine):
     # 0: nothing periodic, the end's evaluation and checkpoint only
     assert main([str(a) for a in [*argv, "train.eval_every=0", "train.checkpoint_every=0"]]) == 0
     assert any((tmp_path / "run").rglob("*.pth"))
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation", "detection"])
+def test_resume_needs_a_training_state_of_the_same_batch(data, tmp_path, capsys, task):
+    """train.resume from weights only (model.safetensors, a bare state dict such as model_final.pth) was a
+    KeyError 'model' traceback; resuming with another train.batch_size retrained finished steps under the old
+    schedule (the position is counted in the saved run's steps). Both are one line saying what to do."""
+    base = {"classification": CLS, "segmentation": [*SEG, f"data.root={data['ade']}"],
+            "detection": [*DET, f"data.root={data['voc']}"]}[task]
+    run = tmp_path / "run"
+    assert main([str(a) for a in ["train", *base, f"output_dir={run}"]]) == 0
+    capsys.readouterr()
+    last = run / "last.pth"
+    before = last.read_bytes()
+    bare = tmp_path / "model_final.pth"
+    torch.save(torch.load(last, weights_only=True)["model"], bare)
+    sources = [bare] + ([run / "model.safetensors"] if task == "classification" else [])
+    for source in sources:
+        one_error_line(capsys, ["train", *base, f"train.resume={source}", f"output_dir={tmp_path / 'new'}"],
+                       source.name, "weights only", "last.pth", "model.weights=")
+    batch, saved = (4, 8) if task == "classification" else (1, 2)
+    one_error_line(capsys, ["train", *base, f"train.batch_size={batch}", "train.resume=auto", f"output_dir={run}"],
+                   f"train.batch_size={batch} but", f"train.batch_size={saved}")
+    assert last.read_bytes() == before
 
 
 @pytest.mark.parametrize("engine", ["classification", "segmentation/torch", "segmentation/mmseg", "detection/torch",
