@@ -87,7 +87,7 @@ def cmd_coco_eval(args: argparse.Namespace) -> int:
 
     try:
         result = score_coco_files(args.gt, args.results)
-    except (COCOFormatError, ValueError) as e:
+    except (COCOFormatError, ValueError, OSError) as e:  # OSError: a folder given for a file
         print(f"coco-eval: error: {e}", file=sys.stderr)
         return 2
     clean = lambda v: None if math.isnan(v) else v

@@ -39,13 +39,14 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from runtime.config import ConfigError
+from runtime.errors import DataError, UserPathError
 
 from .voc import VOCAnnotation, detection_sample, resolve_classes
 
 log = logging.getLogger(__name__)
 
 
-class COCOFormatError(ValueError):
+class COCOFormatError(DataError):
     """A COCO instances file (or an image it names) that cannot be read; the message names file and record."""
 
 
@@ -65,6 +66,8 @@ def read_json(path: Path | str, what: str) -> Any:
             return json.load(f)
     except FileNotFoundError:
         raise COCOFormatError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise COCOFormatError(f"{path}: a folder, where the {what} (a JSON file) was expected") from None
     except json.JSONDecodeError as e:
         raise COCOFormatError(f"{path}: not valid JSON ({e})") from None
     except UnicodeDecodeError as e:
@@ -285,8 +288,20 @@ def _coco_paths(data, train: bool) -> tuple[str, str]:
             raise ConfigError(f"data.format=coco needs data.{key} (the instances JSON and its images folder of the "
                              f"{'training' if train else 'test'} set)")
     if not Path(values[1]).is_dir():
-        raise FileNotFoundError(f"data.{keys[1]}={values[1]!r}: images folder not found")
+        raise UserPathError(f"data.{keys[1]}={values[1]!r}: images folder not found")
     return values
+
+
+def check_format_keys(data) -> None:
+    """The COCO keys (``data.train_json`` ...) with ``data.format=voc`` were ignored: the run trained on the VOC
+    folder of ``data.root``. An error naming the keys now."""
+    if getattr(data, "format", "voc") == "coco":
+        return
+    given = [f"data.{k}" for k in ("train_json", "train_images", "test_json", "test_images") if getattr(data, k, None)]
+    if given:
+        raise ConfigError(f"{', '.join(given)} given with data.format={data.format}: they are read with "
+                          "data.format=coco only; set data.format=coco (or remove them to use the VOC folders of "
+                          "data.root)")
 
 
 def build_detection_set(data, train: bool, transforms: Optional[Callable] = None, classes: Any = None,
@@ -298,6 +313,7 @@ def build_detection_set(data, train: bool, transforms: Optional[Callable] = None
     ``data.classes`` (the test set of a COCO run takes the training set's names). ``check_images=True``
     decodes every image of a VOC-layout set now, in worker processes (``detection.voc``)."""
     classes = data.classes if classes is None else classes
+    check_format_keys(data)
     if getattr(data, "format", "voc") == "coco":
         annotation_file, image_dir = _coco_paths(data, train)
         return COCODetection(annotation_file, image_dir, keep_crowd=not train, transforms=transforms,
@@ -317,6 +333,7 @@ def dataset_classes(data) -> tuple[str, ...]:
     """The class names of a run (``data.format`` voc: ``data.classes`` or VOC's 20; coco: the training
     JSON's categories, or the subset ``data.classes`` picks; the test JSON's when no training JSON is given,
     as ``tricks eval`` may be) without building the datasets."""
+    check_format_keys(data)
     if getattr(data, "format", "voc") != "coco":
         return resolve_classes(data.classes)
     annotation_file, _ = _coco_paths(data, train=bool(data.train_json or data.train_images))

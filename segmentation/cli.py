@@ -81,7 +81,16 @@ def reduce_zero_label_map(label: np.ndarray, ignore_index: int = IGNORE_INDEX) -
 
 
 def _run_seg_eval(args: argparse.Namespace) -> int:
-    result = seg_eval(args.gt, args.pred, args.num_classes, args.reduce_zero_label, args.ignore_index)
+    import sys
+
+    if args.num_classes < 1:
+        print(f"seg-eval: error: --num-classes {args.num_classes}: give the number of classes (>= 1)", file=sys.stderr)
+        return 2
+    try:
+        result = seg_eval(args.gt, args.pred, args.num_classes, args.reduce_zero_label, args.ignore_index)
+    except (ValueError, OSError) as e:  # the messages name the file and what is wrong with it
+        print(f"seg-eval: error: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(result))
         return 0

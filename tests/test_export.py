@@ -609,4 +609,4 @@ def test_variants_that_change_no_parameter_are_kept_apart(tmp_path):
     wide = save_weights(create_backbone("resnet50d", num_classes=0, stem_width=64), tmp_path / "wide.safetensors")
     for target in ("timm", "mmseg"):
         with pytest.raises(NotExportableError, match="stem_width=64"):
-            export(wide, target, tmp_path / f"wide{SUFFIX[target]}")
+            export(wide, target, tmp_path / f"wide_{target}{SUFFIX[target]}")

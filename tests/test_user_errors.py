@@ -348,6 +348,61 @@ def test_distillation_keys_without_a_teacher(data, tmp_path, capsys):
     assert not any((tmp_path / "run").rglob("*.pth"))
 
 
+def test_coco_mistakes(data, tmp_path, capsys):
+    """COCO data errors were tracebacks in train/eval (COCOFormatError was a plain ValueError; a missing images
+    folder a bare FileNotFoundError; a folder for a JSON an IsADirectoryError), and COCO keys with
+    data.format=voc were ignored (the run trained on the VOC folder)."""
+    from test_coco import write_coco
+
+    gt = write_coco(tmp_path / "coco")
+    images = tmp_path / "coco" / "images"
+    coco = ["data.format=coco", f"data.train_json={gt}", f"data.train_images={images}", f"data.test_json={gt}",
+            f"data.test_images={images}", "data.classes=null", f"output_dir={tmp_path / 'run'}"]
+    base = [a for a in DET if not a.startswith("data.classes")]
+    one_error_line(capsys, ["train", *base, f"data.root={data['voc']}", f"data.train_json={gt}",
+                            f"output_dir={tmp_path / 'run'}"], "data.train_json", "data.format=coco")
+    one_error_line(capsys, ["train", *base, *coco, f"data.train_images={tmp_path / 'nowhere'}"],
+                   "data.train_images", "nowhere", "not found")
+    one_error_line(capsys, ["train", *base, *coco, f"data.train_json={tmp_path / 'coco'}"], "coco", "a folder")
+    broken = tmp_path / "broken.json"
+    doc = __import__("json").loads(gt.read_text())
+    doc["annotations"][0]["category_id"] = 99
+    broken.write_text(__import__("json").dumps(doc))
+    one_error_line(capsys, ["train", *base, *coco, f"data.train_json={broken}"], "broken.json", "99")
+    one_error_line(capsys, ["coco-eval", "--gt", tmp_path / "coco", "--results", gt], "coco", "a folder")
+    assert not any((tmp_path / "run").rglob("*.pth"))
+
+
+def test_export_and_seg_eval_mistakes(data, tmp_path, capsys):
+    """export over its own input replaced the suite's file and its metadata; a detection or segmentation
+    checkpoint was a KeyError 'name' traceback (last.pth) or 'not a checkpoint of tricks train' (model_final.pth,
+    which tricks train wrote); seg-eval's errors were tracebacks."""
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(Path(data["weights"]).read_bytes())
+    before = weights.read_bytes()
+    one_error_line(capsys, ["export", weights, "--to", "timm", "--out", weights], "w.safetensors", "input file")
+    assert weights.read_bytes() == before
+    run = tmp_path / "seg"
+    assert main([str(a) for a in ["train", *SEG, f"data.root={data['ade']}", f"output_dir={run}"]]) == 0
+    capsys.readouterr()
+    one_error_line(capsys, ["export", run / "last.pth", "--to", "mmseg", "--out", tmp_path / "x.pth"],
+                   "last.pth", "segmentation checkpoint", "model.weights")
+    one_error_line(capsys, ["export", run / "model_final.pth", "--to", "mmseg", "--out", tmp_path / "x.pth"],
+                   "model_final.pth", "no run config")
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    gt.mkdir(), pred.mkdir()
+    from PIL import Image
+
+    Image.fromarray(np.zeros((4, 5), np.uint8)).save(gt / "a.png")
+    Image.fromarray(np.full((4, 5), 9, np.uint8)).save(pred / "a.png")
+    one_error_line(capsys, ["seg-eval", "--gt", gt, "--pred", pred, "--num-classes", "4"], "a.png", "9")
+    one_error_line(capsys, ["seg-eval", "--gt", gt, "--pred", pred, "--num-classes", "0"], "--num-classes 0")
+    one_error_line(capsys, ["seg-eval", "--gt", tmp_path / "nowhere", "--pred", pred, "--num-classes", "4"],
+                   "nowhere", "not found")
+    Image.fromarray(np.zeros((4, 5), np.uint8)).save(pred / "b.png")
+    one_error_line(capsys, ["seg-eval", "--gt", gt, "--pred", pred, "--num-classes", "4"], "b.png", "no ground truth")
+
+
 # ----------------------------------------------------------------------------------------------------- CLI
 def test_command_line_mistakes(capsys):
     one_error_line(capsys, ["trian"], "invalid choice", "'trian'")

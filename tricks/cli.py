@@ -358,7 +358,7 @@ def _run_voc2coco(args: argparse.Namespace) -> int:
     classes = args.classes_file or ([n.strip() for n in args.classes.split(",")] if args.classes else None)
     try:
         print(run_voc2coco(args.devkit, args.splits, args.out, classes))
-    except (ValueError, FileNotFoundError) as e:  # VOCFormatError is a ValueError
+    except (ValueError, OSError) as e:  # VOCFormatError is a ValueError; a folder given for a file: OSError
         print(f"voc2coco: error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -369,7 +369,7 @@ def _run_coco2voc(args: argparse.Namespace) -> int:
 
     try:
         counts = coco_to_voc(args.gt, args.images, args.out, args.year, args.split)
-    except (ValueError, FileNotFoundError) as e:  # COCOFormatError is a ValueError
+    except (ValueError, OSError) as e:  # COCOFormatError is a ValueError; a folder given for a file: OSError
         print(f"coco2voc: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {counts['images']} images ({counts['reencoded']} re-encoded as JPEG), {counts['objects']} objects "

@@ -65,7 +65,12 @@ def read_suite_weights(path: str | Path) -> SuiteWeights:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         config = ckpt.get("config") if isinstance(ckpt, dict) else None
         if not isinstance(config, dict) or "model" not in config:
-            raise ValueError(f"{path}: not a checkpoint of tricks train (no 'config'); export its model.safetensors")
+            raise ValueError(f"{path}: holds no run config (a bare state dict, as a detection or segmentation run's "
+                             "model_final.pth): export takes a classification run's model.safetensors or last.pth")
+        if config.get("task", "classification") != "classification":
+            raise ValueError(f"{path}: a {config['task']} checkpoint; export converts classification backbones (a "
+                             "classification run's model.safetensors or last.pth). Export the backbone this run "
+                             "fine-tuned from (its model.weights), or evaluate this run with tricks eval")
         if isinstance(ckpt.get("ema"), dict):  # train.ema_decay: the averaged weights, the ones evaluated and saved
             state = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
         m = config["model"]
@@ -97,8 +102,11 @@ def export(weights: str | Path, target: str, out: str | Path) -> str:
     and load call. A network the target cannot build raises ``convert.NotExportableError``."""
     from backbones import convert
 
-    src = read_suite_weights(weights)
     out = Path(out)
+    if out.exists() and Path(weights).exists() and out.resolve() == Path(weights).resolve():
+        raise ValueError(f"--out {out} is the input file: write the export to another path (it would replace the "
+                         "suite's file and its metadata)")
+    src = read_suite_weights(weights)
     spec = convert.export_target(src.arch, src.variant, target)
     _check_out(target, out)
     out.parent.mkdir(parents=True, exist_ok=True)
