@@ -341,3 +341,29 @@ def dataset_classes(data) -> tuple[str, ...]:
                           annotation_file)[0]
 
 
+
+
+def check_checkpoint_classes(checkpoint: Any, path: str | Path, classes: Sequence[str]) -> None:
+    """A detector's outputs are indices into the class list it was trained with: evaluated under another order
+    (``data.classes: [cat, dog]`` for a ``[dog, cat]`` run) every box is scored as the wrong class, silently.
+    The run's saved config (a ``last.pth``'s, or the ``config.yaml`` beside the file) names its classes; a list
+    that differs from ``classes`` is a ``CheckpointError``. Files without a config, or a COCO run whose classes
+    came from its JSON, are not checked."""
+    from runtime.errors import CheckpointError
+    from runtime.strict import saved_config
+
+    saved = saved_config(checkpoint, Path(path))
+    data = (saved or {}).get("data") if isinstance(saved, dict) else None
+    if not isinstance(data, dict) or "classes" not in data:
+        return
+    if data.get("format", "voc") == "coco" and data["classes"] is None:
+        return
+    try:
+        theirs = tuple(resolve_classes(data["classes"]))
+    except Exception:  # a classes file that has moved: nothing to compare with
+        return
+    if theirs != tuple(classes):
+        how = "in another order" if sorted(theirs) == sorted(classes) else "differently"
+        raise CheckpointError(f"{path} was trained with the classes {list(theirs)} but this run names them {how}: "
+                              f"{list(classes)}; the detector's outputs are indices into its own list, so set "
+                              "data.classes to the list it was trained with")

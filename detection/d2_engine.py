@@ -57,6 +57,7 @@ from runtime.step import TrainingDiverged
 from runtime.strict import check_fits, model_state, read_checkpoint
 
 from . import voc as voc_data
+from .coco import check_checkpoint_classes
 from .config import REFERENCE_BATCH, DetectionConfig, check_fpn_anchor_sizes, check_sync_bn, rpn_topk
 from .voc_eval import VOCBoxes, evaluate_voc, evaluate_voc_iou_range
 
@@ -824,6 +825,7 @@ def _check_fits(model, checkpoint: str, cfg: DetectionConfig) -> None:
     state = {k.removeprefix("module."): v for k, v in model_state(loaded, checkpoint).items()}
     check_fits(model, state, checkpoint, f"a detectron2-engine Faster R-CNN ({cfg.model.arch}, "
                f"{len(_class_names(cfg))} classes)", loaded)
+    check_checkpoint_classes(loaded, checkpoint, _class_names(cfg))
 
 
 def train(cfg: DetectionConfig) -> dict[str, Any]:

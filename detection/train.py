@@ -36,7 +36,7 @@ from runtime.strict import check_fits, load_model_strictly
 from .config import REFERENCE_BATCH, DetectionConfig, check_sync_bn, rpn_topk
 from .model import build_faster_rcnn
 from .visualize import save_detection_pictures
-from .coco import build_detection_set, dataset_classes
+from .coco import build_detection_set, check_checkpoint_classes, dataset_classes
 from .coco_eval import describe_metrics
 from .voc_eval import VOCBoxes, evaluate_voc, evaluate_voc_iou_range
 
@@ -291,8 +291,9 @@ def evaluate_checkpoint(cfg: DetectionConfig, checkpoint: str) -> dict[str, Any]
     try:
         test_set = build_test_set(cfg)
         model = build_model(cfg, len(test_set.classes))
-        load_model_strictly(model, checkpoint, f"a torchvision-engine Faster R-CNN with {len(test_set.classes)} "
-                            "classes")
+        loaded = load_model_strictly(model, checkpoint, f"a torchvision-engine Faster R-CNN with "
+                                     f"{len(test_set.classes)} classes")
+        check_checkpoint_classes(loaded, checkpoint, test_set.classes)
         metrics = evaluate_detector(model.to(dist_info.device), cfg, dist_info, test_set)
         if dist_info.is_main:
             save_detection_pictures(test_set, metrics["detections"], Path(cfg.output_dir) / "detections",

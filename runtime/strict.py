@@ -46,7 +46,7 @@ def model_state(checkpoint: Any, path: str | os.PathLike) -> dict[str, torch.Ten
     return dict(state)
 
 
-def _saved_config(checkpoint: Any, path: Path) -> Optional[Mapping[str, Any]]:
+def saved_config(checkpoint: Any, path: Path) -> Optional[Mapping[str, Any]]:
     """The resolved config of the run that wrote ``path``: its ``config`` entry, or the run's config.yaml."""
     if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("config"), Mapping):
         return checkpoint["config"]
@@ -103,7 +103,7 @@ def check_fits(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: 
     differences = [f"{len(keys)} {name} ({_examples(keys)})" for name, keys in
                    (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
                    if keys]
-    saved = _saved_config(checkpoint, path)
+    saved = saved_config(checkpoint, path)
     origin = f"; it was written by a run of {describe_run(saved)}" if saved else ""
     raise CheckpointError(f"checkpoint {path} does not fit {what}: {', '.join(differences)}{origin}; evaluate or "
                           "resume it with the config (task, engine, model, classes) it was trained with")

@@ -348,6 +348,24 @@ def test_distillation_keys_without_a_teacher(data, tmp_path, capsys):
     assert not any((tmp_path / "run").rglob("*.pth"))
 
 
+@pytest.mark.parametrize("engine", ["torch", "detectron2"])
+def test_detection_eval_refuses_another_class_order(data, tmp_path, capsys, engine):
+    """A detector evaluated under data.classes in another order scored every box as the wrong class, silently
+    (dog 3.54 / cat 0.00 for 0.32 / 0.51 in the report): the run's config (in last.pth, or config.yaml beside
+    model_final.pth) names its classes."""
+    if engine == "detectron2":
+        pytest.importorskip("detectron2")
+    run = tmp_path / "run"
+    base = [*DET, f"data.root={data['voc']}", f"engine={engine}"]
+    assert main([str(a) for a in ["train", *base, f"output_dir={run}"]]) == 0
+    capsys.readouterr()
+    files = [run / "model_final.pth"] + ([run / "last.pth"] if engine == "torch" else [])
+    for checkpoint in files:
+        one_error_line(capsys, ["eval", *base, "data.classes=[cat, dog]", f"output_dir={tmp_path / 'e'}", checkpoint],
+                       checkpoint.name, "['dog', 'cat']", "in another order", "data.classes")
+    assert main([str(a) for a in ["eval", *base, f"output_dir={tmp_path / 'e'}", files[0]]]) == 0
+
+
 def test_coco_mistakes(data, tmp_path, capsys):
     """COCO data errors were tracebacks in train/eval (COCOFormatError was a plain ValueError; a missing images
     folder a bare FileNotFoundError; a folder for a JSON an IsADirectoryError), and COCO keys with
