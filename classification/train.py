@@ -319,7 +319,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     eval_model = eval_model if eval_model is not None else train_model
 
-    logger = RunLogger(out, enabled=is_main)
+    logger = RunLogger(out, enabled=is_main, resumed_step=step if resume_path is not None else None)
     if is_main:
         log.info("%s on %s: %d train / %d val images, %d classes, %d process(es) x %d images x %d accumulation "
                  "= %d global batch, lr %.4g, %d steps", cfg.model.name, cfg.data.name,

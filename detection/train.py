@@ -211,7 +211,6 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
     scheduler = build_scheduler(optimizer, base_lr=base_lr, total_steps=t.max_iter, warmup_steps=o.warmup_iters,
                                 schedule="step", milestones=o.milestones, gamma=o.gamma)
     stepper = OptimizerStep(optimizer, scheduler, precision.scaler, max_nonfinite=t.max_nonfinite)
-    logger = RunLogger(out, enabled=is_main)
 
     # Position: every rank keeps its own (epoch, batches used in it): aspect grouping gives ranks
     # different numbers of batches per epoch.
@@ -227,6 +226,7 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
         epoch, used = positions[dist_info.rank] if len(positions) == dist_info.world_size else (positions[0][0] + 1, 0)
         if is_main:
             log.info("resumed from %s at iteration %d", resume, start)
+    logger = RunLogger(out, enabled=is_main, resumed_step=start if resume is not None else None)
     stream = EpochStream(loader, sampler, epoch, used)
 
     def checkpoint(iteration: int) -> None:

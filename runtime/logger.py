@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,10 +17,27 @@ log = logging.getLogger(__name__)
 class RunLogger:
     """Writes ``metrics.jsonl`` and TensorBoard events under ``output_dir``; a no-op off rank 0."""
 
-    def __init__(self, output_dir: Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, output_dir: Path, enabled: bool = True, tensorboard: bool = True,
+                 resumed_step: Optional[int] = None):
+        """``resumed_step``: the step a resumed run continues from; the records of the earlier process after
+        it (logged after its last checkpoint) are dropped, as the resumed run logs those steps again. None: a
+        new run, which starts a new ``metrics.jsonl`` and TensorBoard log (an earlier run's in the same
+        ``output_dir`` is replaced, with a warning: its records appended to would mix two runs)."""
         self.enabled = enabled
         self.path = output_dir / "metrics.jsonl"
         self._tb = None
+        if enabled and self.path.is_file():
+            if resumed_step is None:
+                log.warning("%s holds an earlier run (metrics.jsonl, checkpoints): this new run replaces it; set "
+                            "train.resume=auto to continue that run instead, or choose another output_dir", output_dir)
+                self.path.unlink()
+                for events in (output_dir / "tb").glob("events.out.tfevents.*"):
+                    events.unlink()
+            else:
+                kept = [r for r in read_records(self.path) if r.get("step", 0) <= resumed_step]
+                tmp = self.path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                os.replace(tmp, self.path)
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

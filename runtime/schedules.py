@@ -171,6 +171,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, base_lr: float, total_s
         raise ValueError(f"build_scheduler: base_lr must be > 0 (the lambda returns lr / base_lr), got {base_lr}")
     milestones = tuple(milestones)
     _validate(base_lr, total_steps, warmup_steps, schedule, milestones, gamma, power, min_lr)  # fail now, not at step()
+    late = [m for m in milestones if m >= total_steps]
+    if schedule == "step" and late and int(os.environ.get("RANK", 0)) == 0:
+        log.warning("optim.milestones: %d of %d step decay(s) fall at or after the run's last step (steps %s of %d): "
+                    "they never take effect, so the lr stays at %s of the base lr; set milestones inside the run "
+                    "(or train.scale_schedule=true where the task has it)", len(late), len(milestones),
+                    list(late), total_steps, f"{gamma ** (len(milestones) - len(late)):.3g}x")
 
     def factor(step: int) -> float:
         return lr_at(step, base_lr=base_lr, total_steps=total_steps, warmup_steps=warmup_steps,

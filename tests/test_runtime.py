@@ -288,3 +288,28 @@ def test_auto_keeps_fp32_for_depthwise_networks_on_a_cpu(monkeypatch):
     with p.autocast_for("auto", cpu, mobilenet)():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
+
+
+def test_run_logger_starts_a_new_record_or_continues_at_the_resumed_step(tmp_path, caplog):
+    """A new run into an output_dir holding an earlier run appended to its metrics.jsonl (steps 4, 8, 4 in the
+    report): it now starts a new one, with a warning. A resumed run drops the earlier process's records after its
+    checkpoint's step (that process logged them after its last checkpoint; the resumed run logs them again)."""
+    import logging
+
+    from runtime.logger import RunLogger, read_records
+
+    first = RunLogger(tmp_path, tensorboard=False)
+    for step in (2, 4, 6):
+        first.log("train", step, loss=1.0 / step)
+    first.log("val", 4, top1=50.0)
+    resumed = RunLogger(tmp_path, tensorboard=False, resumed_step=4)
+    assert [(r["kind"], r["step"]) for r in read_records(tmp_path / "metrics.jsonl")] == [("train", 2), ("train", 4),
+                                                                                          ("val", 4)]
+    resumed.log("train", 6, loss=0.1)
+    assert [r["step"] for r in read_records(tmp_path / "metrics.jsonl", "train")] == [2, 4, 6]
+    with caplog.at_level(logging.WARNING):
+        fresh = RunLogger(tmp_path, tensorboard=False)
+    assert "holds an earlier run" in caplog.text and "train.resume=auto" in caplog.text
+    assert read_records(tmp_path / "metrics.jsonl") == []
+    fresh.log("train", 2, loss=2.0)
+    assert [r["step"] for r in read_records(tmp_path / "metrics.jsonl")] == [2]

@@ -266,3 +266,23 @@ def test_step_schedule_with_warmup_equals_detectron2_warmup_multistep() -> None:
             assert ours == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=1e-15), (warmup, milestones, step)
             opt.step()
             ref.step()
+
+
+def test_milestones_after_the_run_are_reported(caplog):
+    """Step decays at or after the last step never happen (a VOC config cut short with train.max_iter, the ImageNet
+    milestones 30/60/90 at 12 epochs): said once, with how many and the lr the run stays at."""
+    import logging
+
+    from runtime.schedules import build_scheduler
+
+    def build(milestones, schedule="step"):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="runtime.schedules"):
+            build_scheduler(opt, base_lr=0.1, total_steps=50, schedule=schedule, milestones=milestones)
+        return caplog.text
+
+    text = build([10, 50, 120])
+    assert "2 of 3 step decay(s)" in text and "[50, 120] of 50" in text and "0.1x of the base lr" in text
+    assert build([10, 49]) == ""
+    assert build([10, 120], schedule="cosine") == ""  # cosine has no milestones to miss
