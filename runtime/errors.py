@@ -43,8 +43,17 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 
 def one_line(error: BaseException) -> str:
-    """The error's message on one line (multi-line messages joined with "; ")."""
-    parts = [line.strip() for line in str(error).splitlines() if line.strip()]
+    """The error's message on one line (multi-line messages joined with "; "). An error raised in a DataLoader
+    worker comes back as "Caught X in DataLoader worker process N. Original Traceback ...": its own message
+    is the traceback's last line, after the exception's name."""
+    text = str(error)
+    if "in DataLoader worker process" in text and "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        name = type(error).__name__
+        for prefix in (f"{type(error).__module__}.{name}: ", f"{name}: "):
+            if last.startswith(prefix):
+                return last[len(prefix):]
+    parts = [line.strip() for line in text.splitlines() if line.strip()]
     return "; ".join(parts) or type(error).__name__
 
 

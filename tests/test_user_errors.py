@@ -366,6 +366,32 @@ def test_detection_eval_refuses_another_class_order(data, tmp_path, capsys, engi
     assert main([str(a) for a in ["eval", *base, f"output_dir={tmp_path / 'e'}", files[0]]]) == 0
 
 
+def test_a_data_error_in_a_loader_worker_is_its_own_message(data, tmp_path, capsys):
+    """With DataLoader workers (data.workers=-1 gives some on most machines) a corrupt image came back as one
+    1,759-character line: "Caught CorruptImageError in DataLoader worker process 0.; Original Traceback ...",
+    the useful sentence last. Now the line is the error's own message, as without workers."""
+    root = _copy(data["imagenet"], tmp_path / "imagenet")
+    bad = root / "train" / "n01" / "a.JPEG"
+    bad.write_bytes(b"not a jpeg")
+    argv = ["train", "data.name=imagenet", f"data.root={root}", "data.img_size=16", "data.val_resize=16",
+            "data.val_crop=16", "model.name=resnet18d", "model.kwargs={width_mult: 0.25}", "train.batch_size=1",
+            "train.epochs=1", f"output_dir={tmp_path / 'run'}"]
+    alone = one_error_line(capsys, [*argv, "data.workers=0"], "a.JPEG")
+    in_worker = one_error_line(capsys, [*argv, "data.workers=1"], "a.JPEG")
+    assert in_worker == alone and "worker" not in in_worker and len(in_worker) < 400
+
+
+def test_demo_checks_its_arguments_before_running(tmp_path, capsys):
+    """A misspelt stage was a ValueError traceback, and a typo in a transfer stage's override was found only after
+    the classification stage had trained: both are one line before anything runs or prints."""
+    out = ["--out", tmp_path / "demo"]
+    one_error_line(capsys, ["demo", *out, "--stages", "segmentaton"], "segmentaton", "choose from")
+    assert main([str(a) for a in ["demo", *out, "detection.train.max_itr=2"]]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and "demo stage detection" in printed.err and "train.max_itr" in printed.err
+    assert not (tmp_path / "demo").exists()
+
+
 def test_coco_mistakes(data, tmp_path, capsys):
     """COCO data errors were tracebacks in train/eval (COCOFormatError was a plain ValueError; a missing images
     folder a bare FileNotFoundError; a folder for a JSON an IsADirectoryError), and COCO keys with
@@ -427,6 +453,9 @@ def test_command_line_mistakes(capsys):
     one_error_line(capsys, ["eval", "model.name=resnet18d"], "no CHECKPOINT")
     one_error_line(capsys, ["train", "model.name=resnet18d", "--epochs", "3"], "unrecognized arguments", "--epochs")
     one_error_line(capsys, ["eval", "a.pth", "b.pth", "model.name=resnet18d"], "2 checkpoints", "a.pth", "b.pth")
+    # counts of at least 1 (--seeds 0 wrote an all-"pending" table and exited 0)
+    one_error_line(capsys, ["reproduce", "table5", "--seeds", "0"], "--seeds", "at least 1")
+    one_error_line(capsys, ["demo", "--scenes", "0", "8"], "--scenes", "at least 1")
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):

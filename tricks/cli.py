@@ -242,11 +242,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of seeds, epochs, steps, images)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: needs to be at least 1")
+    return value
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The whole pipeline on the embedded real data (Fashion-MNIST from the Debian package): tricks/demo.py."""
-    from tricks.demo import run_demo
+    from tricks.demo import check_demo, run_demo
 
     _setup_logging()
+    check_demo(args.out, args.overrides, args.stages.split(","))  # before the first line of output
     print("== backbones: Table 5 ==")
     cmd_backbones(argparse.Namespace(table5=True, filter=""))
     run_demo(args.out, args.overrides, stages=args.stages.split(","), scenes=tuple(args.scenes))
@@ -272,9 +284,9 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reproduce", help="the paper's Tables 3-6, 8, 9 at small scale with seeds, beside the paper's "
                        "numbers (resumable): tricks reproduce table5 [table4 ...|all]")
     p.add_argument("tables", nargs="+", metavar="TABLE", help="table3, table4, table5, table6, table8, table9 or all")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per row (default 3)")
-    p.add_argument("--epochs", type=int, help="shorten: classification rows scaled from 2 epochs to this many")
-    p.add_argument("--iters", type=int, help="shorten: at most this many optimizer steps per run")
+    p.add_argument("--seeds", type=_positive_int, default=3, help="seeds per row (default 3)")
+    p.add_argument("--epochs", type=_positive_int, help="shorten: classification rows scaled from 2 epochs to this many")
+    p.add_argument("--iters", type=_positive_int, help="shorten: at most this many optimizer steps per run")
     p.add_argument("--out", default="runs/reproduce", help="records/, runs/, data/ and <table>.md/.png go here")
     p.add_argument("--nets", default="resnet,mobilenet", help="networks of Tables 3 and 6: resnet,mobilenet[,inception]"
                    " (Inception-V3 at 75 px costs about 3x a ResNet row)")
@@ -311,7 +323,7 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder: one folder per stage, data/, REPORT.md")
     p.add_argument("--stages", default="classification,segmentation,detection",
                    help="comma-separated stages to run (transfer stages reuse <out>/classification)")
-    p.add_argument("--scenes", type=int, nargs=2, default=[2000, 500], metavar=("TRAIN", "TEST"),
+    p.add_argument("--scenes", type=_positive_int, nargs=2, default=[2000, 500], metavar=("TRAIN", "TEST"),
                    help="scenes written for each transfer set")
     p.set_defaults(func=cmd_demo)
 
@@ -322,17 +334,17 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     kinds = data.add_subparsers(dest="data_command", required=True, metavar="DATASET")
     scenes = kinds.add_parser("fashion-scenes", help="Fashion-MNIST scenes in the ADE20K layout (segmentation)")
     scenes.add_argument("--out", required=True, help="the ADEChallengeData2016 folder to write")
-    scenes.add_argument("--train", type=int, default=2000)
-    scenes.add_argument("--val", type=int, default=500)
+    scenes.add_argument("--train", type=_positive_int, default=2000)
+    scenes.add_argument("--val", type=_positive_int, default=500)
     scenes.add_argument("--seed", type=int, default=0)
-    scenes.add_argument("--size", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))
+    scenes.add_argument("--size", type=_positive_int, nargs=2, default=[128, 128], metavar=("H", "W"))
     scenes.set_defaults(func=_run_fashion_scenes)
     voc = kinds.add_parser("fashion-voc", help="Fashion-MNIST scenes in the VOCdevkit layout (detection)")
     voc.add_argument("--out", required=True, help="the folder to hold VOCdevkit/")
-    voc.add_argument("--train", type=int, default=2000)
-    voc.add_argument("--test", type=int, default=500)
+    voc.add_argument("--train", type=_positive_int, default=2000)
+    voc.add_argument("--test", type=_positive_int, default=500)
     voc.add_argument("--seed", type=int, default=0)
-    voc.add_argument("--size", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))
+    voc.add_argument("--size", type=_positive_int, nargs=2, default=[128, 128], metavar=("H", "W"))
     voc.set_defaults(func=_run_fashion_voc)
     # detection/convert.py: VOC 1-based inclusive corners <-> COCO 0-based [x, y, w, h], exact
     to_coco = kinds.add_parser("voc2coco", help="VOC-layout splits -> a COCO instances JSON (detection/convert.py)")

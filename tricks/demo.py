@@ -72,6 +72,29 @@ def _pretrained_overrides(weights: Path, cls_cfg) -> list[str]:
     return [f"model.weights={weights}", *normalization_overrides(cls_cfg)]
 
 
+def check_demo(out: Path | str, overrides: Sequence[str], stages: Sequence[str]) -> dict[str, list[str]]:
+    """The demo's arguments, checked before anything runs: known stages (the transfer stages need the
+    classification stage or its weights) and every stage's overrides against its config (a typo in a
+    detection override was found only after the classification stage had trained). Returns the overrides
+    per stage; a ``ConfigError`` names the stage and key."""
+    from runtime.config import ConfigError
+    from tricks.cli import load_task_config
+
+    out = Path(out)
+    extra = split_overrides(overrides)
+    weights = out / "classification" / "model.safetensors"
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or (stages and "classification" not in stages and not weights.is_file()):
+        raise ConfigError(f"demo stages {list(stages)}: choose from {list(STAGES)}; the transfer stages need the "
+                          f"classification stage (or its {weights})")
+    for name in stages:
+        try:
+            load_task_config(str(REPO / STAGES[name].config), [*STAGES[name].overrides, *extra[name]])
+        except ConfigError as e:
+            raise ConfigError(f"demo stage {name}: {e}") from None
+    return extra
+
+
 def run_demo(out: Path | str = "runs/demo", overrides: Sequence[str] = (), stages: Sequence[str] = tuple(STAGES),
              scenes: tuple[int, int] = (2000, 500), run: Callable | None = None) -> dict[str, Any]:
     """Run the demo's ``stages`` (classification first: the others fine-tune its weights) under ``out``;
@@ -80,12 +103,8 @@ def run_demo(out: Path | str = "runs/demo", overrides: Sequence[str] = (), stage
 
     run = run or run_config
     out = Path(out)
-    extra = split_overrides(overrides)
+    extra = check_demo(out, overrides, stages)
     weights = out / "classification" / "model.safetensors"
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown or (stages and "classification" not in stages and not weights.is_file()):
-        raise ValueError(f"demo stages {list(stages)}: choose from {list(STAGES)}; the transfer stages need the "
-                         f"classification stage (or its {weights})")
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
     commands: dict[str, str] = {}
