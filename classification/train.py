@@ -311,6 +311,10 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         if is_main:
             log.info("resumed from %s at step %d (epoch %d)", resume_path, step, step // steps_per_epoch)
     start_epoch = step // steps_per_epoch
+    if resume_path is not None and step > total_steps and is_main:
+        log.warning("train.epochs=%s ends at step %d but %s is at step %d (epoch %d): nothing is trained, and the "
+                    "result is that checkpoint's; raise train.epochs to train on", t.epochs, total_steps, resume_path,
+                    step, start_epoch)
 
     train_model: nn.Module = model
     if t.compile:

@@ -613,3 +613,18 @@ def test_epochs_to_steps_rounds_half_up_and_keeps_a_warmup():
     assert [epochs_to_steps(e, 5) for e in (0.5, 1.5, 2.5, 0.1, 0.0, 3)] == [3, 8, 13, 1, 0, 15]  # round(): 2, 8, 12
     assert epochs_to_steps(0.05, 5) == 0 and epochs_to_steps(0.05, 5, at_least_one=True) == 1
     assert epochs_to_steps(0.0, 5, at_least_one=True) == 0
+
+
+def test_resuming_past_the_configured_end_says_nothing_is_trained(tmp_path, caplog):
+    """train.epochs lowered below where the checkpoint is: nothing to train, said (it exited 0 without a word)."""
+    import logging
+
+    cfg = tiny(tmp_path, "train.epochs=2")
+    train(cfg)
+    with caplog.at_level(logging.WARNING):
+        train(tiny(tmp_path, "train.epochs=1", "train.resume=auto"))
+    assert "nothing is trained" in caplog.text and "raise train.epochs" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train(tiny(tmp_path, "train.epochs=2", "train.resume=auto"))  # a finished run resumed again: its result
+    assert "nothing is trained" not in caplog.text
