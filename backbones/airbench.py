@@ -14,9 +14,11 @@ https://github.com/tysam-code/hlb-CIFAR10. The network, as there:
   ``whiten_from_data=False`` (an ablation) makes it an ordinary trained conv instead;
 * a global max-pool and a linear classifier whose logits are scaled by ``logit_scale`` (1/9 there).
 
-Left out from airbench: its BN with frozen gamma and momentum 0.6, the identity (dirac) init of the
-second conv of each block, and freezing the whitening bias after 3 epochs; the suite's BN and init are
-used. On Fashion-MNIST (28 px, 1 channel) the maps are 27, 13, 6, 3 px.
+airbench's other network choices are options, off by default (the suite's BN and init): ``dirac_init``
+(each 3x3 conv's first ``in_chs`` filters start as the identity, ``nn.init.dirac_``), ``bn_momentum``
+(the running statistics' update weight in torch's convention: airbench's "momentum 0.6" is 0.4 here),
+``bn_eps`` and ``bn_weight=False`` (BN's gamma frozen at 1, only beta trains). Left out: freezing the
+whitening bias after 3 epochs. On Fashion-MNIST (28 px, 1 channel) the maps are 27, 13, 6, 3 px.
 
 The feature contract: ``block1``..``block3`` at nominal strides 2, 4, 8 (the valid whitening conv
 takes one pixel off, so a map is ``floor`` of the nominal size), not res2..res5: it is a classifier for
@@ -86,6 +88,10 @@ class AirbenchNet(Backbone):
         whiten_eps: float = 5e-4,
         whiten_from_data: bool = True,
         logit_scale: float = 1 / 9,
+        dirac_init: bool = False,
+        bn_momentum: float = 0.1,
+        bn_eps: float = 1e-5,
+        bn_weight: bool = True,
         output_stride: int = 32,
         zero_init_last: bool = False,
         norm_layer: Optional[NormLayer] = None,
@@ -116,6 +122,15 @@ class AirbenchNet(Backbone):
         self.reset_classifier(num_classes)
         self.default_cfg = dict(input_size=(in_chans, 32, 32), mean=(0.5,) * in_chans, std=(0.25,) * in_chans)
         init_weights(self, init)
+        for m in self.modules():
+            if isinstance(m, ConvBlock):
+                for conv in (m.conv1, m.conv2):
+                    if dirac_init:  # airbench's partial identity init: filter i passes input channel i through
+                        nn.init.dirac_(conv.weight.data[: conv.in_channels])
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum, m.eps = bn_momentum, bn_eps
+                if m.weight is not None and not bn_weight:
+                    m.weight.requires_grad_(False)
         if whiten_from_data:
             # Frozen from the start (the bias trains); set by init_from_data before the first step.
             self.whiten.weight.requires_grad_(False)

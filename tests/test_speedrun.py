@@ -90,6 +90,35 @@ def test_airbench_features_and_frozen_whitening():
         (2, (8, 13, 13)), (4, (16, 6, 6)), (4, (16, 6, 6))]
 
 
+def test_airbench_dirac_init_and_batchnorm_options_are_airbench94s():
+    """airbench94.py's Conv.reset_parameters (dirac_ on the first in_channels filters: each passes its input channel
+    through) and its BatchNorm (momentum 0.6 in its convention = torch's 0.4, eps 1e-12, gamma frozen at 1)."""
+    from runtime.optim import build_optimizer
+
+    net = create_backbone("airbench", num_classes=10, in_chans=1, widths=(8, 16, 16), dirac_init=True, bn_momentum=0.4,
+                          bn_eps=1e-12, bn_weight=False)
+    for block in (net.layer1, net.layer2, net.layer3):
+        for conv in (block.conv1, block.conv2):
+            # filter i < in_channels is the identity on input channel i (3x3 with padding 1): the output equals x
+            probe = torch.randn(2, conv.in_channels, 5, 5)
+            torch.testing.assert_close(conv(probe)[:, : conv.in_channels], probe)
+            if conv.out_channels > conv.in_channels:  # the rest keeps its random init
+                assert conv.weight[conv.in_channels :].abs().sum() > 0
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 6 and all(m.momentum == 0.4 and m.eps == 1e-12 and not m.weight.requires_grad for m in bns)
+    assert all(m.bias.requires_grad for m in bns)
+    # frozen gamma gets no update (plain SGD skips tensors without a gradient) while beta trains
+    opt = build_optimizer(net, lr=0.1, weight_decay=1e-3, no_bias_decay=True)
+    gamma, beta = bns[0].weight.detach().clone(), bns[0].bias.detach().clone()
+    net.train()
+    net(torch.randn(4, 1, 28, 28)).sum().backward()
+    opt.step()
+    assert torch.equal(bns[0].weight, gamma) and not torch.equal(bns[0].bias, beta)
+    default = create_backbone("airbench", num_classes=10, in_chans=1, widths=(8, 16, 16))
+    assert all(m.momentum == 0.1 and m.eps == 1e-5 and m.weight.requires_grad
+               for m in default.modules() if isinstance(m, nn.BatchNorm2d))
+
+
 def test_trainer_sets_whitening_from_the_unaugmented_training_images(tmp_path, monkeypatch):
     from backbones.airbench import AirbenchNet
     from classification.train import build_data, normalization
