@@ -106,6 +106,8 @@ def main() -> None:
     p.add_argument("--seed-list", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help="run only these seeds of the comparison, e.g. 1,2 (two processes can then share the seeds)")
     p.add_argument("--ablation-seeds", type=int, default=1, help="seeds of each ablation (0: none)")
+    p.add_argument("--ablations", default="", help="run only the ablations whose name contains one of these "
+                   "comma-separated words (default: all)")
     p.add_argument("--fresh", action="store_true", help="forget the recorded runs (default: skip them)")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory of the records, Markdown and PNG")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every run (e.g. train.epochs=1 to try it)")
@@ -118,8 +120,9 @@ def main() -> None:
     for seed in args.seed_list if args.seed_list is not None else range(args.seeds):
         names = list(RECIPES)
         plan += [(names[i], *RECIPES[names[i]], seed) for i in round_order(len(names), seed)]
+    words = [w.strip() for w in args.ablations.split(",") if w.strip()]
     plan += [(name, config, overrides, seed) for seed in range(args.ablation_seeds)
-             for name, (config, overrides) in ABLATIONS.items()]
+             for name, (config, overrides) in ABLATIONS.items() if not words or any(w in name for w in words)]
     with tempfile.TemporaryDirectory() as tmp:
         for name, config, overrides, seed in plan:
             # a record of another precision (the configs said bf16 before train.precision=auto) is not this run
