@@ -133,6 +133,10 @@ def load_state_dict(path: PathLike, *, allow_pickle: bool = False) -> dict[str, 
     (``state_dict``) or detectron2 (``model``) checkpoint, or a detectron2/Caffe2 ``.pkl``. Names are
     the file's own (see ``backbones.convert.to_suite_names``)."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(q.name for q in path.iterdir() if q.suffix in (".safetensors", ".pth", ".pt", ".pkl"))[:4]
+        raise WeightsNotFoundError(f"{path} is a folder: give the weights file in it"
+                                   + (f" ({', '.join(found)})" if found else " (e.g. a run's model.safetensors)"))
     if not path.is_file():
         raise WeightsNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".pkl":

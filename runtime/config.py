@@ -222,6 +222,8 @@ def _file_layers(path: Path, chain: tuple[Path, ...]) -> list[tuple[str, Mapping
     if path.resolve() in chain:
         names = " -> ".join(str(p) for p in (*chain, path.resolve()))
         raise ConfigError(f"{path}: cyclic {BASE_KEY} include: {names}")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder: give a config file (a .yaml in it, or in configs/)")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     data = _read_yaml(path)

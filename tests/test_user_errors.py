@@ -127,6 +127,11 @@ def test_classification_mistakes(data, tmp_path, capsys):
         line = one_error_line(capsys, ["eval", *CLS, path, f"output_dir={out}"], name, "damaged or incomplete")
         assert "allow_pickle" not in line
     one_error_line(capsys, ["eval", *CLS, tmp_path / "gone.pth", f"output_dir={out}"], "gone.pth")
+    run_dir = tmp_path / "a_run"
+    run_dir.mkdir()
+    (run_dir / "model.safetensors").write_bytes(Path(data["weights"]).read_bytes())
+    one_error_line(capsys, ["eval", *CLS, run_dir, f"output_dir={out}"], "a_run is a folder", "model.safetensors")
+    one_error_line(capsys, ["train", run_dir], "a_run is a folder", "config file")
     # resume: a missing file, a checkpoint of another class count
     one_error_line(capsys, ["train", *CLS, f"train.resume={tmp_path / 'gone.pth'}", f"output_dir={out}"],
                    "train.resume", "gone.pth")
