@@ -20,6 +20,7 @@ a class stops the run at once, naming the file.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -29,6 +30,8 @@ from torch.utils.data import Dataset
 
 from runtime.errors import DataError, UserPathError
 from runtime.images import check_files, index_images, read_rgb
+
+log = logging.getLogger(__name__)
 
 NUM_CLASSES = 150
 IGNORE_INDEX = 255
@@ -83,6 +86,11 @@ class ADE20K(Dataset):
         if missing:
             raise ADE20KFormatError(f"{self.annotations_dir}: no annotation for {len(missing)} image(s), e.g. "
                                     f"{missing[0]}.png")
+        if max_images <= 0:
+            orphans = sorted({q.stem for q in self.annotations_dir.glob("*.png")} - set(images))
+            if orphans:  # not used (no image to pair with); said, not dropped silently
+                log.warning("%s: %d annotation(s) without an image in %s are not used, e.g. %s.png",
+                            self.annotations_dir, len(orphans), self.images_dir, orphans[0])
         self.num_classes, self.reduce_zero_label = num_classes, reduce_zero_label
         self.transforms = transforms
         if check:

@@ -301,3 +301,20 @@ def test_predict_flip_and_scales_average_probabilities_at_label_size():
     got = predict(context, x, (20, 30), mode="slide", crop_size=(12, 12), stride=(8, 8), scales=(0.5, 1.0),
                   base_scale=(60, 20), num_classes=4)
     assert got.shape == (1, 4, 20, 30) and torch.allclose(got.sum(1), torch.ones(1, 20, 30))
+
+
+def test_annotations_without_an_image_are_reported(ade, caplog):
+    """An annotation PNG whose image is missing is not used (as mmseg, which lists the images): said, with the
+    count and an example, not dropped silently."""
+    import logging
+    import shutil
+
+    shutil.copy(ade / "annotations" / "validation" / "ADE_val_00000001.png",
+                ade / "annotations" / "validation" / "ADE_val_00000009.png")
+    with caplog.at_level(logging.WARNING):
+        assert len(ADE20K(ade, "val")) == 2
+    assert "1 annotation(s) without an image" in caplog.text and "ADE_val_00000009.png" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        ADE20K(ade, "train")
+    assert "without an image" not in caplog.text
