@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from backbones import Backbone, create_backbone, save_weights
+from backbones.weights import WeightsError
 from runtime.checkpoint import (gather_rng_states, load_training_checkpoint, resolve_resume, restore_rng_states,
                                 restore_training_state, save_checkpoint, training_state)
 from runtime.config import ConfigError, check_bounds, dump_config, to_dict
@@ -270,9 +271,13 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
     teacher = None
     if cfg.distill.teacher:
         with backbone_config_errors("distill.teacher", cfg.distill.teacher_kwargs, "distill.teacher_kwargs"):
-            teacher = create_backbone(cfg.distill.teacher, weights=cfg.distill.teacher_weights,
-                                      num_classes=num_classes, in_chans=cfg.model.in_chans,
-                                      **cfg.distill.teacher_kwargs)
+            try:
+                teacher = create_backbone(cfg.distill.teacher, weights=cfg.distill.teacher_weights,
+                                          num_classes=num_classes, in_chans=cfg.model.in_chans,
+                                          **cfg.distill.teacher_kwargs)
+            except WeightsError as e:  # the teacher's file: say which key, and that it must know these classes
+                raise WeightsError(f"distill.teacher_weights: {e} (the teacher is built with this run's "
+                                   f"{num_classes} classes, data.num_classes: it must have been trained on them)") from None
         teacher = teacher.to(device, memory_format=memory_format).eval()
         teacher.requires_grad_(False)
     teacher_view = _resizer(cfg.distill.teacher_img_size)

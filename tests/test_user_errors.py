@@ -350,6 +350,10 @@ def test_distillation_keys_without_a_teacher(data, tmp_path, capsys):
                    "distill.teacher", "unknown backbone 'resnet5'")
     one_error_line(capsys, ["train", *CLS, "distill.teacher=resnet50d", f"distill.teacher_weights={data['other']}",
                             "distill.teacher_kwargs={bogus: 1}", out], "distill.teacher_kwargs", "bogus")
+    seven = save_weights(create_backbone("resnet50d", num_classes=7, width_mult=0.25), tmp_path / "seven.safetensors")
+    one_error_line(capsys, ["train", *CLS, "distill.teacher=resnet50d", f"distill.teacher_weights={seven}",
+                            "distill.teacher_kwargs={width_mult: 0.25}", out], "distill.teacher_weights",
+                   "seven.safetensors", "7-class", "data.num_classes")
     assert not any((tmp_path / "run").rglob("*.pth"))
 
 
