@@ -37,10 +37,14 @@ RECIPES = {"speedrun": (SPEEDRUN, []), "paper": (PAPER, [])}  # round 0 runs the
 # The speedrun recipe's techniques other than the network, as overrides of the paper's config.
 SPEEDRUN_TRAINING = ["data.img_size=28", "data.val_resize=28", "data.val_crop=28", "data.min_area=1.0",
                      "data.translate=2", "data.val_hflip_tta=true", "optim.weight_decay=5.0e-4", "train.batch_size=512",
-                     "train.label_smoothing=0.2", "train.ema_decay=0.99", "train.eval_every=4", "train.epochs=16"]
+                     "train.label_smoothing=0.2", "train.ema_decay=0.99", "train.eval_every=4", "train.epochs=24"]
 # One technique of the speedrun recipe changed at a time: name -> (config, overrides).
 ABLATIONS = {
     "speedrun - patch whitening (a trained 2x2 conv)": (SPEEDRUN, ["model.kwargs.whiten_from_data=false"]),
+    "speedrun - airbench's init and BN (the suite's: no dirac init, BN momentum 0.1, eps 1e-5, gamma trained)": (
+        SPEEDRUN, ["model.kwargs.dirac_init=false", "model.kwargs.bn_momentum=0.1", "model.kwargs.bn_eps=1.0e-5",
+                   "model.kwargs.bn_weight=true"]),
+    "speedrun, 16 epochs": (SPEEDRUN, ["train.epochs=16"]),
     "speedrun - EMA of the weights": (SPEEDRUN, ["train.ema_decay=0"]),
     "speedrun - translate": (SPEEDRUN, ["data.translate=0"]),
     "speedrun - flip": (SPEEDRUN, ["data.hflip=0"]),
