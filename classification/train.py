@@ -328,7 +328,8 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     eval_model = eval_model if eval_model is not None else train_model
 
-    logger = RunLogger(out, enabled=is_main, resumed_step=step if resume_path is not None else None)
+    logger = RunLogger(out, enabled=is_main, resumed_step=step if resume_path is not None else None,
+                       resume=t.resume)
     if is_main:
         log.info("%s on %s: %d train / %d val images, %d classes, %d process(es) x %d images x %d accumulation "
                  "= %d global batch, lr %.4g, %d steps", cfg.model.name, cfg.data.name,
@@ -342,6 +343,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
         if is_main:
             state = training_state(model, stepper, step=step, epoch=epochs_done, best_top1=best_top1,
                                    metrics=metrics, rng=rngs, config=to_dict(cfg),
+                                   normalization={"mean": list(mean), "std": list(std)},  # as resolved
                                    **({"ema": ema.state_dict()} if ema is not None else {}))
             save_checkpoint(state, out / "last.pth")
             if best:

@@ -226,7 +226,8 @@ def _train(cfg: DetectionConfig, dist_info: DistInfo) -> dict[str, Any]:
         epoch, used = positions[dist_info.rank] if len(positions) == dist_info.world_size else (positions[0][0] + 1, 0)
         if is_main:
             log.info("resumed from %s at iteration %d", resume, start)
-    logger = RunLogger(out, enabled=is_main, resumed_step=start if resume is not None else None)
+    logger = RunLogger(out, enabled=is_main, resumed_step=start if resume is not None else None,
+                       resume=t.resume)
     stream = EpochStream(loader, sampler, epoch, used)
 
     def checkpoint(iteration: int) -> None:

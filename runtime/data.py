@@ -43,7 +43,8 @@ def backbone_config_errors(key: str, kwargs: Optional[dict] = None, kwargs_key: 
 
 def saved_normalization(weights: Optional[str]) -> Optional[tuple[list[float], list[float]]]:
     """The mean/std a ``tricks train`` run recorded with its weights: the metadata of its ``model.safetensors``,
-    or the config inside its ``.pth`` checkpoint when that config set them. None for other files (timm,
+    or those inside its ``.pth`` checkpoint (the resolved ``normalization`` a classification run records, else
+    its config's when set). None for other files (timm,
     torchvision, a state dict, a missing or unreadable file: those are reported where the weights load)."""
     if not weights:
         return None
@@ -55,7 +56,10 @@ def saved_normalization(weights: Optional[str]) -> Optional[tuple[list[float], l
             meta = read_metadata(path)
         elif path.suffix in (".pth", ".pt"):
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            meta = ckpt.get("config", {}).get("data", {}) if isinstance(ckpt, dict) else {}
+            ckpt = ckpt if isinstance(ckpt, dict) else {}
+            # the mean/std the run used (a classification last.pth records them: its config's may be null,
+            # resolved from its own model.weights); else the config's
+            meta = ckpt.get("normalization") or ckpt.get("config", {}).get("data", {})
         else:
             return None
     except Exception:

@@ -18,18 +18,24 @@ class RunLogger:
     """Writes ``metrics.jsonl`` and TensorBoard events under ``output_dir``; a no-op off rank 0."""
 
     def __init__(self, output_dir: Path, enabled: bool = True, tensorboard: bool = True,
-                 resumed_step: Optional[int] = None):
+                 resumed_step: Optional[int] = None, resume: Optional[str] = None):
         """``resumed_step``: the step a resumed run continues from; the records of the earlier process after
         it (logged after its last checkpoint) are dropped, as the resumed run logs those steps again. None: a
         new run, which starts a new ``metrics.jsonl`` and TensorBoard log (an earlier run's in the same
-        ``output_dir`` is replaced, with a warning: its records appended to would mix two runs)."""
+        ``output_dir`` is replaced, with a warning: its records appended to would mix two runs). ``resume``:
+        the run's ``train.resume``, for that warning (``auto`` that found no ``last.pth`` cannot continue it)."""
         self.enabled = enabled
         self.path = output_dir / "metrics.jsonl"
         self._tb = None
         if enabled and self.path.is_file():
-            if resumed_step is None:
+            if resumed_step is None and resume == "auto":
+                log.warning("%s holds an earlier run's metrics.jsonl but no last.pth (it ended before its first "
+                            "checkpoint), so train.resume=auto starts anew: this run replaces those records",
+                            output_dir)
+            elif resumed_step is None:
                 log.warning("%s holds an earlier run (metrics.jsonl, checkpoints): this new run replaces it; set "
                             "train.resume=auto to continue that run instead, or choose another output_dir", output_dir)
+            if resumed_step is None:
                 self.path.unlink()
                 for events in (output_dir / "tb").glob("events.out.tfevents.*"):
                     events.unlink()

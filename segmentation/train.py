@@ -344,7 +344,8 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
         train_model = torch.compile(model)
     if dist_info.distributed:
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    logger = RunLogger(out, enabled=is_main, resumed_step=step if resume_path is not None else None)
+    logger = RunLogger(out, enabled=is_main, resumed_step=step if resume_path is not None else None,
+                       resume=t.resume)
     if is_main:
         log.info("FCN-%s on %s: %d train images, %d classes, %d process(es) x %d images x %d accumulation = %d "
                  "global batch, lr %.4g (poly to %.4g), %d iterations", cfg.model.backbone, cfg.data.root,

@@ -549,6 +549,32 @@ def test_export_reads_a_training_checkpoint(tmp_path):
         assert torch.equal(v, model.state_dict()[k]), k
 
 
+def test_export_of_a_checkpoint_whose_mean_came_from_its_weights(tmp_path):
+    """A 1-channel fine-tune with data.mean/std null took them from its model.weights (a grey pretraining): its
+    config says null, so the export built ImageNet's 3 values and failed with 'data.mean ... one value per input
+    channel' for a key the user never set. last.pth records the mean/std the run used; an older last.pth without
+    them takes its model.weights' own."""
+    import dataclasses
+
+    from classification.config import Config
+    from runtime.config import to_dict
+    from runtime.data import saved_normalization
+
+    cfg = Config()
+    pre = save_weights(create_backbone("resnet18", num_classes=10, in_chans=1), tmp_path / "grey.safetensors",
+                       metadata={"mean": [0.286], "std": [0.353]})
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="resnet18", in_chans=1, weights=str(pre)))
+    assert cfg.data.mean is None
+    model = create_backbone("resnet18", num_classes=10, in_chans=1)
+    torch.save({"model": model.state_dict(), "config": to_dict(cfg), "step": 1,
+                "normalization": {"mean": [0.25], "std": [0.5]}}, tmp_path / "last.pth")
+    assert "mean=[63.75, 63.75, 63.75], std=[127.5, 127.5, 127.5]" in export(tmp_path / "last.pth", "mmseg",
+                                                                                tmp_path / "a.pth")
+    assert saved_normalization(str(tmp_path / "last.pth")) == ([0.25], [0.5])  # tricks eval / a fine-tune of it
+    torch.save({"model": model.state_dict(), "config": to_dict(cfg), "step": 1}, tmp_path / "old.pth")
+    assert "72.93, 72.93, 72.93" in export(tmp_path / "old.pth", "mmseg", tmp_path / "b.pth")
+
+
 def test_cli_targets_are_the_converters():
     from backbones import convert
     from tricks import export as export_module

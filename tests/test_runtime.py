@@ -313,3 +313,7 @@ def test_run_logger_starts_a_new_record_or_continues_at_the_resumed_step(tmp_pat
     assert read_records(tmp_path / "metrics.jsonl") == []
     fresh.log("train", 2, loss=2.0)
     assert [r["step"] for r in read_records(tmp_path / "metrics.jsonl")] == [2]
+    caplog.clear()  # train.resume=auto that found no last.pth: continuing is not what to suggest
+    with caplog.at_level(logging.WARNING):
+        RunLogger(tmp_path, tensorboard=False, resume="auto")
+    assert "no last.pth" in caplog.text and "set train.resume=auto" not in caplog.text

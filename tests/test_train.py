@@ -37,6 +37,8 @@ def test_train_learns_and_writes_artefacts(tmp_path):
                  "accuracy.png", "lr.png"):
         assert (out / name).is_file(), name
     assert load_config(out / "config.yaml", Config) == cfg  # the resolved config round-trips
+    assert torch.load(out / "last.pth", weights_only=True)["normalization"] == {"mean": [0.45, 0.45, 0.4],
+                                                                                "std": [0.25, 0.25, 0.3]}
     val = read_records(out / "metrics.jsonl", "val")
     assert [r["epoch"] for r in val] == [1, 2, 3]
     lrs = [r["lr"] for r in read_records(out / "metrics.jsonl", "train")]
