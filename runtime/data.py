@@ -14,7 +14,7 @@ import logging
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -43,9 +43,8 @@ def backbone_config_errors(key: str, kwargs: Optional[dict] = None, kwargs_key: 
 
 def saved_normalization(weights: Optional[str]) -> Optional[tuple[list[float], list[float]]]:
     """The mean/std a ``tricks train`` run recorded with its weights: the metadata of its ``model.safetensors``,
-    or those inside its ``.pth`` checkpoint (the resolved ``normalization`` a classification run records, else
-    its config's when set). None for other files (timm,
-    torchvision, a state dict, a missing or unreadable file: those are reported where the weights load)."""
+    or ``recorded_normalization`` of its ``.pth`` checkpoint. None for other files (timm, torchvision, a state
+    dict, a missing or unreadable file: those are reported where the weights load)."""
     if not weights:
         return None
     path = Path(weights)
@@ -55,15 +54,24 @@ def saved_normalization(weights: Optional[str]) -> Optional[tuple[list[float], l
 
             meta = read_metadata(path)
         elif path.suffix in (".pth", ".pt"):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            ckpt = ckpt if isinstance(ckpt, dict) else {}
-            # the mean/std the run used (a classification last.pth records them: its config's may be null,
-            # resolved from its own model.weights); else the config's
-            meta = ckpt.get("normalization") or ckpt.get("config", {}).get("data", {})
+            return recorded_normalization(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
         else:
             return None
     except Exception:
         return None
+    return _mean_std(meta)
+
+
+def recorded_normalization(ckpt: Any) -> Optional[tuple[list[float], list[float]]]:
+    """The mean/std inside a ``tricks train`` checkpoint: the ``normalization`` the run resolved and used (a
+    classification ``last.pth`` records it: its config's may be null, taken from its own ``model.weights``),
+    else its config's ``data.mean``/``data.std`` when set. None for anything else."""
+    if not isinstance(ckpt, dict):
+        return None
+    return _mean_std(ckpt.get("normalization") or (ckpt.get("config") or {}).get("data"))
+
+
+def _mean_std(meta: Any) -> Optional[tuple[list[float], list[float]]]:
     mean, std = (meta or {}).get("mean"), (meta or {}).get("std")
     if isinstance(mean, list) and isinstance(std, list) and mean and len(mean) == len(std):
         return [float(v) for v in mean], [float(v) for v in std]

@@ -28,14 +28,15 @@ class RunLogger:
         self.path = output_dir / "metrics.jsonl"
         self._tb = None
         if enabled and self.path.is_file():
-            if resumed_step is None and resume == "auto":
-                log.warning("%s holds an earlier run's metrics.jsonl but no last.pth (it ended before its first "
-                            "checkpoint), so train.resume=auto starts anew: this run replaces those records",
-                            output_dir)
-            elif resumed_step is None:
-                log.warning("%s holds an earlier run (metrics.jsonl, checkpoints): this new run replaces it; set "
-                            "train.resume=auto to continue that run instead, or choose another output_dir", output_dir)
             if resumed_step is None:
+                if resume == "auto":
+                    log.warning("%s holds an earlier run's metrics.jsonl but no last.pth (it ended before its first "
+                                "checkpoint), so train.resume=auto starts anew: this run replaces those records",
+                                output_dir)
+                else:
+                    log.warning("%s holds an earlier run (metrics.jsonl, checkpoints): this new run replaces it; "
+                                "set train.resume=auto to continue that run instead, or choose another output_dir",
+                                output_dir)
                 self.path.unlink()
                 for events in (output_dir / "tb").glob("events.out.tfevents.*"):
                     events.unlink()

@@ -60,7 +60,7 @@ def read_suite_weights(path: str | Path) -> SuiteWeights:
         mean, std, input_size = meta["mean"], meta["std"], meta.get("input_size", [3, 224, 224])
     else:
         from backbones import create_backbone
-        from runtime.data import normalization
+        from runtime.data import normalization, recorded_normalization
 
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         config = ckpt.get("config") if isinstance(ckpt, dict) else None
@@ -81,11 +81,10 @@ def read_suite_weights(path: str | Path) -> SuiteWeights:
         with torch.device("meta"):
             probe = create_backbone(m["name"], num_classes=num_classes, in_chans=m.get("in_chans", 3), **kwargs)
         data = config.get("data", {})
-        if isinstance(ckpt.get("normalization"), dict):  # the mean/std the run resolved and used
-            mean, std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
-        else:  # an older last.pth: its config's, or the ones its model.weights recorded, or the backbone's
-            mean, std = normalization(data.get("mean"), data.get("std"), m["name"], m.get("in_chans", 3), kwargs,
-                                      key="model.name", weights=m.get("weights"))
+        # the mean/std the run recorded; an older last.pth with null ones: its model.weights', or the backbone's
+        mean, std = recorded_normalization(ckpt) or normalization(
+            data.get("mean"), data.get("std"), m["name"], m.get("in_chans", 3), kwargs, key="model.name",
+            weights=m.get("weights"))
         arch, variant, input_size = m["name"], probe.variant, list(probe.default_cfg["input_size"])
         if data.get("val_crop"):  # the size the run evaluated at
             input_size = [m.get("in_chans", 3), data["val_crop"], data["val_crop"]]
