@@ -42,7 +42,7 @@ from .config import REFERENCE_BATCH, SegmentationConfig
 from .inference import predict
 from .metrics import SegmentationMetric
 from .model import FCN, build_fcn
-from .transforms import (build_eval_transform, build_spatial_transform, draw_photometric_params, pad_batch,
+from .transforms import (SpatialSteps, build_eval_transform, draw_photometric_params, pad_batch,
                          photometric_distortion_batch)
 
 log = logging.getLogger("segmentation")
@@ -122,14 +122,15 @@ class _TrainSamples(Dataset):
     gives the same images); ``_collate_train`` applies the photometric step to the batch at once."""
 
     def __init__(self, dataset: ADE20K, data_cfg):
-        self.dataset, self.transform, self.photometric = dataset, build_spatial_transform(data_cfg), data_cfg.photometric
+        self.dataset, self.transform, self.photometric = dataset, SpatialSteps(data_cfg), data_cfg.photometric
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        image, mask = self.transform(*self.dataset[index])
-        return image.as_subclass(Tensor), mask.as_subclass(Tensor), draw_photometric_params() if self.photometric else None
+        image, mask = self.dataset[index]
+        image, mask = self.transform(image.as_subclass(Tensor), mask.as_subclass(Tensor))
+        return image, mask, draw_photometric_params() if self.photometric else None
 
 
 def _collate_train(batch: list, crop_size: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:

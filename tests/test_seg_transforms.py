@@ -68,6 +68,17 @@ def test_uint8_hsv_equals_opencv():
     assert np.abs(ours.astype(int) - cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)).max() <= 1
 
 
+def test_rgb_to_hsv_equals_opencv_for_every_colour():
+    """All 2**24 RGB colours, as a batch of 4 images (the branch-free hue and the table lookups)."""
+    cv2 = pytest.importorskip("cv2")
+    code = torch.arange(1 << 24, dtype=torch.int32)
+    rgb = torch.stack([code >> 16, (code >> 8) & 255, code & 255]).to(torch.uint8).view(3, 4, 2048, 2048)
+    ours = rgb_to_hsv_u8(rgb.transpose(0, 1))  # [4, 3, H, W]
+    theirs = cv2.cvtColor(np.ascontiguousarray(rgb.permute(1, 2, 3, 0).numpy()).reshape(4 * 2048, 2048, 3),
+                          cv2.COLOR_RGB2HSV)
+    np.testing.assert_array_equal(ours.permute(0, 2, 3, 1).reshape(4 * 2048, 2048, 3).numpy(), theirs)
+
+
 def test_hsv_to_rgb_equals_opencv_for_every_hue_and_saturation():
     """Every (h, s) pair of uint8 HSV (the factor table's rows) at the extreme and middle values of v, against
     OpenCV's scalar path: the table gives the formula's pixels exactly."""
