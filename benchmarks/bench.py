@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from benchmarks._common import header, round_order, table
+from runtime.errors import UsageError
 
 GROUPS = ("train", "engines", "pipeline", "eval")
 REPO = Path(__file__).resolve().parents[1]
@@ -289,20 +290,62 @@ def _run_mmseg(cfg) -> dict[int, float]:
 
 
 ENGINE_RUNNERS = {"torch": _run_suite_engine, "detectron2": _run_detectron2, "mmseg": _run_mmseg}
+# Each engine run in a process of its own, as a user runs it: one engine's process-wide state (the suite's CPU
+# allocator setting, runtime.precision.keep_cpu_memory; torch.compile's caches; mmengine's registries) never
+# reaches the other's. False: in this process (the tests' stand-in runners).
+ISOLATE_ENGINES = True
+
+
+def run_engine(config: str, engine: str, overrides: Sequence[str]) -> dict[int, float]:
+    """Train ``config`` with ``engine`` here; ``{iteration: seconds}`` from the engine's own timer."""
+    from tricks.cli import load_task_config
+
+    cfg = load_task_config(str(REPO / config), [f"engine={engine}", *overrides])
+    return ENGINE_RUNNERS[engine](cfg)
+
+
+def run_engine_process(config: str, engine: str, overrides: Sequence[str], log: Path) -> dict[int, float]:
+    """``run_engine`` in a new Python process with this one's torch threads (its output to ``log``); an error
+    names the log and ends with its last lines."""
+    import subprocess
+    import sys
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    result = log.with_suffix(".json")
+    spec = json.dumps({"config": config, "engine": engine, "overrides": list(overrides),
+                       "threads": torch.get_num_threads(), "result": str(result)})
+    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.bench import _engine_child; _engine_child()"
+    with open(log, "w") as out:
+        done = subprocess.run([sys.executable, "-c", code, spec], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    if done.returncode != 0 or not result.exists():
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"tricks bench: the {engine} engine's run of {config} failed (exit {done.returncode}); "
+                           f"its output is in {log}, ending:\n{tail}")
+    return {int(it): s for it, s in json.loads(result.read_text()).items()}
+
+
+def _engine_child() -> None:
+    """The process ``run_engine_process`` starts: its spec (JSON) is the one argument."""
+    import sys
+
+    spec = json.loads(sys.argv[1])
+    torch.set_num_threads(spec["threads"])
+    per_iter = run_engine(spec["config"], spec["engine"], spec["overrides"])
+    Path(spec["result"]).write_text(json.dumps({str(it): s for it, s in per_iter.items()}))
 
 
 def engine_side(config: str, engine: str, overrides: list[str], work: Path, warmup: int) -> Callable[[], list[float]]:
-    """A ``measure()`` that trains ``config`` with ``engine`` afresh (a new output folder per call) and returns
-    its per-iteration seconds after the first ``warmup`` iterations, from the engine's own timer."""
-    from tricks.cli import load_task_config
-
+    """A ``measure()`` that trains ``config`` with ``engine`` afresh (a new output folder per call, in a new
+    process unless ``ISOLATE_ENGINES`` is off) and returns its per-iteration seconds after the first ``warmup``
+    iterations, from the engine's own timer."""
     calls = [0]
 
     def measure() -> list[float]:
         calls[0] += 1
         out = work / f"{engine}_{calls[0]}"
-        cfg = load_task_config(str(REPO / config), [f"engine={engine}", *overrides, f"output_dir={out}"])
-        per_iter = ENGINE_RUNNERS[engine](cfg)
+        args = [*overrides, f"output_dir={out}"]
+        per_iter = (run_engine_process(config, engine, args, work / f"{engine}_{calls[0]}.log") if ISOLATE_ENGINES
+                    else run_engine(config, engine, args))
         return [s for it, s in sorted(per_iter.items()) if it > warmup]
 
     return measure
@@ -661,7 +704,7 @@ def write(rows: list[Row], peaks: dict | None, out: Path, command: str, mode: st
 def check_groups(groups: Sequence[str]) -> None:
     unknown = [g for g in groups if g not in GROUPS]
     if unknown or not groups:
-        raise ValueError(f"--only {','.join(groups)}: row groups are {', '.join(GROUPS)} (comma-separated)")
+        raise UsageError(f"--only {','.join(groups)}: row groups are {', '.join(GROUPS)} (comma-separated)")
 
 
 def run_bench(out: Path | str, quick: bool = False, groups: Sequence[str] = GROUPS, command: str = "tricks bench",

@@ -80,15 +80,17 @@ def test_markdown_layout():
 
 
 def test_unknown_row_group_is_one_clear_line(capsys):
+    """A wrong argument is a user error: one line on stderr and status 2, as every other command's."""
     from tricks.cli import main
 
-    with pytest.raises(SystemExit) as err:
-        main(["bench", "--quick", "--only", "engines,speed"])
-    assert str(err.value) == ("tricks bench --only engines,speed: row groups are train, engines, pipeline, eval "
-                              "(comma-separated)")
+    assert main(["bench", "--quick", "--only", "engines,speed"]) == 2
+    assert capsys.readouterr().err == ("tricks bench: error: --only engines,speed: row groups are train, engines, "
+                                       "pipeline, eval (comma-separated)\n")
+    assert main(["bench", "--quick", "--rounds", "0"]) == 2
+    assert capsys.readouterr().err == "tricks bench: error: --rounds and --threads must be >= 1\n"
 
 
-def test_engine_tasks_are_passed_and_checked(monkeypatch, tmp_path):
+def test_engine_tasks_are_passed_and_checked(monkeypatch, tmp_path, capsys):
     """--tasks detection: only the detection engine row is measured; an unknown task is one clear line."""
     from tricks.cli import main
 
@@ -99,8 +101,10 @@ def test_engine_tasks_are_passed_and_checked(monkeypatch, tmp_path):
     main(["bench", "--quick", "--only", "engines", "--out", str(tmp_path)])  # quick: not the compiled row
     main(["bench", "--only", "engines", "--out", str(tmp_path)])
     assert asked[1:] == [("segmentation", "detection"), ("segmentation", "segmentation-compiled", "detection")]
-    with pytest.raises(SystemExit, match="the engine rows' tasks are segmentation, segmentation-compiled, detection"):
-        main(["bench", "--quick", "--only", "engines", "--tasks", "classification"])
+    assert main(["bench", "--quick", "--only", "engines", "--tasks", "classification"]) == 2
+    assert asked[3:] == [] and capsys.readouterr().err == (
+        "tricks bench: error: --tasks classification: the engine rows' tasks are segmentation, "
+        "segmentation-compiled, detection\n")
 
 
 def test_write_outputs(tmp_path):
@@ -161,6 +165,7 @@ def test_engine_rows_train_both_sides_at_one_pinned_precision(monkeypatch, tmp_p
         return {i: 0.1 for i in range(1, 20)}
 
     monkeypatch.setattr(bench, "ENGINE_RUNNERS", {e: runner for e in ("torch", "mmseg", "detectron2")})
+    monkeypatch.setattr(bench, "ISOLATE_ENGINES", False)
     rows = bench.engine_rows(bench.QUICK, tmp_path, tasks=("segmentation",))
     assert seen == {"torch": "bf16" if fast_bf16 else "fp32", "mmseg": "bf16" if fast_bf16 else "fp32"}
     assert rows[0].what.endswith("bf16" if fast_bf16 else "fp32")
@@ -182,8 +187,26 @@ def test_compiled_segmentation_row_compiles_both_engines_and_leaves_out_the_comp
                 for i in range(1, cfg.train.max_iter + 1)}
 
     monkeypatch.setattr(bench, "ENGINE_RUNNERS", {e: runner for e in ("torch", "mmseg")})
+    monkeypatch.setattr(bench, "ISOLATE_ENGINES", False)
     (row,) = bench.engine_rows(bench.QUICK, tmp_path, tasks=("segmentation-compiled",))
     iters = bench.COMPILE_WARMUP + bench.QUICK.engine_timed
     assert seen == {"torch": (True, iters), "mmseg": (True, iters)}
     assert "train.compile=true" in row.what and row.what.startswith("segmentation:")
     assert row.ratio.median == pytest.approx(0.5)  # the compilation's iterations are not in the ratio
+
+
+def test_an_engine_runs_in_a_process_of_its_own(tmp_path):
+    """The engine rows run each engine in a new process (with this one's torch threads) and read its per-iteration
+    times back: here the suite's segmentation engine for 3 iterations. A failing run names its log."""
+    from segmentation.scenes import write_fashion_scenes
+
+    root = write_fashion_scenes(tmp_path / "scenes", 8, 2)
+    overrides = [f"data.root={root}", "data.workers=0", "train.max_iter=3", "train.log_every=1", "train.eval_every=0",
+                 "train.checkpoint_every=3", "eval.overlays=0", "data.crop_size=[32,32]", "train.batch_size=2",
+                 f"output_dir={tmp_path / 'run'}"]
+    per_iter = bench.run_engine_process(bench.SEG_CONFIG, "torch", overrides, tmp_path / "logs" / "torch.log")
+    assert sorted(per_iter) == [1, 2, 3] and all(0 < s < 60 for s in per_iter.values())
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+    with pytest.raises(RuntimeError, match=f"(?s)failed .*its output is in {tmp_path / 'logs' / 'bad.log'}.*nonexistent"):
+        bench.run_engine_process(bench.SEG_CONFIG, "torch", [*overrides, "data.root=/nonexistent"],
+                                 tmp_path / "logs" / "bad.log")
