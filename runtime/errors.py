@@ -31,6 +31,10 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read, or that does not fit the model it is loaded into."""
 
 
+class UsageError(UserError, ValueError):
+    """A command-line argument the command does not take (an unknown table, row group or task, a bad count)."""
+
+
 class UserPathError(UserError, FileNotFoundError):
     """A file or folder the user named does not exist or cannot be written."""
 

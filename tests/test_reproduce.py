@@ -230,11 +230,17 @@ def test_markdown_layout_with_the_papers_numbers_beside_ours():
     assert "| + label smoothing | 90.20 ± 0.20 | 78.34 | 41.00 ± 1.00 | +0.00 | 80.71 | +1.48 | within noise |" in md8
 
 
-def test_unknown_table_or_net_is_one_clear_error():
+def test_unknown_table_or_net_is_one_clear_error(capsys):
+    from tricks.cli import main
+
     with pytest.raises(ValueError, match="unknown table 'table7'; choose from table5, table4"):
         rp.reproduce(["table7"], "unused")
     with pytest.raises(ValueError, match="--nets: unknown"):
         rp.reproduce(["table5"], "unused", nets=["vgg"])
+    # the command: one line on stderr, status 2 (a user error, as every command's)
+    assert main(["reproduce", "table7", "--out", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tricks reproduce: error: unknown table 'table7'; choose from table5") and err.count("\n") == 1
 
 
 def test_a_failing_row_does_not_stop_the_others_and_is_retried(tmp_path, monkeypatch):

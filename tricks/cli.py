@@ -270,10 +270,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from tricks.reproduce import reproduce
 
     _setup_logging()
-    try:
+    try:  # an unknown table or net is a UsageError (status 2, from main)
         reproduce(args.tables, args.out, seeds=args.seeds, epochs=args.epochs, iters=args.iters,
                   nets=args.nets.split(","), run=not args.report_only)
-    except (ValueError, RuntimeError) as e:   # an unknown table or net; rows that failed (after all the others ran)
+    except RuntimeError as e:  # rows that failed, after all the others ran: status 1
         if not str(e).startswith("tricks reproduce"):
             raise
         raise SystemExit(str(e)) from None
@@ -426,17 +426,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Every speed comparison against the reference libraries, one method: benchmarks/bench.py."""
     from benchmarks.bench import ENGINE_TASKS, GROUPS, QUICK_TASKS, check_groups, run_bench
 
+    from runtime.errors import UsageError
+
     groups = args.only.split(",") if args.only else list(GROUPS)
-    try:
-        check_groups(groups)
-    except ValueError as e:
-        raise SystemExit(f"tricks bench {e}")
+    check_groups(groups)  # a UsageError, as the two below: one line and status 2 (main)
     tasks = args.tasks.split(",") if args.tasks else list(QUICK_TASKS if args.quick else ENGINE_TASKS)
     if not set(tasks) <= set(ENGINE_TASKS):
-        raise SystemExit(f"tricks bench --tasks {args.tasks}: the engine rows' tasks are {', '.join(ENGINE_TASKS)}")
-    _setup_logging()
+        raise UsageError(f"--tasks {args.tasks}: the engine rows' tasks are {', '.join(ENGINE_TASKS)}")
     if args.rounds is not None and args.rounds < 1 or args.threads is not None and args.threads < 1:
-        raise SystemExit("tricks bench: --rounds and --threads must be >= 1")
+        raise UsageError("--rounds and --threads must be >= 1")
+    _setup_logging()
     command = ("tricks bench" + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
                + (f" --rounds {args.rounds}" if args.rounds else "") + (f" --threads {args.threads}" if args.threads else "")
                + (f" --tasks {args.tasks}" if args.tasks else ""))

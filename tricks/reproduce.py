@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from runtime.errors import UsageError
+
 REPO = Path(__file__).resolve().parent.parent
 CLS = "configs/classification/fashion_mnist/reproduce"
 BASELINE = {"resnet": f"{CLS}/resnet50_1xb256_baseline-w0.25-28px-2e_fashion-mnist.yaml",
@@ -678,7 +680,7 @@ def expand(tables: Sequence[str]) -> list[str]:
         elif name in TABLES:
             names.append(name)
         else:
-            raise ValueError(f"tricks reproduce: unknown table {name!r}; choose from {', '.join(ORDER)} or all")
+            raise UsageError(f"unknown table {name!r}; choose from {', '.join(ORDER)} or all")
     return list(dict.fromkeys(names))
 
 
@@ -688,7 +690,7 @@ def reproduce(tables: Sequence[str], out: Path | str = "runs/reproduce", seeds: 
     """Run (or with ``run=False`` only report) ``tables`` under ``out``; returns the Markdown files written."""
     unknown = [n for n in nets if n not in NETS]
     if unknown:
-        raise ValueError(f"tricks reproduce --nets: unknown {unknown}; choose from {', '.join(NETS)}")
+        raise UsageError(f"--nets: unknown {unknown}; choose from {', '.join(NETS)}")
     repro = Reproduction(out, seeds, epochs, iters, nets, runner)
     written = []
     for name in expand(tables):
