@@ -28,6 +28,7 @@ from runtime.config import ConfigError, check_bounds, dump_config, to_dict
 from runtime.data import SeededDataset, SeededSampler, SkipBatches, backbone_config_errors, default_workers
 from runtime.data import normalization as resolve_normalization
 from runtime.distributed import DistInfo, ShardSampler, all_reduce_sum, cleanup_distributed, init_distributed
+from runtime.errors import DataError
 from runtime.ema import WeightEMA
 from runtime.logger import LossMeter, Progress, RunLogger, plot_run
 from runtime.optim import build_optimizer
@@ -219,6 +220,20 @@ def data_init_images(loader, val_prepare: Callable[[torch.Tensor], torch.Tensor]
     return torch.cat(chunks)[:count]
 
 
+def _forward_kept(model: nn.Module, images: torch.Tensor, n_skipped: int, batch_size: int) -> torch.Tensor:
+    """``model(images)``; a batch that ``data.skip_corrupt`` left with one image, where BatchNorm cannot train on
+    one value per channel, is an error saying so (instead of BatchNorm's own)."""
+    try:
+        return model(images)
+    except ValueError as e:
+        if not (n_skipped and images.shape[0] == 1 and "Expected more than 1 value per channel" in str(e)):
+            raise
+        raise DataError(f"a training batch kept 1 of its {batch_size} images: data.skip_corrupt skipped "
+                        f"{n_skipped} unreadable ones (the warnings above name them), and BatchNorm cannot train on "
+                        "one image whose feature map is 1x1; fix or delete those files, or raise "
+                        "train.batch_size") from e
+
+
 def train(cfg: Config, callbacks: Sequence[EpochCallback] = ()) -> dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.data``; returns the final metrics. ``callbacks(epoch, metrics)`` run
     on every rank after each epoch's checkpoint is written."""
@@ -376,7 +391,7 @@ def _train(cfg: Config, dist_info: DistInfo, callbacks: Sequence[EpochCallback])
                     images, targets, _ = mixup(images, targets, t.mixup_alpha)
                 with stepper.no_sync(train_model, micro):
                     with precision.autocast():
-                        logits = train_model(images)
+                        logits = _forward_kept(train_model, images, n_skipped, t.batch_size)
                         with torch.no_grad():
                             teacher_logits = teacher(teacher_view(images)) if teacher is not None else None
                     loss = criterion(logits, targets, teacher_logits)

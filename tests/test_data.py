@@ -220,3 +220,27 @@ def test_synthetic_is_deterministic_and_learnable():
     images, labels, _ = next(iter(build_loader(train_a, batch_size=8)))
     assert images.shape == (8, 3, 8, 8) and labels.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
     assert build_datasets(small_cfg(name="synthetic"), MEAN, STD)[2] == 10
+
+
+def test_a_batch_left_with_one_image_by_skip_corrupt_is_a_clear_error(tmp_path):
+    """Two training images, one unreadable, batch 2: skip_corrupt keeps one image, whose 16 px give ResNet a 1x1
+    last feature map, where BatchNorm cannot train; the error says why and what to do (not BatchNorm's own)."""
+    from classification.config import Config
+    from classification.train import train
+    from runtime.config import load_config
+    from runtime.errors import DataError
+
+    root = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        for k in range(2):
+            folder = root / split / WNIDS[k]
+            folder.mkdir(parents=True)
+            Image.new("RGB", (20, 14), (80 * k, 40, 200)).save(folder / f"{WNIDS[k]}_0.JPEG")
+    corrupt(root / "train" / WNIDS[1] / f"{WNIDS[1]}_0.JPEG")
+    cfg = load_config(None, Config, ["model.name=resnet18d", "data.name=imagenet", f"data.root={root}",
+                                     "data.skip_corrupt=true", "data.img_size=16", "data.val_resize=16",
+                                     "data.val_crop=16", "data.workers=0", "train.batch_size=2", "train.epochs=1",
+                                     f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(DataError, match="kept 1 of its 2 images: data.skip_corrupt skipped 1 unreadable") as err:
+        train(cfg)
+    assert "raise train.batch_size" in str(err.value)
