@@ -257,8 +257,9 @@ def load_weights(model: nn.Module, weights: Union[PathLike, Mapping[str, Tensor]
     _check_saved_variant(model, weights, source)
     state = dict(weights) if isinstance(weights, Mapping) else load_state_dict(weights, allow_pickle=allow_pickle)
     state, foreign = to_suite_names(state, source)
+    notes: list[str] = []  # what the load changed, logged once it has succeeded (never before its error)
     if foreign:
-        log.info("%s: %s checkpoint, converted to the suite's names", source, foreign)
+        notes.append(f"{source}: {foreign} checkpoint, converted to the suite's names")
         # BN step counters: detectron2's FrozenBN and Caffe2 have none; nothing reads them in eval or fine-tuning.
         own_keys = model.state_dict()
         for k in [k for k in state if k.endswith("num_batches_tracked") and k not in own_keys]:
@@ -281,7 +282,7 @@ def load_weights(model: nn.Module, weights: Union[PathLike, Mapping[str, Tensor]
     for k in skipped:
         del state[k]
     if skipped:
-        log.info("%s: classifier %s not loaded (model has another head); it keeps its initialisation", source, skipped)
+        notes.append(f"{source}: classifier {skipped} not loaded (model has another head); it keeps its initialisation")
     fc = getattr(model, "fc", None)
     headless = isinstance(fc, nn.Linear) and not any(k.startswith("fc.") for k in state)
     if headless and not new_head:
@@ -290,7 +291,7 @@ def load_weights(model: nn.Module, weights: Union[PathLike, Mapping[str, Tensor]
                          "a new head (new_head=True; model.weights in a training config does)")
     if headless:
         skipped = [f"fc.{n}" for n, _ in fc.named_parameters()]
-        log.info("%s: no classifier in the file; the model's keeps its initialisation", source)
+        notes.append(f"{source}: no classifier in the file; the model's keeps its initialisation")
     stem = _first_conv_key(model)
     own = model.state_dict()
     theirs, ours = (state[stem].shape, own[stem].shape) if stem in state and stem in own else (None, None)
@@ -298,7 +299,7 @@ def load_weights(model: nn.Module, weights: Union[PathLike, Mapping[str, Tensor]
             and theirs[0] == ours[0] and theirs[2:] == ours[2:]:
         channels = own[stem].shape[1]
         state[stem] = spread_input_channels(state[stem], channels)
-        log.info("%s: 1-channel stem %s repeated over %d input channels (/%d)", source, stem, channels, channels)
+        notes.append(f"{source}: 1-channel stem {stem} repeated over {channels} input channels (/{channels})")
 
     if skipped:  # the head keeps its init: not "missing"
         own = {k: v for k, v in own.items() if not k.startswith("fc.")}
@@ -322,3 +323,5 @@ def load_weights(model: nn.Module, weights: Union[PathLike, Mapping[str, Tensor]
                            + ":\n  " + "\n  ".join(parts)
                            + "\nCheck that the file was saved from the same architecture and variant.")
     model.load_state_dict(state, strict=not skipped)
+    for note in notes:
+        log.info("%s", note)

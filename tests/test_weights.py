@@ -99,3 +99,18 @@ def test_missing_file_and_non_state_dict(tmp_path):
     torch.save({"a": 1}, tmp_path / "x.pth")
     with pytest.raises(ValueError, match="state dict"):
         load_state_dict(tmp_path / "x.pth")
+
+
+def test_what_a_load_changed_is_logged_only_once_it_succeeded(tmp_path, caplog):
+    """"no classifier in the file" (and the other notes) after the load, never before its error: a headless file
+    into a 5-class model of another width is one error, without a note that its head was kept."""
+    import logging
+
+    save_weights(create_backbone("resnet18d", num_classes=0), tmp_path / "headless.safetensors")
+    with caplog.at_level(logging.INFO, logger="backbones"):
+        with pytest.raises(ValueError, match="do not fit"):
+            create_backbone("resnet18d", num_classes=5, width_mult=0.5, weights=str(tmp_path / "headless.safetensors"),
+                            new_head=True)
+        assert "no classifier" not in caplog.text
+        create_backbone("resnet18d", num_classes=5, weights=str(tmp_path / "headless.safetensors"), new_head=True)
+        assert "headless.safetensors: no classifier in the file; the model's keeps its initialisation" in caplog.text
