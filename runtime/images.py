@@ -11,8 +11,10 @@ stops the run at once instead of after training.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional, Sequence, TypeVar
@@ -69,21 +71,72 @@ def image_size(path: Path | str) -> tuple[int, int]:
     return (size[1], size[0]) if turned else size
 
 
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+
+
 def read_rgb(path: Path | str, scale_16bit: bool = False):
     """An image file as an RGB uint8 array ``[H, W, 3]``, as the reference engines read it: its EXIF orientation
     applied (detectron2's ``read_image``, mmseg's ``LoadImageFromFile``: a phone photo is upright, and its boxes or
     mask were drawn on the upright image). ``scale_16bit``: a 16-bit grayscale image is scaled to 8 bits (>> 8,
     OpenCV's conversion, which mmseg uses) instead of PIL's clipping (detectron2's). Raises PIL's ``OSError`` for
-    an unreadable file (the caller names it)."""
+    an unreadable file (the caller names it).
+
+    A ``.jpg``/``.jpeg`` file is decoded by ``torchvision.io`` (libjpeg-turbo, as PIL: the same pixels, in half
+    PIL's time on the loaders' small images); the array is then a view of its ``[3, H, W]`` tensor, so
+    ``torch.from_numpy(a).permute(2, 0, 1)`` is contiguous without a copy. Any file it does not decode (another
+    format under that name, a truncated one) goes to PIL, whose error names the problem."""
     import numpy as np
     from PIL import Image, ImageOps
 
+    if Path(path).suffix.lower() in JPEG_SUFFIXES:
+        image = _decode_jpeg(path)
+        if image is not None:
+            return image.permute(1, 2, 0).numpy()
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
         if scale_16bit and im.mode in ("I;16", "I;16B", "I;16L", "I"):
             grey = (np.asarray(im).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
             return np.repeat(grey[:, :, None], 3, axis=2)
         return np.array(im.convert("RGB"))
+
+
+def read_index_png(path: Path | str):
+    """A single-channel PNG (class indices: 8-bit grey or palette indices, or 16-bit grey) as its ``[H, W]``
+    uint8/uint16 array, decoded by ``torchvision.io`` (PIL's values, in less time); None for any other file
+    (more channels, not a PNG, unreadable), which the caller reads with PIL to say what it is."""
+    if Path(path).suffix.lower() != ".png":
+        return None
+    try:
+        from torchvision.io import ImageReadMode, decode_png, read_file
+    except ImportError:  # pragma: no cover - a torchvision without its image functions (deprecated in 0.29)
+        return None
+    _quiet_torchvision_io()
+    try:
+        mask = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)
+    except RuntimeError:
+        return None
+    return mask[0].numpy() if mask.shape[0] == 1 else None
+
+
+@functools.lru_cache(maxsize=None)
+def _quiet_torchvision_io() -> None:
+    """Once: torchvision 0.29 warns at every decode that its image functions will move to TorchCodec. Until
+    they do, read_rgb uses them, and falls back to PIL when they are gone; the warning says nothing to the user."""
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are "
+                            "deprecated", category=DeprecationWarning)
+
+
+def _decode_jpeg(path: Path | str):
+    """``[3, H, W]`` uint8 RGB with the EXIF orientation applied, or None where torchvision does not decode it."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    except ImportError:  # pragma: no cover - a torchvision without its image functions (deprecated in 0.29)
+        return None
+    _quiet_torchvision_io()
+    try:
+        return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except RuntimeError:  # not a JPEG, truncated, or a variant it does not read: PIL decides
+        return None
 
 
 def default_check_workers() -> int:

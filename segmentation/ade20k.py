@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from runtime.errors import DataError, UserPathError
-from runtime.images import check_files, index_images, read_rgb
+from runtime.images import check_files, index_images, read_index_png, read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -156,26 +156,34 @@ def check_values(annotation: np.ndarray, label_path: Path | str, num_classes: in
 
 def read_pair(image_path: Path | str, label_path: Path | str) -> tuple[np.ndarray, np.ndarray]:
     """An image (RGB uint8 [H, W, 3]) and its class-index mask ([H, W]); errors name the file."""
-    from PIL import Image
-
     try:  # EXIF orientation applied and 16-bit grey scaled to 8 bits, as mmseg's LoadImageFromFile (OpenCV)
         image = read_rgb(image_path, scale_16bit=True)
     except (OSError, SyntaxError, ValueError) as e:  # missing, truncated or not an image
         raise ADE20KFormatError(f"{image_path}: cannot read the image ({e})") from None
+    annotation = read_index_png(label_path)  # a 1-channel PNG; anything else (or an error) through PIL
+    if annotation is None:
+        annotation = _read_annotation_pil(label_path)
+    if annotation.shape != image.shape[:2]:
+        raise ADE20KFormatError(f"{label_path}: annotation is {annotation.shape[1]}x{annotation.shape[0]}, "
+                                f"its image {Path(image_path).name} {image.shape[1]}x{image.shape[0]}")
+    return image, annotation
+
+
+def _read_annotation_pil(label_path: Path | str) -> np.ndarray:
+    """What ``read_index_png`` does not decode: a single-channel image of another format, or an error naming the
+    file and its mode or PIL's complaint."""
+    from PIL import Image
+
     try:
         with Image.open(label_path) as im:
             if im.mode not in ("L", "P", "I;16", "I"):
                 raise ADE20KFormatError(f"{label_path}: expected a single-channel class-index PNG, got mode "
                                         f"{im.mode}")
-            annotation = np.array(im)
+            return np.array(im)
     except (OSError, SyntaxError, ValueError) as e:
         if isinstance(e, ADE20KFormatError):
             raise
         raise ADE20KFormatError(f"{label_path}: cannot read the annotation ({e})") from None
-    if annotation.shape != image.shape[:2]:
-        raise ADE20KFormatError(f"{label_path}: annotation is {annotation.shape[1]}x{annotation.shape[0]}, "
-                                f"its image {Path(image_path).name} {image.shape[1]}x{image.shape[0]}")
-    return image, annotation
 
 
 def check_pair(item: tuple[str, str, int, bool]) -> None:
