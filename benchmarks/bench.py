@@ -10,11 +10,14 @@ The method, the same for every row:
   engines' own step timers (the suite's ``runtime.logger.Progress`` windows in ``metrics.jsonl``,
   detectron2's ``IterationTimer`` "time" in its ``EventStorage``, mmengine's ``IterTimerHook`` "train/time"
   in its ``MessageHub``), per train step, per image or per evaluation timed around the call;
+* the engine rows and the trainer's train-step row run each side in a process of its own (as a user runs it:
+  process-wide state such as the suite's CPU allocator setting or torch.compile's caches stays with its side);
 * the result is the median of the per-round ratios A / B (time ratio: < 1 means the suite is faster)
   with their spread (interquartile range and min-max), never a ratio of whole-process wall times.
 
 Rows: train step vs timm and torchvision (ResNet-50-B/C/D; same precision and memory format, and each
-library's defaults), each detection and segmentation engine vs its reference engine (detectron2, mmseg),
+library's defaults; both sides in this process: the models' kernels), the train step as each trainer runs it
+(ResNet-50-D vs timm, a new process per side: the suite's after its runtime's device set-up), each detection and segmentation engine vs its reference engine (detectron2, mmseg),
 the input pipeline (images/s per core) vs torchvision.transforms.v2 + PIL doing the same augmentation,
 evaluation vs detectron2's ``voc_eval`` and mmseg's ``IoUMetric``, and the model FLOP utilisation of the
 train steps against a matmul/conv peak measured in the same run. Output: ``bench.md``, ``bench.png`` and the
@@ -233,6 +236,63 @@ def train_step_rows(sizes: Sizes, peaks: dict[torch.dtype, float], pairs=STEP_PA
     return rows
 
 
+# The train step as each library's trainer runs it, each side in a process of its own: the suite's after what its
+# trainer sets up on the device (runtime.precision.setup_precision: on a CPU, keep_cpu_memory), the reference's in
+# a plain process, as its train.py runs. The rows above hold both sides in one process and one allocator state:
+# the models' kernels alone.
+RUNTIME_PAIRS = (("resnet50d", "timm", "resnet50d"),)
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def run_step(library: str, name: str, precision: str, channels_last: bool, batch: int, size: int,
+             timed: int) -> list[float]:
+    """Seconds of ``timed`` train steps (after 2 untimed) of ``name`` from ``library`` ("suite": the registry, after
+    its trainer's device set-up; "timm", "torchvision": the library's model, nothing else)."""
+    from benchmarks._common import train_step
+
+    device = _device()
+    torch.manual_seed(0)
+    if library == "suite":
+        from backbones import create_backbone
+        from runtime.precision import setup_precision
+
+        model = create_backbone(name)
+        setup_precision(precision, torch.device(device), channels_last=channels_last, model=model)
+    else:
+        model = _library_model(library, name)
+    step = train_step(model, batch, size, 3, 1000, _DTYPES[precision], channels_last, device)
+    for _ in range(2):
+        step()
+    return [_timed(step, device) for _ in range(timed)]
+
+
+def runtime_step_rows(sizes: Sizes, work: Path, pairs=RUNTIME_PAIRS) -> list[Row]:
+    """The train step of the suite's trainer vs the reference library's, a new process per side and round, at the
+    precision the suite's ``auto`` takes on this device, channels_last in both."""
+    from runtime.precision import resolve_precision
+
+    precision = resolve_precision("auto", torch.device(_device()))
+    rows = []
+    for ours_name, library, their_name in pairs:
+        calls = [0]
+
+        def side(lib: str, name: str) -> Callable[[], list[float]]:
+            def measure() -> list[float]:
+                calls[0] += 1
+                spec = {"kind": "step", "library": lib, "name": name, "precision": precision, "channels_last": True,
+                        "batch": sizes.step_batch, "size": sizes.step_size, "timed": sizes.step_timed}
+                return _run_child(spec, work / f"{lib}_{name}_{calls[0]}.log", f"the {lib} {name} train step")
+            return measure
+
+        times = run_rounds([side("suite", ours_name), side(library, their_name)], sizes.rounds, warmup_calls=0)
+        rows.append(Row("train", f"train step as each trainer runs it (a process each; the suite's after its "
+                        f"runtime's device set-up), {ours_name} vs {library}, batch {sizes.step_batch}, "
+                        f"3x{sizes.step_size}x{sizes.step_size}, {precision}{' autocast' if precision != 'fp32' else ''}"
+                        ", channels_last", f"suite `{ours_name}`", f"{library} `{their_name}`", "step", times,
+                        target="<= 0.95 (>= 1.05x speed)" if library == "timm" else ""))
+    return rows
+
+
 def measure_peaks(sizes: Sizes, reps: int = 3) -> dict[torch.dtype, dict[str, float]]:
     """Achievable FLOP/s on this device per dtype: the best of ``reps`` timings of a square matmul (n =
     ``peak_size``) and of a 3x3 convolution (``peak_size / 2`` channels in and out, 28x28, batch 8, channels_last)."""
@@ -307,31 +367,45 @@ def run_engine(config: str, engine: str, overrides: Sequence[str]) -> dict[int, 
 def run_engine_process(config: str, engine: str, overrides: Sequence[str], log: Path) -> dict[int, float]:
     """``run_engine`` in a new Python process with this one's torch threads (its output to ``log``); an error
     names the log and ends with its last lines."""
+    spec = {"kind": "engine", "config": config, "engine": engine, "overrides": list(overrides)}
+    result = _run_child(spec, log, f"the {engine} engine's run of {config}")
+    return {int(it): s for it, s in result.items()}
+
+
+def _run_child(spec: dict, log: Path, what: str) -> Any:
+    """Run ``_child`` on ``spec`` in a new Python process (this one's torch threads, its output to ``log``) and
+    return what it wrote; a failure names the log and ends with its last lines."""
     import subprocess
     import sys
 
     log.parent.mkdir(parents=True, exist_ok=True)
     result = log.with_suffix(".json")
-    spec = json.dumps({"config": config, "engine": engine, "overrides": list(overrides),
-                       "threads": torch.get_num_threads(), "result": str(result)})
-    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.bench import _engine_child; _engine_child()"
+    result.unlink(missing_ok=True)
+    spec = json.dumps({**spec, "threads": torch.get_num_threads(), "result": str(result)})
+    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.bench import _child; _child()"
     with open(log, "w") as out:
         done = subprocess.run([sys.executable, "-c", code, spec], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     if done.returncode != 0 or not result.exists():
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
-        raise RuntimeError(f"tricks bench: the {engine} engine's run of {config} failed (exit {done.returncode}); "
-                           f"its output is in {log}, ending:\n{tail}")
-    return {int(it): s for it, s in json.loads(result.read_text()).items()}
+        raise RuntimeError(f"tricks bench: {what} failed (exit {done.returncode}); its output is in {log}, "
+                           f"ending:\n{tail}")
+    return json.loads(result.read_text())
 
 
-def _engine_child() -> None:
-    """The process ``run_engine_process`` starts: its spec (JSON) is the one argument."""
+def _child() -> None:
+    """The process ``_run_child`` starts: its spec (JSON) is the one argument; "engine": ``run_engine``,
+    "step": ``run_step``."""
     import sys
 
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(spec["threads"])
-    per_iter = run_engine(spec["config"], spec["engine"], spec["overrides"])
-    Path(spec["result"]).write_text(json.dumps({str(it): s for it, s in per_iter.items()}))
+    if spec["kind"] == "engine":
+        per_iter = run_engine(spec["config"], spec["engine"], spec["overrides"])
+        out: Any = {str(it): s for it, s in per_iter.items()}
+    else:
+        out = run_step(spec["library"], spec["name"], spec["precision"], spec["channels_last"], spec["batch"],
+                       spec["size"], spec["timed"])
+    Path(spec["result"]).write_text(json.dumps(out))
 
 
 def engine_side(config: str, engine: str, overrides: list[str], work: Path, warmup: int) -> Callable[[], list[float]]:
@@ -732,6 +806,7 @@ def run_bench(out: Path | str, quick: bool = False, groups: Sequence[str] = GROU
             peaks = measure_peaks(sizes)
             best = {dtype: max(p.values()) for dtype, p in peaks.items()}
             rows += train_step_rows(sizes, best)
+            rows += runtime_step_rows(sizes, work / "train")
         if "engines" in groups:
             rows += engine_rows(sizes, work / "engines", tasks)
         if "pipeline" in groups:

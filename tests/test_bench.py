@@ -1,6 +1,7 @@
 """``tricks bench`` (benchmarks/bench.py): the alternation, the statistics, the report and one tiny row."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -210,3 +211,20 @@ def test_an_engine_runs_in_a_process_of_its_own(tmp_path):
     with pytest.raises(RuntimeError, match=f"(?s)failed .*its output is in {tmp_path / 'logs' / 'bad.log'}.*nonexistent"):
         bench.run_engine_process(bench.SEG_CONFIG, "torch", [*overrides, "data.root=/nonexistent"],
                                  tmp_path / "logs" / "bad.log")
+
+
+def test_runtime_step_row_runs_each_trainer_in_its_own_process(tmp_path, monkeypatch):
+    """The train step as each trainer runs it: a new process per side and round (the suite's after its runtime's
+    device set-up, which on a CPU keeps freed memory), same precision and channels_last, the timm target."""
+    from runtime import precision
+
+    sizes = dataclasses.replace(bench.QUICK, rounds=1, step_timed=2)
+    (row,) = bench.runtime_step_rows(sizes, tmp_path, pairs=(("resnet18d", "timm", "resnet18d"),))
+    assert (row.ours, row.reference, row.target) == ("suite `resnet18d`", "timm `resnet18d`", "<= 0.95 (>= 1.05x speed)")
+    assert len(row.times) == 1 and all(len(side) == 2 and min(side) > 0 for side in row.times[0])
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["suite_resnet18d_1.json", "timm_resnet18d_2.json"]
+    set_up = []  # the suite's side runs its trainer's set-up (the reference's none)
+    monkeypatch.setattr(precision, "setup_precision", lambda *a, **k: set_up.append((a, k)))
+    assert len(bench.run_step("suite", "resnet18d", "fp32", True, 2, 32, 1)) == 1
+    assert len(bench.run_step("timm", "resnet18d", "fp32", True, 2, 32, 1)) == 1
+    assert [(a[0], a[1].type, k["channels_last"]) for a, k in set_up] == [("fp32", "cpu", True)]
