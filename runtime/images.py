@@ -89,7 +89,7 @@ def read_rgb(path: Path | str, scale_16bit: bool = False):
     from PIL import Image, ImageOps
 
     if Path(path).suffix.lower() in JPEG_SUFFIXES:
-        image = _decode_jpeg(path)
+        image = decode_jpeg_file(path)
         if image is not None:
             return image.permute(1, 2, 0).numpy()
     with Image.open(path) as im:
@@ -126,15 +126,17 @@ def _quiet_torchvision_io() -> None:
                             "deprecated", category=DeprecationWarning)
 
 
-def _decode_jpeg(path: Path | str):
-    """``[3, H, W]`` uint8 RGB with the EXIF orientation applied, or None where torchvision does not decode it."""
+def decode_jpeg_file(path: Path | str, exif_orientation: bool = True):
+    """A JPEG file as ``[3, H, W]`` uint8 RGB (its EXIF orientation applied unless ``exif_orientation=False``) by
+    ``torchvision.io``: PIL's pixels in about half PIL's time. None where torchvision does not decode it (another
+    format, a truncated file, no such file): the caller reads it with PIL, whose error names the problem."""
     try:
         from torchvision.io import ImageReadMode, decode_jpeg, read_file
     except ImportError:  # pragma: no cover - a torchvision without its image functions (deprecated in 0.29)
         return None
     _quiet_torchvision_io()
     try:
-        return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=exif_orientation)
     except RuntimeError:  # not a JPEG, truncated, or a variant it does not read: PIL decides
         return None
 

@@ -244,3 +244,30 @@ def test_a_batch_left_with_one_image_by_skip_corrupt_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="kept 1 of its 2 images: data.skip_corrupt skipped 1 unreadable") as err:
         train(cfg)
     assert "raise train.batch_size" in str(err.value)
+
+
+def test_jpeg_samples_decoded_by_torchvision_equal_the_pil_path(tmp_path, monkeypatch):
+    """.JPEG files come from torchvision.io (runtime.images.decode_jpeg_file), others from PIL: the same training
+    and validation samples under the same seeds either way."""
+    import classification.data as data
+
+    root = tmp_path / "imagenet"
+    for k, wnid in enumerate(WNIDS[:2]):
+        for split in ("train", "val"):
+            (root / split / wnid).mkdir(parents=True)
+            rng = np.random.default_rng(k)
+            smooth = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).resize((57, 41), Image.BILINEAR)
+            smooth.save(root / split / wnid / f"{wnid}_{k}.JPEG", quality=85)
+    cfg = DataConfig(name="imagenet", root=str(root), img_size=24, val_resize=28, val_crop=24, lighting=0.1)
+    fast = build_datasets(cfg, MEAN, STD)[:2]
+    assert isinstance(data.read_rgb(str(next(root.rglob("*.JPEG")))), torch.Tensor)
+    monkeypatch.setattr(data, "decode_jpeg_file", lambda path, exif_orientation=True: None)
+    slow = build_datasets(cfg, MEAN, STD)[:2]
+    assert isinstance(data.read_rgb(str(next(root.rglob("*.JPEG")))), Image.Image)
+    for a, b in zip(fast, slow):
+        for i in range(len(a)):
+            torch.manual_seed(i)
+            x, y = a[i]
+            torch.manual_seed(i)
+            x_ref, y_ref = b[i]
+            assert y == y_ref and torch.equal(x, x_ref), i
