@@ -17,8 +17,8 @@ The method, the same for every row:
 
 Rows: train step vs timm and torchvision (ResNet-50-B/C/D; same precision and memory format, and each
 library's defaults; both sides in this process: the models' kernels), the train step as each trainer runs it
-(ResNet-50-D vs timm, a new process per side: the suite's after its runtime's device set-up), each detection and segmentation engine vs its reference engine (detectron2, mmseg),
-the input pipeline (images/s per core) vs torchvision.transforms.v2 + PIL doing the same augmentation,
+(ResNet-50-D vs timm, a new process per side: the suite's after its runtime's device set-up), each detection
+and segmentation engine vs its reference engine (detectron2, mmseg), the input pipeline (images/s per core) vs torchvision.transforms.v2 + PIL doing the same augmentation,
 evaluation vs detectron2's ``voc_eval`` and mmseg's ``IoUMetric``, and the model FLOP utilisation of the
 train steps against a matmul/conv peak measured in the same run. Output: ``bench.md``, ``bench.png`` and the
 raw per-round times ``bench.json`` in ``--out``.
@@ -241,7 +241,6 @@ def train_step_rows(sizes: Sizes, peaks: dict[torch.dtype, float], pairs=STEP_PA
 # a plain process, as its train.py runs. The rows above hold both sides in one process and one allocator state:
 # the models' kernels alone.
 RUNTIME_PAIRS = (("resnet50d", "timm", "resnet50d"),)
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def run_step(library: str, name: str, precision: str, channels_last: bool, batch: int, size: int,
@@ -249,6 +248,7 @@ def run_step(library: str, name: str, precision: str, channels_last: bool, batch
     """Seconds of ``timed`` train steps (after 2 untimed) of ``name`` from ``library`` ("suite": the registry, after
     its trainer's device set-up; "timm", "torchvision": the library's model, nothing else)."""
     from benchmarks._common import train_step
+    from runtime.precision import AUTOCAST_DTYPES
 
     device = _device()
     torch.manual_seed(0)
@@ -260,7 +260,8 @@ def run_step(library: str, name: str, precision: str, channels_last: bool, batch
         setup_precision(precision, torch.device(device), channels_last=channels_last, model=model)
     else:
         model = _library_model(library, name)
-    step = train_step(model, batch, size, 3, 1000, _DTYPES[precision], channels_last, device)
+    step = train_step(model, batch, size, 3, 1000, AUTOCAST_DTYPES.get(precision, torch.float32), channels_last,
+                      device)
     for _ in range(2):
         step()
     return [_timed(step, device) for _ in range(timed)]

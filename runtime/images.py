@@ -106,16 +106,25 @@ def read_index_png(path: Path | str):
     (more channels, not a PNG, unreadable), which the caller reads with PIL to say what it is."""
     if Path(path).suffix.lower() != ".png":
         return None
+    mask = _torchvision_decode("decode_png", path, mode="UNCHANGED")
+    return mask[0].numpy() if mask is not None and mask.shape[0] == 1 else None
+
+
+def _torchvision_decode(decoder: str, path: Path | str, mode: str, **kwargs):
+    """``torchvision.io.<decoder>`` of the file's bytes in ``ImageReadMode.<mode>``, or None where torchvision does
+    not decode it (not that format, truncated, no such file, or a torchvision without its image functions, which
+    0.29 deprecates): the callers read such files with PIL, whose error names the problem."""
     try:
-        from torchvision.io import ImageReadMode, decode_png, read_file
-    except ImportError:  # pragma: no cover - a torchvision without its image functions (deprecated in 0.29)
+        from torchvision import io
+    except ImportError:  # pragma: no cover - torchvision itself is a dependency
+        return None
+    if not hasattr(io, decoder):  # pragma: no cover - the image functions removed (deprecated in 0.29)
         return None
     _quiet_torchvision_io()
     try:
-        mask = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)
+        return getattr(io, decoder)(io.read_file(str(path)), mode=getattr(io.ImageReadMode, mode), **kwargs)
     except RuntimeError:
         return None
-    return mask[0].numpy() if mask.shape[0] == 1 else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,15 +139,7 @@ def decode_jpeg_file(path: Path | str, exif_orientation: bool = True):
     """A JPEG file as ``[3, H, W]`` uint8 RGB (its EXIF orientation applied unless ``exif_orientation=False``) by
     ``torchvision.io``: PIL's pixels in about half PIL's time. None where torchvision does not decode it (another
     format, a truncated file, no such file): the caller reads it with PIL, whose error names the problem."""
-    try:
-        from torchvision.io import ImageReadMode, decode_jpeg, read_file
-    except ImportError:  # pragma: no cover - a torchvision without its image functions (deprecated in 0.29)
-        return None
-    _quiet_torchvision_io()
-    try:
-        return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=exif_orientation)
-    except RuntimeError:  # not a JPEG, truncated, or a variant it does not read: PIL decides
-        return None
+    return _torchvision_decode("decode_jpeg", path, mode="RGB", apply_exif_orientation=exif_orientation)
 
 
 def default_check_workers() -> int:

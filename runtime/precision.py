@@ -132,6 +132,9 @@ def resolve_precision(precision: str, device: torch.device, model: Optional[torc
     return "fp32" if model is not None and has_depthwise_conv(model) else "bf16"
 
 
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # the low precisions' autocast dtypes
+
+
 def memory_format_for(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
@@ -147,7 +150,7 @@ def autocast_for(precision: str, device: torch.device,
         # It works (autocast + GradScaler exist on CPU, which is how the tests cover the fp16 path), but
         # few CPUs compute in fp16 natively.
         log.warning("train.precision=fp16 on CPU is slow on most processors; train.precision=bf16 is the CPU choice")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    dtype = AUTOCAST_DTYPES[precision]
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 

@@ -62,10 +62,13 @@ def _resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
     return F.resize_image(image, list(size), interpolation=v2.InterpolationMode.BILINEAR, antialias=False)
 
 
-def _resize_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
-    """Nearest, as cv2's INTER_NEAREST (mmcv's imresize of the label)."""
+def _resize_mask(mask: Tensor | np.ndarray, size: tuple[int, int]) -> Tensor | np.ndarray:
+    """Nearest, as cv2's INTER_NEAREST (mmcv's imresize of the label): the source rows, then the source columns,
+    of a tensor or (the training loader's) a numpy array."""
     rows, cols = _nearest_index(size[0], mask.shape[-2]), _nearest_index(size[1], mask.shape[-1])
-    return mask[..., rows[:, None], cols[None, :]]
+    if isinstance(mask, np.ndarray):
+        rows, cols = rows.numpy(), cols.numpy()
+    return mask[..., rows, :][..., cols]
 
 
 def _resize(inpt: Any, size: tuple[int, int]) -> Any:
@@ -397,9 +400,7 @@ class SpatialSteps:
         size = self.resize.draw_size(*image.shape[-2:])
         image = _resize_image(image, size)
         # the mask in numpy: its row-then-column gather and the crop's bincounts cost a fraction of torch's there
-        labels = mask.numpy()
-        labels = labels[..., _nearest_index(size[0], labels.shape[-2]).numpy(), :]
-        labels = labels[..., _nearest_index(size[1], labels.shape[-1]).numpy()]
+        labels = _resize_mask(mask.numpy(), size)
         y1, y2, x1, x2 = self.crop.draw_box(*size, labels)
         image, labels = image[..., y1:y2, x1:x2], labels[..., y1:y2, x1:x2]
         if not torch.rand(1) >= self.hflip:  # v2.RandomHorizontalFlip's draw and test
