@@ -42,6 +42,7 @@ from runtime.errors import UsageError
 GROUPS = ("train", "engines", "pipeline", "eval")
 REPO = Path(__file__).resolve().parents[1]
 SEG_CONFIG = "configs/segmentation/fashion_scenes/fcn_resnet18d-d8_1xb8-1k_fashion-scenes.yaml"
+ADE_CONFIG = "configs/segmentation/fcn_resnet50d-d8_4xb4-80k_ade20k-512x512.yaml"
 DET_CONFIG = "configs/detection/fashion_voc/faster-rcnn_resnet18d-fpn_1xb8-400_fashion-voc.yaml"
 FASHION_CONFIG = "configs/classification/fashion_mnist/resnet18d_1xb128_efficient-cosine-ls_fashion-mnist.yaml"
 
@@ -134,14 +135,17 @@ class Sizes:
     seg_images: int
     seg_size: int
     peak_size: int           # matmul n (and conv channels / 2) of the FLOP/s peak
+    ade_images: int          # segmentation pipeline row: ADE20K-like image + mask pairs per round, batches of 4 ...
+    ade_scale: tuple[int, int]  # ... resized into this bound (x 0.5-2.0) and cropped to ade_crop (ADE20K's recipe)
+    ade_crop: int
 
 
 QUICK = Sizes(rounds=2, step_batch=2, step_size=32, step_timed=1, engine_warmup=3, engine_timed=4, engine_scenes=16,
               jpeg_images=8, jpeg_size=(160, 120), tensor_batch=64, voc_images=100, seg_images=8, seg_size=128,
-              peak_size=256)
+              peak_size=256, ade_images=8, ade_scale=(256, 64), ade_crop=64)
 FULL = Sizes(rounds=5, step_batch=8, step_size=224, step_timed=4, engine_warmup=10, engine_timed=60, engine_scenes=200,
              jpeg_images=64, jpeg_size=(500, 375), tensor_batch=512, voc_images=5000, seg_images=200, seg_size=512,
-             peak_size=2048)
+             peak_size=2048, ade_images=40, ade_scale=(2048, 512), ade_crop=512)
 
 
 def _device() -> str:
@@ -587,9 +591,93 @@ def pipeline_rows(sizes: Sizes, work: Path) -> list[Row]:
         rows.append(Row("pipeline", f"Fashion-MNIST 28x28 uint8 in memory, batch {len(arrays)}, augment to "
                         f"{fashion.img_size} px, 1 thread", "`data.pipeline=tensor` (BatchAugment)",
                         "v2 per image (PIL)", "image", times))
+        rows.append(segmentation_pipeline_row(sizes, work / "ade"))
     finally:
         torch.set_num_threads(threads)
     return rows
+
+
+def _write_ade_like(root: Path, count: int) -> Path:
+    """ADE20K's layout with ``count`` training pairs at its common sizes (683x512, 512x683, 640x480, 800x600):
+    smooth random colour JPEGs (quality 90) with grain, and masks of 15 regions of classes 1..150 with 2% of
+    0 ("other"); 2 validation pairs. Returns the ADEChallengeData2016 folder."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = root / "ADEChallengeData2016"
+    for split, n in (("training", count), ("validation", 2)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            w, h = ((683, 512), (512, 683), (640, 480), (800, 600))[i % 4]
+            coarse = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+            image = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR)).astype(np.int16)
+            image = np.clip(image + rng.integers(-20, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(image).save(root / "images" / split / f"ADE_{split}_{i:08d}.jpg", quality=90)
+            seeds, classes = rng.integers(0, [h, w], (15, 2)), rng.integers(1, 151, 15)
+            yy, xx = np.mgrid[0:h, 0:w]
+            nearest = ((yy[None] - seeds[:, 0, None, None]) ** 2 + (xx[None] - seeds[:, 1, None, None]) ** 2).argmin(0)
+            mask = classes[nearest].astype(np.uint8)
+            mask[rng.random((h, w)) < 0.02] = 0
+            Image.fromarray(mask).save(root / "annotations" / split / f"ADE_{split}_{i:08d}.png")
+    return root
+
+
+def segmentation_pipeline_row(sizes: Sizes, work: Path) -> Row:
+    """Images/s per core of the segmentation training pipeline of the ADE20K recipe (read image and mask, random
+    resize, crop with cat_max_ratio, flip, photometric distortion, batches of 4) in the torch engine's loader
+    (``_TrainSamples`` + ``_collate_train``, the distortion in the workers) vs mmseg's own pipeline and
+    ``pseudo_collate``, on ADE20K-like pairs; a batch's time shared over its images. The workers' share: of the
+    suite's time, what stays in the workers with ``data.photometric_on=device`` (auto on CUDA)."""
+    from mmengine.dataset import pseudo_collate
+    from mmengine.registry import init_default_scope
+
+    from runtime.data import SeededDataset
+    from segmentation import train as seg_train
+    from segmentation.mmseg_engine import build_mmseg_config, register_modules
+    from tricks.cli import load_task_config
+
+    root = _write_ade_like(work, sizes.ade_images)
+    crop = sizes.ade_crop
+    cfg = load_task_config(str(REPO / ADE_CONFIG), [f"data.root={root}", "data.workers=0", "train.batch_size=4",
+                                                    f"data.scale=[{sizes.ade_scale[0]},{sizes.ade_scale[1]}]",
+                                                    f"data.crop_size=[{crop},{crop}]"])
+    ours = SeededDataset(seg_train._TrainSamples(seg_train._dataset(cfg, cfg.data.train_split), cfg.data))
+    register_modules()
+    init_default_scope("mmseg")
+    from mmseg.registry import DATASETS
+
+    theirs = DATASETS.build(build_mmseg_config(cfg).train_dataloader.dataset)
+    batches = [list(range(i, min(i + 4, sizes.ade_images))) for i in range(0, sizes.ade_images, 4)]
+    calls, worker_share = [0], []
+
+    def ours_per_image() -> list[float]:
+        calls[0] += 1
+        times, kept = [], []
+        for batch in batches:
+            samples = []
+            load = _timed(lambda: samples.extend(ours[(i, 1000 * calls[0] + i)] for i in batch))
+            collate = _timed(lambda: seg_train._collate_train(samples, (crop, crop)))
+            raw = _timed(lambda: seg_train._collate_train(samples, (crop, crop), photometric=False))
+            times += [(load + collate) / len(batch)] * len(batch)
+            kept.append((load + raw) / (load + collate))
+        worker_share.append(statistics.median(kept))
+        return times
+
+    def theirs_per_image() -> list[float]:
+        times = []
+        for batch in batches:
+            seconds = _timed(lambda: pseudo_collate([theirs[i] for i in batch]))
+            times += [seconds / len(batch)] * len(batch)
+        return times
+
+    times = run_rounds([ours_per_image, theirs_per_image], sizes.rounds)
+    row = Row("pipeline", f"ADE20K-like JPEG + mask (683x512 and others) through the ADE20K recipe's training "
+              f"pipeline to {crop}x{crop} crops, batches of 4, 1 thread", "torch engine's loader (`_TrainSamples`)",
+              "mmseg's pipeline", "image", times)
+    row.notes["workers' share"] = f"{100 * statistics.median(worker_share):.0f}%"
+    return row
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

@@ -82,8 +82,8 @@ def read_rgb(path: Path | str, scale_16bit: bool = False):
     an unreadable file (the caller names it).
 
     A ``.jpg``/``.jpeg`` file is decoded by ``torchvision.io`` (libjpeg-turbo, as PIL: the same pixels, in half
-    PIL's time on the loaders' small images); the array is then a view of its ``[3, H, W]`` tensor, so
-    ``torch.from_numpy(a).permute(2, 0, 1)`` is contiguous without a copy. Any file it does not decode (another
+    PIL's time on the loaders' small images); the array is then the decoder's own buffer (torchvision returns a
+    ``[3, H, W]`` view of H x W x 3 pixels), without a copy. Any file it does not decode (another
     format under that name, a truncated one) goes to PIL, whose error names the problem."""
     import numpy as np
     from PIL import Image, ImageOps

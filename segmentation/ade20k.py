@@ -49,7 +49,10 @@ def palette(num_classes: int) -> np.ndarray:
 
 
 def reduce_zero_label(annotation: np.ndarray) -> np.ndarray:
-    """0..K -> 255 (ignore), 0..K-1."""
+    """0..K -> 255 (ignore), 0..K-1. An 8-bit annotation stays uint8 (``0 - 1`` wraps to 255, the ignore index:
+    one pass, an eighth of int64's bytes through the training loader); a wider one becomes int64."""
+    if annotation.dtype == np.uint8:
+        return annotation - np.uint8(1)
     label = annotation.astype(np.int64) - 1
     label[annotation == 0] = IGNORE_INDEX
     return label
@@ -116,16 +119,27 @@ class ADE20K(Dataset):
     def _check_values(self, annotation: np.ndarray, label_path: Path) -> None:
         check_values(annotation, label_path, self.num_classes, self.reduce_zero_label)
 
-    def __getitem__(self, index: int):
-        from torchvision import tv_tensors
-
+    def load(self, index: int) -> tuple[torch.Tensor, np.ndarray]:
+        """``(image, label)`` of item ``index`` without wrapping or transforms: a uint8 tensor [3, H, W] and the
+        class ids [H, W] as a uint8 array where the annotation is an 8-bit PNG (ADE20K's; 255 = ignored), int64
+        for a 16-bit one. The training loader's form (``segmentation.train``): the image is a view of the decoded
+        H x W x 3 pixels (channels last, which the uint8 resize reads fastest), the masks stay 8-bit through the
+        resize, crop and batch; ``dataset[index]`` makes the image contiguous and widens the mask to int64."""
         image_path = self.image_paths[index]
         label_path = self.annotations_dir / f"{self.ids[index]}.png"
         image, annotation = read_pair(image_path, label_path)
         self._check_values(annotation, label_path)
-        label = reduce_zero_label(annotation) if self.reduce_zero_label else annotation.astype(np.int64)
-        image = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1).contiguous())
-        mask = tv_tensors.Mask(torch.from_numpy(label))
+        label = reduce_zero_label(annotation) if self.reduce_zero_label else annotation
+        if label.dtype != np.uint8:
+            label = label.astype(np.int64, copy=False)
+        return torch.from_numpy(image).permute(2, 0, 1), label
+
+    def __getitem__(self, index: int):
+        from torchvision import tv_tensors
+
+        image, label = self.load(index)
+        image = tv_tensors.Image(image.contiguous())
+        mask = tv_tensors.Mask(torch.from_numpy(label.astype(np.int64, copy=False)))
         if self.transforms is not None:
             image, mask = self.transforms(image, mask)
         return image, mask

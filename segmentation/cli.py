@@ -76,7 +76,7 @@ def reduce_zero_label_map(label: np.ndarray, ignore_index: int = IGNORE_INDEX) -
     """0 -> ``ignore_index``, k -> k - 1."""
     from segmentation.ade20k import reduce_zero_label
 
-    reduced = reduce_zero_label(label)
+    reduced = reduce_zero_label(label.astype(np.int64, copy=False))
     return np.where(label == 0, ignore_index, reduced)
 
 

@@ -45,6 +45,8 @@ class SegDataConfig:
     cat_max_ratio: float = 0.75              # re-draw a crop (up to 10 times) while one class covers more than this
     hflip: float = 0.5                       # horizontal flip probability
     photometric: bool = True                 # mmseg's PhotoMetricDistortion (brightness, contrast, saturation, hue)
+    photometric_on: Literal["auto", "workers", "device"] = "auto"  # torch engine: where the batch gets it (the same
+                                             # pixels either way); auto: on a CUDA device, else in the loader workers
     mean: Optional[list[float]] = None       # None = the backbone's default (0-1 scale)
     std: Optional[list[float]] = None
     workers: int = -1                        # DataLoader workers per process; -1 = from the CPU count

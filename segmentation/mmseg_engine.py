@@ -341,6 +341,9 @@ def build_mmseg_config(cfg: SegmentationConfig):
     if cfg.eval.flip or list(cfg.eval.scales) != [1.0]:
         raise ConfigError("eval.flip / eval.scales (test-time augmentation) are not wired into the mmseg engine; "
                          "use eval.flip=false eval.scales=[1.0], or engine=torch")
+    if cfg.data.photometric_on == "device":
+        raise ConfigError("data.photometric_on=device is the torch engine's: mmseg's pipeline distorts colours in its "
+                         "loader workers; use data.photometric_on=auto, or engine=torch")
     if cfg.model.head != "fcn":
         raise ConfigError(f"model.head={cfg.model.head!r} is the torch engine's head; the mmseg engine runs mmseg's "
                          "FCNHead: set model.head=fcn")

@@ -128,22 +128,41 @@ class _TrainSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        image, mask = self.dataset[index]
-        image, mask = self.transform(image.as_subclass(Tensor), mask.as_subclass(Tensor))
+        image, mask = self.dataset.load(index)  # uint8 masks where the annotations are 8-bit (ADE20K.load)
+        image, mask = self.transform(image, mask)
         return image, mask, draw_photometric_params() if self.photometric else None
 
 
-def _collate_train(batch: list, crop_size: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """``(uint8 images, labels, sizes)``: crops padded to ``crop_size`` (``transforms.pad_batch``; the
+def _collate_train(batch: list, crop_size: Sequence[int], photometric: bool = True) -> tuple:
+    """``(uint8 images, labels, sizes, draws)``: crops padded to ``crop_size`` (``transforms.pad_batch``; the
     image padding is set to the mean colour after normalisation, on the device, by ``Normalize``), the
     photometric distortion applied to the whole batch (``transforms.photometric_distortion_batch``: per pixel,
-    so the padding does not change the crops' pixels)."""
+    so the padding does not change the crops' pixels) and ``draws`` None; or, with ``photometric=False``
+    (``data.photometric_on=device``), the batch as it is and its draws, which the training loop applies on the device."""
     images, masks, draws = zip(*batch)
     images, labels, sizes = pad_batch(images, masks, crop_size)
+    if not photometric:
+        return images, _compact(labels), sizes, list(draws)
     if any(d is not None for d in draws):
         images = photometric_distortion_batch(images, draws)
-    # uint8 through the workers where the classes fit (0..254 and 255 = ignore)
-    return images, labels.to(torch.uint8) if labels.max() <= 255 and labels.min() >= 0 else labels, sizes
+    return images, _compact(labels), sizes, None
+
+
+def _compact(labels: Tensor) -> Tensor:
+    """uint8 through the workers where the classes fit (0..254 and 255 = ignore): 8-bit annotations are already."""
+    if labels.dtype != torch.uint8 and labels.numel() and labels.max() <= 255 and labels.min() >= 0:
+        return labels.to(torch.uint8)
+    return labels
+
+
+def photometric_on_device(cfg: SegmentationConfig, device: torch.device) -> bool:
+    """Whether the training batches get the photometric distortion on ``device`` rather than in the loader
+    workers (``data.photometric_on``; auto: on CUDA, where the colour conversions of a batch take a fraction
+    of a millisecond instead of tens of milliseconds of a worker's CPU per 512x512 crop). The pixels are the
+    same either way: the steps are integer arithmetic and single float32 roundings, the draws come from the
+    workers' seeded samples."""
+    where = cfg.data.photometric_on
+    return cfg.data.photometric and (where == "device" or (where == "auto" and device.type == "cuda"))
 
 
 class _EvalImages(Dataset):
@@ -167,7 +186,7 @@ def _first(batch: list):
 
 
 def build_train_loader(cfg: SegmentationConfig, dist_info: DistInfo) -> tuple[DataLoader, SeededSampler]:
-    """The training loader (batches ``(uint8 images, labels, sizes)``, see ``_collate_train``) and its sampler.
+    """The training loader (batches ``(uint8 images, labels, sizes, draws)``, see ``_collate_train``) and its sampler.
 
     The order is a ``DistributedSampler``'s (a function of seed and epoch, also for one process), each
     sample is augmented under its own seed (``SeededDataset``), and ``loader.batch_sampler.skip`` leaves
@@ -182,7 +201,9 @@ def build_train_loader(cfg: SegmentationConfig, dist_info: DistInfo) -> tuple[Da
     workers = default_workers(cfg.data.workers)
     loader = DataLoader(SeededDataset(dataset), batch_sampler=SkipBatches(
                             torch.utils.data.BatchSampler(sampler, t.batch_size, drop_last=True)),
-                        num_workers=workers, collate_fn=functools.partial(_collate_train, crop_size=tuple(cfg.data.crop_size)),
+                        num_workers=workers, collate_fn=functools.partial(
+                            _collate_train, crop_size=tuple(cfg.data.crop_size),
+                            photometric=not photometric_on_device(cfg, dist_info.device)),
                         pin_memory=dist_info.device.type == "cuda",
                         persistent_workers=workers > 0, generator=torch.Generator().manual_seed(t.seed))
     return loader, sampler
@@ -379,8 +400,11 @@ def _train(cfg: SegmentationConfig, dist_info: DistInfo) -> dict[str, Any]:
     while step < t.max_iter:
         step_loss, step_aux = torch.zeros((), device=device), torch.zeros((), device=device)
         for micro in range(t.accum_steps):
-            images, labels, sizes = next(batches)
-            images = normalize(images.to(device, non_blocking=True), sizes).contiguous(memory_format=memory_format)
+            images, labels, sizes, draws = next(batches)
+            images = images.to(device, non_blocking=True)
+            if draws is not None:  # data.photometric_on=device
+                images = photometric_distortion_batch(images, draws)
+            images = normalize(images, sizes).contiguous(memory_format=memory_format)
             labels = labels.to(device, non_blocking=True).long()
             with stepper.no_sync(train_model, micro):
                 with precision.autocast():

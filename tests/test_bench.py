@@ -134,7 +134,7 @@ def test_step_flops_count_forward_and_backward():
 def test_one_train_step_row_on_a_tiny_model():
     sizes = bench.Sizes(rounds=2, step_batch=2, step_size=32, step_timed=2, engine_warmup=0, engine_timed=0,
                         engine_scenes=0, jpeg_images=0, jpeg_size=(0, 0), tensor_batch=0, voc_images=0, seg_images=0,
-                        seg_size=0, peak_size=64)
+                        seg_size=0, peak_size=64, ade_images=0, ade_scale=(0, 0), ade_crop=0)
     peaks = bench.measure_peaks(sizes, reps=1)
     assert set(peaks) == {torch.float32, torch.bfloat16} and all(v > 0 for p in peaks.values() for v in p.values())
     settings = (("fp32, contiguous", (torch.float32, False), (torch.float32, False)),)
@@ -228,3 +228,16 @@ def test_runtime_step_row_runs_each_trainer_in_its_own_process(tmp_path, monkeyp
     assert len(bench.run_step("suite", "resnet18d", "fp32", True, 2, 32, 1)) == 1
     assert len(bench.run_step("timm", "resnet18d", "fp32", True, 2, 32, 1)) == 1
     assert [(a[0], a[1].type, k["channels_last"]) for a, k in set_up] == [("fp32", "cpu", True)]
+
+
+def test_segmentation_pipeline_row_times_both_pipelines_on_ade20k_pairs(tmp_path):
+    """The segmentation pipeline row: both sides time every image of every round, the suite's with its workers'
+    share (the part left without the photometric step) in (0, 100]%, on ADE20K-layout pairs the suite reads."""
+    pytest.importorskip("mmseg")
+    from segmentation.ade20k import ADE20K
+
+    sizes = dataclasses.replace(bench.QUICK, rounds=1, ade_images=5, ade_scale=(96, 32), ade_crop=32)
+    row = bench.segmentation_pipeline_row(sizes, tmp_path)
+    assert len(ADE20K(tmp_path / "ADEChallengeData2016", "train", check=True)) == 5
+    assert [len(side) for side in row.times[0]] == [5, 5] and all(t > 0 for side in row.times[0] for t in side)
+    assert 0 < float(row.notes["workers' share"].rstrip("%")) <= 100

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from easy_scenes import SEGMENTATION_LEARN, all_background_scores, write_easy_ade
-from runtime.config import load_config
+from runtime.config import ConfigError, load_config
 from segmentation.config import SegmentationConfig
 from segmentation.metrics import SegmentationMetric
 
@@ -312,6 +312,9 @@ def test_config_follows_the_recipe_with_ours_written_in():
     assert mc.get("compile") is None  # eager by default
     compiled = mmseg_engine.build_mmseg_config(load_config(None, SegmentationConfig, ["train.compile=true"]))
     assert compiled.compile is True  # mmengine's Runner compiles the model's train_step
+    # the torch engine's photometric_on=device has no mmseg counterpart: said, not ignored
+    with pytest.raises(ConfigError, match="data.photometric_on=device is the torch engine's"):
+        mmseg_engine.build_mmseg_config(load_config(None, SegmentationConfig, ["data.photometric_on=device"]))
 
 
 def test_shipped_config_is_the_80k_ade20k_recipe():

@@ -140,6 +140,36 @@ def test_logged_lr_follows_the_poly_schedule(finished_run):
     assert logged[0][1] == 0 and logged[-1][1] == pytest.approx(min_lr)
 
 
+def test_photometric_on_the_device_gives_the_workers_batches(tmp_path):
+    """data.photometric_on=device: the loader ships the crops and their draws, the loop distorts them on the
+    device (here the CPU) into the batches the workers would have made; a run trains to the same weights."""
+    from segmentation.transforms import photometric_distortion_batch
+
+    root = write_tiny_ade(tmp_path / "ADEChallengeData2016", n_train=6, n_val=1)
+    rng = np.random.default_rng(1)
+    for path in (root / "images" / "training").glob("*.jpg"):  # colours, so that saturation and hue matter
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(path, quality=95)
+    dist = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    batches, cfgs = {}, {}
+    for where in ("workers", "device"):
+        cfgs[where] = cfg = tiny_cfg(root, tmp_path / where)
+        cfg.data.photometric_on = where
+        batches[where] = list(seg_train.build_train_loader(cfg, dist)[0])
+    hsv_steps = 0
+    for (images, labels, sizes, none), (raw, raw_labels, raw_sizes, draws) in zip(batches["workers"], batches["device"]):
+        assert none is None and len(draws) == len(raw)
+        hsv_steps += sum(d is not None and (d["saturation"] is not None or d["hue"] is not None) for d in draws)
+        distorted = photometric_distortion_batch(raw.clone(), draws)
+        assert not torch.equal(distorted, raw)
+        assert torch.equal(distorted, images) and torch.equal(labels, raw_labels) and torch.equal(sizes, raw_sizes)
+    assert hsv_steps >= 2
+    for cfg in cfgs.values():
+        cfg.train.max_iter, cfg.eval.overlays = 2, 0
+        seg_train.train(cfg)
+    a, b = (torch.load(Path(c.output_dir) / "model_final.pth", weights_only=True) for c in cfgs.values())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_interrupted_and_resumed_run_equals_uninterrupted(data_root, tmp_path, monkeypatch, workers):
     straight = tiny_cfg(data_root, tmp_path / "straight", workers=workers, log_every=2)

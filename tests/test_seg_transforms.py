@@ -139,6 +139,19 @@ def test_batched_photometric_distortion_equals_per_image():
         assert torch.equal(out[i, :, :h, :w], expected), f"image {i}: {p}"
 
 
+def test_pad_batch_keeps_every_mask_value():
+    """8-bit masks stay uint8; one wider mask in the batch makes the batch int64, so its classes past 255
+    do not wrap; the padding is 255 (ignored) either way."""
+    images = [torch.zeros(3, 4, 5, dtype=torch.uint8), torch.zeros(3, 2, 3, dtype=torch.uint8)]
+    small = [torch.full((4, 5), 7, dtype=torch.uint8), torch.full((2, 3), 9, dtype=torch.uint8)]
+    _, labels, sizes = pad_batch(images, small, (4, 6))
+    assert labels.dtype == torch.uint8 and sizes.tolist() == [[4, 5], [2, 3]]
+    assert labels[0, :, :5].eq(7).all() and labels[0, :, 5].eq(255).all() and labels[1, 2:].eq(255).all()
+    _, labels, _ = pad_batch(images, [small[0], torch.full((2, 3), 300)], (4, 6))
+    assert labels.dtype == torch.int64 and labels[1, :2, :3].eq(300).all() and labels[0, :, :5].eq(7).all()
+    assert labels[1, 2:].eq(255).all()
+
+
 def test_trainer_samples_equal_the_whole_pipeline(tmp_path):
     """The trainer's per-sample geometric steps + batch-wide photometric step (``_TrainSamples``,
     ``_collate_train``) produce the batch that ``build_train_transform`` + ``pad_batch`` produce under the
@@ -148,7 +161,14 @@ def test_trainer_samples_equal_the_whole_pipeline(tmp_path):
     cfg = SimpleNamespace(scale=[256, 48], ratio_range=[0.5, 2.0], crop_size=[48, 64], cat_max_ratio=0.75,
                           hflip=0.5, photometric=True)
     pairs = [sample(30, 50, seed=seed) for seed in range(8)]
-    samples = seg_train._TrainSamples(pairs, cfg)
+
+    class Pairs(list):  # ADE20K.load's form: a [3, H, W] view of H x W x 3 pixels and an 8-bit mask array
+        def load(self, index):
+            image, mask = self[index]
+            pixels = image.as_subclass(torch.Tensor).permute(1, 2, 0).contiguous()
+            return pixels.permute(2, 0, 1), mask.as_subclass(torch.Tensor).numpy().astype(np.uint8)
+
+    samples = seg_train._TrainSamples(Pairs(pairs), cfg)
     whole = build_train_transform(cfg)
     ours, theirs = [], []
     for seed in range(8):
@@ -156,10 +176,12 @@ def test_trainer_samples_equal_the_whole_pipeline(tmp_path):
         ours.append(samples[seed])
         torch.manual_seed(100 + seed)
         theirs.append(whole(*pairs[seed]))
-    images, labels, sizes = seg_train._collate_train(ours, crop_size=(48, 64))
+    images, labels, sizes, draws = seg_train._collate_train(ours, crop_size=(48, 64))
+    assert draws is None  # applied in the collate
     ref_images, ref_labels, ref_sizes = pad_batch([im.as_subclass(torch.Tensor) for im, _ in theirs],
                                                   [m.as_subclass(torch.Tensor) for _, m in theirs], (48, 64))
-    assert torch.equal(sizes, ref_sizes) and torch.equal(labels.long(), ref_labels.long())
+    assert labels.dtype == torch.uint8 and ref_labels.dtype == torch.int64
+    assert torch.equal(sizes, ref_sizes) and torch.equal(labels.long(), ref_labels)
     for i, (h, w) in enumerate(sizes.tolist()):  # the padding is set on the device (Normalize)
         assert torch.equal(images[i, :, :h, :w], ref_images[i, :, :h, :w])
 
@@ -256,7 +278,7 @@ def test_padded_batch_equals_mmseg_seg_data_preprocessor():
     assert sum(im.shape[-2:] != crop for im, _ in crops) >= 2 and sum(im.shape[-2:] == crop for im, _ in crops) >= 1
 
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    images, labels, sizes = seg_train._collate_train([(im, m, None) for im, m in crops], crop_size=crop)
+    images, labels, sizes, _ = seg_train._collate_train([(im, m, None) for im, m in crops], crop_size=crop)
     ours = seg_train.Normalize(mean, std)(images, sizes)
 
     preprocessor = SegDataPreProcessor(mean=[255 * m for m in mean], std=[255 * s for s in std], size=crop,

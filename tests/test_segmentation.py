@@ -64,6 +64,24 @@ def test_labels_reduce_zero_and_transforms_follow(ade):
     assert metric.compute()["aAcc"] == 100
 
 
+def test_load_keeps_8bit_masks_compact_and_equal(ade, tmp_path):
+    """``ADE20K.load`` (the training loader's form): an 8-bit annotation stays uint8, with the values of
+    ``dataset[i]`` (int64); a 16-bit one is int64 (classes above 255 must not wrap), reduced or not."""
+    ds = ADE20K(ade, "val")
+    for i in range(len(ds)):
+        image, label = ds.load(i)
+        assert label.dtype == np.uint8 and isinstance(image, torch.Tensor) and image.dtype == torch.uint8
+        assert np.array_equal(label.astype(np.int64), ds[i][1].numpy()) and torch.equal(image, ds[i][0])
+    root = tmp_path / "wide" / "ADEChallengeData2016"
+    wide = np.arange(12 * 40, dtype=np.uint16).reshape(12, 40) % 300  # 0..299: classes past 255
+    write_pair(root, "training", "a", np.zeros((12, 40), np.uint8))
+    Image.fromarray(wide).save(root / "annotations" / "training" / "a.png")  # 16-bit grey
+    for reduce, expected in ((False, wide), (True, np.where(wide == 0, IGNORE_INDEX, wide.astype(np.int64) - 1))):
+        ds = ADE20K(root, "train", num_classes=300, reduce_zero_label=reduce)
+        label = ds.load(0)[1]
+        assert label.dtype == np.int64 and np.array_equal(label, expected) and torch.equal(ds[0][1], torch.from_numpy(label))
+
+
 def test_errors_name_the_file(ade, tmp_path):
     with pytest.raises(FileNotFoundError, match="images/training"):
         ADE20K(tmp_path / "nowhere", "train")
