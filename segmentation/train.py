@@ -138,7 +138,8 @@ def _collate_train(batch: list, crop_size: Sequence[int], photometric: bool = Tr
     image padding is set to the mean colour after normalisation, on the device, by ``Normalize``), the
     photometric distortion applied to the whole batch (``transforms.photometric_distortion_batch``: per pixel,
     so the padding does not change the crops' pixels) and ``draws`` None; or, with ``photometric=False``
-    (``data.photometric_on=device``), the batch as it is and its draws, which the training loop applies on the device."""
+    (``data.photometric_on=device``), the batch as it is and its draws, which the training loop applies on the
+    device."""
     images, masks, draws = zip(*batch)
     images, labels, sizes = pad_batch(images, masks, crop_size)
     if not photometric:

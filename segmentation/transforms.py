@@ -277,7 +277,7 @@ def hsv_to_rgb_u8(hsv: Tensor) -> Tensor:
     h, s, v = hsv.unbind(-3)
     index = (h.to(torch.int32) << 8 | s.to(torch.int32)).flatten()
     v = v.to(torch.float32).flatten() * torch.tensor(1 / 255, dtype=torch.float32)
-    factors = _on(_hsv_to_rgb_coefficients(), hsv.device)  # a plane per channel, read by index_select (faster than indexing)
+    factors = _on(_hsv_to_rgb_coefficients(), hsv.device)  # a plane per channel, read by index_select
     rgb = torch.stack([torch.round((v * factors[c].index_select(0, index)) * 255) for c in range(3)])
     return rgb.clamp_(0, 255).to(torch.uint8).view(3, *h.shape).movedim(0, -3).contiguous()
 

@@ -156,7 +156,7 @@ def test_photometric_on_the_device_gives_the_workers_batches(tmp_path):
         cfg.data.photometric_on = where
         batches[where] = list(seg_train.build_train_loader(cfg, dist)[0])
     hsv_steps = 0
-    for (images, labels, sizes, none), (raw, raw_labels, raw_sizes, draws) in zip(batches["workers"], batches["device"]):
+    for (images, labels, sizes, none), (raw, raw_labels, raw_sizes, draws) in zip(*batches.values()):
         assert none is None and len(draws) == len(raw)
         hsv_steps += sum(d is not None and (d["saturation"] is not None or d["hue"] is not None) for d in draws)
         distorted = photometric_distortion_batch(raw.clone(), draws)
