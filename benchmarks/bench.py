@@ -630,13 +630,14 @@ def segmentation_pipeline_row(sizes: Sizes, work: Path) -> Row:
     (``_TrainSamples`` + ``_collate_train``, the distortion in the workers) vs mmseg's own pipeline and
     ``pseudo_collate``, on ADE20K-like pairs; a batch's time shared over its images. The workers' share: of the
     suite's time, what stays in the workers with ``data.photometric_on=device`` (auto on CUDA)."""
-    from mmengine.dataset import pseudo_collate
-    from mmengine.registry import init_default_scope
-
     from runtime.data import SeededDataset
     from segmentation import train as seg_train
     from segmentation.mmseg_engine import build_mmseg_config, register_modules
     from tricks.cli import load_task_config
+
+    register_modules()  # mmseg, mmengine and mmcv, or an ImportError naming the install command
+    from mmengine.dataset import pseudo_collate
+    from mmengine.registry import init_default_scope
 
     root = _write_ade_like(work, sizes.ade_images)
     crop = sizes.ade_crop
@@ -644,7 +645,6 @@ def segmentation_pipeline_row(sizes: Sizes, work: Path) -> Row:
                                                     f"data.scale=[{sizes.ade_scale[0]},{sizes.ade_scale[1]}]",
                                                     f"data.crop_size=[{crop},{crop}]"])
     ours = SeededDataset(seg_train._TrainSamples(seg_train._dataset(cfg, cfg.data.train_split), cfg.data))
-    register_modules()
     init_default_scope("mmseg")
     from mmseg.registry import DATASETS
 
