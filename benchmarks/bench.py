@@ -499,10 +499,18 @@ def reference_augmentation(data_cfg, mean: Sequence[float], std: Sequence[float]
     ])
 
 
+def _smooth_rgb(rng, width: int, height: int):
+    """A smooth random RGB image (PIL): 16 px random colour cells, bilinearly upsampled."""
+    import numpy as np
+    from PIL import Image
+
+    coarse = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((width, height), Image.BILINEAR)
+
+
 def _write_jpegs(root: Path, count: int, size: tuple[int, int]) -> None:
     """An ImageNet-layout folder of smooth random RGB JPEGs (quality 90), 2 classes, train and val."""
     import numpy as np
-    from PIL import Image
 
     rng = np.random.default_rng(0)
     w, h = size
@@ -510,9 +518,7 @@ def _write_jpegs(root: Path, count: int, size: tuple[int, int]) -> None:
         for i in range(n):
             folder = root / split / f"n{i % 2:08d}"
             folder.mkdir(parents=True, exist_ok=True)
-            coarse = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
-            image = Image.fromarray(coarse).resize((w, h), Image.BILINEAR)
-            image.save(folder / f"{i:06d}.JPEG", quality=90)
+            _smooth_rgb(rng, w, h).save(folder / f"{i:06d}.JPEG", quality=90)
 
 
 def pipeline_rows(sizes: Sizes, work: Path) -> list[Row]:
@@ -611,8 +617,7 @@ def _write_ade_like(root: Path, count: int) -> Path:
         (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
         for i in range(n):
             w, h = ((683, 512), (512, 683), (640, 480), (800, 600))[i % 4]
-            coarse = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
-            image = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR)).astype(np.int16)
+            image = np.asarray(_smooth_rgb(rng, w, h)).astype(np.int16)
             image = np.clip(image + rng.integers(-20, 20, (h, w, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(image).save(root / "images" / split / f"ADE_{split}_{i:08d}.jpg", quality=90)
             seeds, classes = rng.integers(0, [h, w], (15, 2)), rng.integers(1, 151, 15)
