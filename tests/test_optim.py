@@ -135,3 +135,88 @@ def test_nesterov_without_momentum_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="optim.nesterov=true needs optim.momentum > 0"):
         build_optimizer(nn.Linear(2, 2), lr=0.1, momentum=0.0, nesterov=True)
     build_optimizer(nn.Linear(2, 2), lr=0.1, momentum=0.0, nesterov=False)  # plain SGD
+
+
+def _conv_net(channels_last: bool) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1), nn.Conv2d(4, 4, 3, groups=4))
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def _steps(model: nn.Module, opt: torch.optim.Optimizer, grads: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    for step in grads:
+        for p, g in zip(model.parameters(), step):
+            p.grad = g
+        opt.step()
+    return [p.detach().contiguous() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("grad_format", ["same", "contiguous"])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_fused_sgd_on_channels_last_weights_equals_the_contiguous_run(nesterov: bool, grad_format: str) -> None:
+    """build_optimizer's SGD on channels_last weights gives the fused kernel's contiguous-format trajectory bit for
+    bit, also when a gradient comes in another layout than its weight ("contiguous": assigned by hand), which
+    torch's own fused CPU step mixes up (asserted, so this test notices when torch fixes it)."""
+    torch.manual_seed(1)
+    shapes = [p.shape for p in _conv_net(False).parameters()]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    kw = dict(lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=1e-2, no_bias_decay=True)
+    reference = _steps(model := _conv_net(False), build_optimizer(model, **kw), grads)
+
+    def laid_out(model: nn.Module) -> list[list[torch.Tensor]]:
+        if grad_format == "contiguous":
+            return [[g.clone() for g in step] for step in grads]
+        return [[torch.empty_like(p).copy_(g) for p, g in zip(model.parameters(), step)] for step in grads]
+
+    ours = _steps(model := _conv_net(True), opt := build_optimizer(model, **kw), laid_out(model))
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last) and not model[0].weight.is_contiguous()
+    for a, b in zip(ours, reference):
+        assert torch.equal(a, b)
+    for p in model.parameters():  # the state keeps each weight's layout (a checkpoint loads into torch's SGD)
+        assert opt.state[p]["momentum_buffer"].stride() == p.stride()
+    if grad_format == "contiguous":
+        model = _conv_net(True)
+        groups = param_groups(model, 1e-2, True)
+        theirs = _steps(model, torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=nesterov, fused=True),
+                        laid_out(model))
+        assert not all(torch.equal(a, b) for a, b in zip(theirs, reference))
+
+
+def test_fused_sgd_step_copies_nothing_on_channels_last_weights() -> None:
+    """The fused kernel sees each tensor in its memory order: no gradient copied per step (torch's own step
+    copies every gradient not in the contiguous format, asserted so this test notices when torch changes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def copies(opt: torch.optim.Optimizer) -> int:
+        opt.step()  # momentum buffers created
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            opt.step()
+        return sum(e.count for e in prof.key_averages() if e.key in ("aten::copy_", "aten::clone"))
+
+    model = _conv_net(True)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    assert copies(build_optimizer(model, lr=0.1, momentum=0.9)) == 0
+    assert copies(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)) > 0
+
+
+def test_sgd_relays_a_momentum_buffer_of_the_other_layout() -> None:
+    """A momentum buffer loaded from a run of the other memory format (contiguous checkpoint, channels_last
+    model) is copied into its weight's layout: the resumed step equals the uninterrupted one."""
+    torch.manual_seed(2)
+    shapes = [p.shape for p in _conv_net(False).parameters()]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(2)]
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
+    reference = _steps(model := _conv_net(False), build_optimizer(model, **kw), grads)
+    first = _conv_net(False)
+    opt = build_optimizer(first, **kw)
+    _steps(first, opt, grads[:1])
+    resumed = _conv_net(True)
+    resumed.load_state_dict(first.state_dict())
+    opt2 = build_optimizer(resumed, **kw)
+    opt2.load_state_dict(opt.state_dict())
+    assert not next(iter(opt2.state.values()))["momentum_buffer"].is_contiguous(memory_format=torch.channels_last)
+    out = _steps(resumed, opt2, [[g.contiguous(memory_format=torch.channels_last) if g.dim() == 4 else g
+                                  for g in grads[1]]])
+    for a, b in zip(out, reference):
+        assert torch.equal(a, b)
