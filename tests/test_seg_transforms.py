@@ -220,6 +220,43 @@ def test_cat_max_ratio_crop_equals_mmseg_on_equal_draws(seed, monkeypatch):
     np.testing.assert_array_equal(ours_image.permute(1, 2, 0).numpy(), ref["img"])
 
 
+def _boxes_by_histogram(crop: CatMaxRatioCrop, mask: np.ndarray, height: int, width: int) -> tuple:
+    """mmseg's loop, a histogram of every window: the reference for draw_box's quick rejection."""
+    box = crop._draw(height, width)
+    for _ in range(10):
+        y1, y2, x1, x2 = box
+        counts = np.bincount(mask[y1:y2, x1:x2].ravel(), minlength=256)
+        counts[255] = 0
+        if np.count_nonzero(counts) > 1 and counts.max() / counts.sum() < 0.75:
+            break
+        box = crop._draw(height, width)
+    return box
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int64])
+def test_crop_quick_rejection_draws_the_histogram_loops_boxes(dtype):
+    """draw_box rejects a window by one comparison when the last dominant class fills it: the same boxes as
+    the histogram of every window, on masks with a dominant background, ignored pixels and windows exactly at
+    the ratio (12 of 16 pixels)."""
+    rng = np.random.default_rng(0)
+    crop = CatMaxRatioCrop((4, 4), 0.75)
+    draws = []
+    draw = crop._draw
+    crop._draw = lambda h, w: draws.append(1) or draw(h, w)
+    for seed in range(300):
+        mask = np.zeros((12, 14), dtype=dtype)
+        for _ in range(rng.integers(0, 4)):  # blobs of other classes, some ignored
+            y, x = rng.integers(0, 12), rng.integers(0, 14)
+            mask[y:y + rng.integers(1, 5), x:x + rng.integers(1, 5)] = rng.choice([1, 2, 255])
+        torch.manual_seed(seed)
+        ours = crop.draw_box(12, 14, mask)
+        after_ours = torch.randint(0, 1000, ()).item()
+        torch.manual_seed(seed)
+        ref = _boxes_by_histogram(crop, mask, 12, 14)
+        assert ours == ref and torch.randint(0, 1000, ()).item() == after_ours  # same box, same draws
+    assert len(draws) > 2 * 2 * 300  # mostly re-drawn windows: the quick rejection is exercised
+
+
 def test_crop_redraws_until_no_class_dominates():
     mask = torch.zeros(64, 64, dtype=torch.int64)
     mask[:, 56:] = 1  # only a window touching the right strip has two classes
