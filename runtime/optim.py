@@ -125,7 +125,8 @@ def build_optimizer(model: nn.Module, *, lr: float, momentum: float = 0.9, neste
     value as ``base_lr`` then drives it. Where every parameter is a floating-point tensor on CPU or CUDA
     the optimizer is torch's fused SGD (``SGD``: each tensor given in its memory order): one kernel per
     device and dtype (faster than the per-tensor loop), and it skips a non-finite step on the device
-    (``found_inf``), so ``runtime.step.OptimizerStep`` never waits for the host. Elsewhere torch's default implementation, with a host check per step.
+    (``found_inf``), so ``runtime.step.OptimizerStep`` never waits for the host. Elsewhere torch's default
+    implementation, with a host check per step.
     """
     if nesterov and momentum <= 0:
         raise ConfigError(f"optim.nesterov=true needs optim.momentum > 0 (got {momentum}): Nesterov's step is a "

@@ -156,7 +156,7 @@ class CatMaxRatioCrop(v2.Transform):
                 counts[self.ignore_index] = 0  # the ignored pixels left out
                 if np.count_nonzero(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
                     break
-                dominant = counts.argmax()
+                dominant = counts.argmax() if counts.any() else None  # (all ignored: none)
             box = self._draw(height, width)
         return box
 

@@ -226,20 +226,20 @@ def _boxes_by_histogram(crop: CatMaxRatioCrop, mask: np.ndarray, height: int, wi
     for _ in range(10):
         y1, y2, x1, x2 = box
         counts = np.bincount(mask[y1:y2, x1:x2].ravel(), minlength=256)
-        counts[255] = 0
+        counts[crop.ignore_index] = 0
         if np.count_nonzero(counts) > 1 and counts.max() / counts.sum() < 0.75:
             break
         box = crop._draw(height, width)
     return box
 
 
-@pytest.mark.parametrize("dtype", [np.uint8, np.int64])
-def test_crop_quick_rejection_draws_the_histogram_loops_boxes(dtype):
+@pytest.mark.parametrize("dtype,ignore_index", [(np.uint8, 255), (np.int64, 255), (np.uint8, 0)])
+def test_crop_quick_rejection_draws_the_histogram_loops_boxes(dtype, ignore_index):
     """draw_box rejects a window by one comparison when the last dominant class fills it: the same boxes as
-    the histogram of every window, on masks with a dominant background, ignored pixels and windows exactly at
-    the ratio (12 of 16 pixels)."""
+    the histogram of every window, on masks with a dominant background, ignored pixels (whole windows of them
+    where the background is the ignore index 0) and windows exactly at the ratio (12 of 16 pixels)."""
     rng = np.random.default_rng(0)
-    crop = CatMaxRatioCrop((4, 4), 0.75)
+    crop = CatMaxRatioCrop((4, 4), 0.75, ignore_index=ignore_index)
     draws = []
     draw = crop._draw
     crop._draw = lambda h, w: draws.append(1) or draw(h, w)
