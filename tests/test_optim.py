@@ -213,3 +213,30 @@ def test_sgd_relays_a_momentum_buffer_of_the_other_layout() -> None:
                                   for g in grads[1]]])
     for a, b in zip(out, reference):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_sgd_steps_a_parameter_whose_storage_was_replaced(momentum: float) -> None:
+    """The memory-order views are cached per parameter: a parameter given new storage between steps (``p.data =
+    ...``, as ``Module.to`` does) is stepped in its new storage, as torch's SGD steps it."""
+    torch.manual_seed(3)
+    shapes = [p.shape for p in _conv_net(False).parameters()]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    kw = dict(lr=0.1, momentum=momentum, nesterov=False, weight_decay=1e-2)
+
+    def run(model: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+        for k, step in enumerate(grads):
+            if k == 2:
+                for p in model.parameters():
+                    p.data = p.data.clone()  # new storage, same layout
+            for p, g in zip(model.parameters(), step):
+                p.grad = torch.empty_like(p).copy_(g)
+            opt.step()
+        return [p.detach().contiguous() for p in model.parameters()]
+
+    model = _conv_net(False)
+    reference = run(model, torch.optim.SGD(model.parameters(), **kw))
+    model = _conv_net(True)
+    ours = run(model, build_optimizer(model, **kw))
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
