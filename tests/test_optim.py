@@ -139,7 +139,8 @@ def test_nesterov_without_momentum_is_a_config_error() -> None:
 
 def _conv_net(channels_last: bool) -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1), nn.Conv2d(4, 4, 3, groups=4))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1),
+                          nn.Conv2d(4, 4, 3, groups=4))  # a depthwise weight: size-1 dimensions
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
@@ -193,7 +194,7 @@ def test_fused_sgd_step_copies_nothing_on_channels_last_weights() -> None:
     assert copies(build_optimizer(model, lr=0.1, momentum=0.9)) == 0
 
 
-def test_sgd_relays_a_momentum_buffer_of_the_other_layout() -> None:
+def test_sgd_copies_a_momentum_buffer_of_the_other_layout_into_its_weights() -> None:
     """A momentum buffer loaded from a run of the other memory format (contiguous checkpoint, channels_last
     model) is copied into its weight's layout: the resumed step equals the uninterrupted one."""
     torch.manual_seed(2)
