@@ -288,8 +288,9 @@ def hsv_to_rgb_u8(hsv: Tensor) -> Tensor:
     return rgb.clamp_(0, 255).to(torch.uint8).view(3, *h.shape).movedim(0, -3).contiguous()
 
 
-def _convert(x: Tensor, alpha: float = 1.0, beta: float = 0.0) -> Tensor:
-    """mmseg's ``convert``: float32 ``x * alpha + beta``, clipped to 0..255, truncated to uint8."""
+def _convert(x: Tensor, alpha: float | Tensor = 1.0, beta: float | Tensor = 0.0) -> Tensor:
+    """mmseg's ``convert``: float32 ``x * alpha + beta``, clipped to 0..255, truncated to uint8 (``alpha`` and
+    ``beta`` scalars or float32 tensors broadcast over ``x``)."""
     return (x.to(torch.float32) * alpha + beta).clamp(0, 255).to(torch.uint8)
 
 
@@ -384,7 +385,7 @@ def _levels(device: torch.device, *steps: tuple[list, list]) -> Optional[Tensor]
     table = torch.arange(256, dtype=torch.uint8, device=device).expand(n, 256)
     for alpha, beta in steps:
         alpha, beta = (torch.tensor(v, dtype=torch.float32, device=device).view(-1, 1) for v in (alpha, beta))
-        table = (table.to(torch.float32) * alpha + beta).clamp(0, 255).to(torch.uint8)
+        table = _convert(table, alpha, beta)
     return table.flatten()
 
 
